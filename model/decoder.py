@@ -1,0 +1,244 @@
+"""A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+
+Reads top to bottom: norm → rotary helpers → attention mask → attention → feed-forward → block →
+decoder. Pure PyTorch; parallelism is applied from outside (training/engine.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.loss import chunked_causal_lm_loss
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and scale in the input dtype, as Llama does, so bf16 matches HF.
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return normed * self.weight
+
+
+# --- rotary embeddings (Su et al. 2021), "rotate half" layout as in HF Llama -----------------
+
+def rope_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """Inverse frequencies, (head_dim // 2,) in fp32."""
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim
+    return 1.0 / (theta**exponents)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos and sin tables for the given positions, each (B, T, 1, head_dim)."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2), fp32
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, head_dim) by the position angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# --- packed documents ---------------------------------------------------------------------
+
+def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 wherever the document id changes. (B, T) → (B, T)."""
+    idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - start_idx
+
+
+def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (B, 1, T, T): True where query t may attend key s (s <= t, same document)."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (same_doc & causal)[:, None]
+
+
+def _flex_block_mask(doc_ids: torch.Tensor):
+    """The same document-causal mask as a FlexAttention BlockMask (sparse: whole blocks skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+    B, T = doc_ids.shape
+    return create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device)
+
+
+_compiled_flex = None
+
+
+def _flex_attention(q, k, v, block_mask):
+    # FlexAttention is only fast when compiled; compile it once per process.
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+# --- blocks -------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        # One fused projection for q, k and v: one matmul instead of three.
+        self.wqkv = nn.Linear(cfg.dim, q_out + 2 * kv_out, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(q_out, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.wqkv(x).split((q_out, kv_out, kv_out), dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, head_dim)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        elif isinstance(mask, torch.Tensor):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:
+            out = _flex_attention(q, k, v, mask)
+        return self.wo(out.transpose(1, 2).reshape(B, T, q_out))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # Gate and up projections fused into one matmul: w13 = [w1; w3] (SwiGLU, Shazeer 2020).
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Decoder(nn.Module):
+    """The language model. Build it anywhere (the meta device included), then `init_weights()`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The (V, dim) output projection (the embedding table when tied)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fill every parameter (after `to_empty` from the meta device, or to re-initialise).
+
+        Residual-branch outputs (wo, w2) are scaled by 1/sqrt(2·n_layers) as in GPT-2, so the
+        residual stream's variance does not grow with depth.
+        """
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=std)
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, nn.Linear):
+                is_residual = name.endswith((".wo", ".w2"))
+                nn.init.normal_(module.weight, std=residual_std if is_residual else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        labels: torch.Tensor | None = None,
+        z_loss: float = 0.0,
+    ):
+        """Run the decoder.
+
+        Args:
+            tokens: (B, T) token ids.
+            position_ids: (B, T) rotary positions; by default 0..T-1, or restarting at each
+                document when `doc_ids` is given.
+            doc_ids: (B, T) document index of each token in a packed row; a token then attends
+                only to earlier tokens of its own document.
+            return_hidden: return the final normed hidden states (B, T, dim) instead of logits.
+            labels: (B, T) aligned targets (labels[t] is the target of position t). When given,
+                returns `(loss_sum, n_target_tokens)` from the chunked loss, computed here so
+                that a sharded output weight (ZeRO-3, FSDP) is gathered when it is used.
+            z_loss: weight of the z-loss term, with `labels` only.
+        Returns:
+            logits (B, T, vocab_size), hidden states, or (loss_sum, n_target_tokens).
+        """
+        if position_ids is None:
+            position_ids = (
+                positions_from_doc_ids(doc_ids)
+                if doc_ids is not None
+                else torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+            )
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        # Frequencies are recomputed in fp32 on every call rather than kept in a buffer, which
+        # `model.to(bfloat16)` would round and the meta device would leave empty.
+        inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, device=h.device)
+        cos, sin = rope_cos_sin(position_ids, inv_freq, h.dtype)
+        mask = None
+        if doc_ids is not None:
+            mask = _flex_block_mask(doc_ids) if h.is_cuda else document_causal_mask(doc_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask)
+        h = self.norm(h)
+        if labels is not None:
+            return chunked_causal_lm_loss(h, self.output_weight, labels, z_loss=z_loss)
+        if return_hidden:
+            return h
+        return F.linear(h, self.output_weight)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and self.output is not None:
+            n -= self.tok_embeddings.weight.numel()  # a lookup, not a matmul
+        return n
+
+    def num_flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6N for the matmuls (forward + backward) plus 12·L·d·T for
+        attention scores and values (PaLM, Chowdhery et al. 2022, appendix B). N excludes the
+        input embedding lookup but counts the output projection, tied or not."""
+        cfg = self.cfg
+        return 6 * self.num_params(exclude_embedding=True) + 12 * cfg.n_layers * cfg.dim * seq_len

@@ -1,0 +1,112 @@
+"""THE loss: masked causal-LM cross-entropy as a sum and a target-token count.
+
+Pretraining and SFT call the same function and differ only in their labels (SFT sets prompt
+tokens to IGNORE_INDEX). Labels arrive already aligned: labels[t] is the target of position t;
+the data pipeline shifts, the model never does. Returning (sum, count) instead of a mean lets the
+caller divide by the GLOBAL target count of the whole optimizer step (all micro-batches, all
+ranks), which is what keeps gradient accumulation and data parallelism exact when micro-batches
+hold different numbers of targets (the bug fixed in transformers PR #34191).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_TOKENS = 1024
+"""Rows of logits the chunked loss holds at once: chunk × vocab × 4 bytes (512 MiB at 128k vocab)."""
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0):
+    """Summed cross-entropy over the target positions.
+
+    Args:
+        logits: (..., V) scores, any float dtype (computed in fp32).
+        labels: (...) aligned target ids; IGNORE_INDEX marks positions without a target.
+        z_loss: weight of the z-loss z·logsumexp² per target (PaLM, Chowdhery et al. 2022),
+            which keeps the softmax normaliser near 1; 0 disables it.
+    Returns:
+        (loss_sum, n_target_tokens): fp32 scalar and int64 scalar tensors.
+    """
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    labels = labels.reshape(-1)
+    loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = labels != IGNORE_INDEX
+    if z_loss:
+        lse = torch.logsumexp(logits, dim=-1)
+        loss_sum = loss_sum + z_loss * (lse.square() * valid).sum()
+    return loss_sum, valid.sum()
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    z_loss: float = 0.0,
+):
+    """`causal_lm_loss(hidden @ weight.T, labels)` without the full (B, T, V) logits.
+
+    Logits are made `chunk_tokens` rows at a time; the gradients with respect to the hidden
+    states and the weight are computed in the same pass (softmax − one-hot), so backward holds
+    no logits either — only tensors the size of the inputs.
+
+    Args:
+        hidden: (..., dim) final hidden states.
+        weight: (V, dim) output projection.
+        labels: (...) aligned target ids with IGNORE_INDEX.
+        chunk_tokens: rows of logits materialised at once.
+        z_loss: as in `causal_lm_loss`.
+    Returns:
+        (loss_sum, n_target_tokens), equal to `causal_lm_loss` on the full logits.
+    """
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    loss_sum = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens, z_loss)
+    return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_tokens, z_loss):
+        want_grad_h, want_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_grad_h else None
+        # Accumulated in fp32 across chunks, cast to the weight's dtype once at the end.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_w else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            h, y = hidden[start : start + chunk_tokens], labels[start : start + chunk_tokens]
+            logits = (h @ weight.t()).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = y != IGNORE_INDEX
+            target = torch.where(valid, y, 0)
+            per_token = lse - logits.gather(1, target[:, None]).squeeze(1)
+            if z_loss:
+                per_token = per_token + z_loss * lse.square()
+            loss_sum += torch.where(valid, per_token, 0.0).sum()
+            if not (want_grad_h or want_grad_w):
+                continue
+            # d/dlogits of (lse − logit_y + z·lse²) = softmax·(1 + 2z·lse) − onehot(y)
+            dlogits = (logits - lse[:, None]).exp_()
+            if z_loss:
+                dlogits.mul_((1 + 2 * z_loss * lse)[:, None])
+            dlogits.scatter_add_(1, target[:, None], torch.full_like(lse[:, None], -1.0))
+            dlogits.mul_(valid[:, None])
+            dlogits = dlogits.to(weight.dtype)
+            if want_grad_h:
+                grad_hidden[start : start + chunk_tokens] = dlogits @ weight
+            if want_grad_w:
+                grad_weight += (dlogits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None

@@ -1,0 +1,21 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Two cores: keep torch from oversubscribing them when tests run processes side by side.
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real public data beside the repository (../shared/data); skip where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (it sits beside the repo in CI)")
+    return SHARED_DATA
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,181 @@
+"""The one loss against references: naive cross-entropy, F.cross_entropy, and unchunked logits."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model.config import preset
+from model.decoder import Decoder
+from model.loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
+
+
+def uneven_labels(B, T, V, seed=0):
+    """Labels with a different number of targets per row, including a fully masked row."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    for b in range(B):
+        n_masked = [T, 0, T // 3, T - 1][b % 4]  # row 0 has no target at all
+        labels[b, :n_masked] = IGNORE_INDEX
+    return labels
+
+
+def naive_loss(logits, labels, z_loss=0.0):
+    """Token by token, in fp64: −log softmax(logits)[target] (+ z·lse²)."""
+    total, count = 0.0, 0
+    flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]).double(), labels.reshape(-1)
+    for row, y in zip(flat_logits, flat_labels.tolist()):
+        if y == IGNORE_INDEX:
+            continue
+        lse = torch.logsumexp(row, 0)
+        total += (lse - row[y]).item() + z_loss * lse.item() ** 2
+        count += 1
+    return total, count
+
+
+def test_loss_equals_cross_entropy_sum_and_count():
+    B, T, V = 4, 9, 37
+    logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(1))
+    labels = uneven_labels(B, T, V)
+    loss_sum, n = causal_lm_loss(logits, labels)
+    ref = F.cross_entropy(logits.view(-1, V), labels.view(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    torch.testing.assert_close(loss_sum, ref, rtol=1e-6, atol=1e-6)
+    naive_sum, naive_count = naive_loss(logits, labels)
+    assert n.item() == naive_count == (0 + T + (T - T // 3) + 1)
+    assert loss_sum.item() == pytest.approx(naive_sum, rel=1e-6)
+
+
+def test_fully_masked_batch_gives_zero_not_nan():
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.full((2, 5), IGNORE_INDEX)
+    loss_sum, n = causal_lm_loss(logits, labels)
+    loss_sum.backward()
+    assert loss_sum.item() == 0.0 and n.item() == 0
+    assert torch.count_nonzero(logits.grad) == 0
+
+    hidden, weight = torch.randn(2, 5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    c_sum, c_n = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=3)
+    c_sum.backward()
+    assert c_sum.item() == 0.0 and c_n.item() == 0
+    assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
+
+
+def test_z_loss_matches_naive():
+    B, T, V = 3, 6, 17
+    logits = torch.randn(B, T, V, generator=torch.Generator().manual_seed(2)) * 3
+    labels = uneven_labels(B, T, V, seed=3)
+    loss_sum, n = causal_lm_loss(logits, labels, z_loss=1e-2)
+    naive_sum, naive_count = naive_loss(logits, labels, z_loss=1e-2)
+    assert loss_sum.item() == pytest.approx(naive_sum, rel=1e-6)
+    assert n.item() == naive_count
+
+
+def _loss_and_grads(fn, hidden, weight, labels, **kw):
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    loss_sum, n = fn(h, w, labels, **kw)
+    (loss_sum / n.clamp(min=1)).backward()
+    return loss_sum.detach(), n, h.grad, w.grad
+
+
+def _unchunked(hidden, weight, labels, z_loss=0.0):
+    return causal_lm_loss(hidden @ weight.t(), labels, z_loss=z_loss)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 16, 1024])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_chunked_equals_unchunked_fp32(chunk_tokens, z_loss):
+    B, T, D, V = 4, 12, 16, 53
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(B, T, D, generator=g), torch.randn(V, D, generator=g) * 0.5
+    labels = uneven_labels(B, T, V, seed=5)
+    ref = _loss_and_grads(_unchunked, hidden, weight, labels, z_loss=z_loss)
+    got = _loss_and_grads(chunked_causal_lm_loss, hidden, weight, labels, chunk_tokens=chunk_tokens, z_loss=z_loss)
+    # fp32: equal to 1e-6 (relative and absolute), values and both gradients.
+    for r, c in zip(ref, got):
+        torch.testing.assert_close(c, r, rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_equals_unchunked_bf16():
+    B, T, D, V = 4, 32, 64, 257
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(B, T, D, generator=g).bfloat16()
+    weight = (torch.randn(V, D, generator=g) * 0.1).bfloat16()
+    labels = uneven_labels(B, T, V, seed=7)
+    ref = _loss_and_grads(_unchunked, hidden, weight, labels)
+    got = _loss_and_grads(chunked_causal_lm_loss, hidden, weight, labels, chunk_tokens=24)
+    # The loss is accumulated in fp32 from identical bf16 logits: 1e-5 relative.
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    assert got[1] == ref[1]
+    # Gradients are bf16 (8 bits of mantissa); the chunked weight gradient is summed in fp32 and
+    # rounded once, autograd's in one bf16 matmul: they agree to bf16 resolution, 2e-2.
+    torch.testing.assert_close(got[2], ref[2], rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got[3], ref[3], rtol=2e-2, atol=2e-3)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        return out
+
+
+def test_chunked_never_materialises_full_logits():
+    B, T, D, V = 2, 64, 8, 1000
+    hidden = torch.randn(B, T, D, requires_grad=True)
+    weight = torch.randn(V, D, requires_grad=True)
+    labels = uneven_labels(B, T, V)
+    with LargestTensor() as probe:
+        loss_sum, n = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=16)
+        loss_sum.backward()
+    assert probe.max_numel <= 16 * V < B * T * V
+    with LargestTensor() as control:  # the probe does see the full logits of the plain path
+        _unchunked(hidden, weight, labels)[0].backward()
+    assert control.max_numel >= B * T * V
+
+
+def _sft_batch(B=8, T=24, V=97, seed=8):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    for b in range(B):  # prompts of very different lengths, as in SFT
+        labels[b, : [2, 20, 5, 23, 0, 12, 17, 9][b]] = IGNORE_INDEX
+    return tokens, labels
+
+
+def _grads_after(model, micro_batches, normaliser):
+    model.zero_grad()
+    for tokens, labels in micro_batches:
+        loss_sum, n = model(tokens, labels=labels)
+        (loss_sum / normaliser(n)).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_token_weighted_accumulation_matches_whole_batch():
+    torch.manual_seed(0)
+    model = Decoder(preset("tiny", vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128))
+    model.init_weights()
+    tokens, labels = _sft_batch()
+    global_count = (labels != IGNORE_INDEX).sum()
+    k = 4
+    micro = list(zip(tokens.chunk(k), labels.chunk(k)))
+
+    whole = _grads_after(model, [(tokens, labels)], lambda n: n)
+    exact = _grads_after(model, micro, lambda n: global_count)
+    for w, e in zip(whole, exact):
+        torch.testing.assert_close(e, w, rtol=1e-5, atol=1e-7)
+
+    # The control: averaging each micro-batch by its own count, then over micro-batches,
+    # weights tokens of short micro-batches more; it must not match.
+    mean_of_means = _grads_after(model, micro, lambda n: n * k)
+    worst = max((m - w).abs().max() / w.abs().max() for m, w in zip(mean_of_means, whole))
+    assert worst > 1e-2
