@@ -36,9 +36,7 @@ class ModelConfig:
         if self.dim % self.n_heads:
             raise ValueError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}"
-            )
+            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ValueError(f"head_dim={self.dim // self.n_heads} must be even for rotary embeddings")
 
@@ -49,29 +47,19 @@ class ModelConfig:
 
 # Named sizes. The larger ones follow published shapes: 1b and 3b are Llama-3.2-1B/3B, 8b is
 # Llama-3-8B; 125m and 350m are GPT-3-paper widths with a Llama block.
+# fmt: off
 _PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(
-        vocab_size=8192, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, max_seq_len=512
-    ),
-    "125m": ModelConfig(
-        vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048
-    ),
-    "350m": ModelConfig(
-        vocab_size=32000, dim=1024, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=2816
-    ),
-    "1b": ModelConfig(
-        vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
-        rope_theta=500000.0, max_seq_len=8192,
-    ),
-    "3b": ModelConfig(
-        vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192,
-        rope_theta=500000.0, max_seq_len=8192,
-    ),
-    "8b": ModelConfig(
-        vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
-        rope_theta=500000.0, max_seq_len=8192, tie_embeddings=False,
-    ),
+    "tiny": ModelConfig(vocab_size=8192, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, max_seq_len=512),
+    "125m": ModelConfig(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048),
+    "350m": ModelConfig(vocab_size=32000, dim=1024, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=2816),
+    "1b": ModelConfig(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+                      rope_theta=500000.0, max_seq_len=8192),
+    "3b": ModelConfig(vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192,
+                      rope_theta=500000.0, max_seq_len=8192),
+    "8b": ModelConfig(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
+                      rope_theta=500000.0, max_seq_len=8192, tie_embeddings=False),
 }
+# fmt: on
 
 
 def preset(name: str, **overrides) -> ModelConfig:

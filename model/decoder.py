@@ -30,6 +30,7 @@ class RMSNorm(nn.Module):
 
 # --- rotary embeddings (Su et al. 2021), "rotate half" layout as in HF Llama -----------------
 
+
 def rope_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
     """Inverse frequencies, (head_dim // 2,) in fp32."""
     exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim
@@ -50,6 +51,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # --- packed documents ---------------------------------------------------------------------
+
 
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     """Position ids that restart at 0 wherever the document id changes. (B, T) → (B, T)."""
@@ -93,6 +95,7 @@ def _flex_attention(q, k, v, block_mask):
 
 
 # --- blocks -------------------------------------------------------------------------------
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):

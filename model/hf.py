@@ -94,10 +94,10 @@ def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
         out[theirs + "input_layernorm.weight"] = sd[ours + "attn_norm.weight"]
         out[theirs + "post_attention_layernorm.weight"] = sd[ours + "ffn_norm.weight"]
         q, k, v = sd[ours + "attn.wqkv.weight"].split((q_out, kv_out, kv_out))
-        out.update({theirs + f"self_attn.{n}_proj.weight": w for n, w in zip("qkv", (q, k, v))})
+        out.update({theirs + f"self_attn.{n}_proj.weight": w for n, w in zip("qkv", (q, k, v), strict=True)})
         if cfg.qkv_bias:
             qb, kb, vb = sd[ours + "attn.wqkv.bias"].split((q_out, kv_out, kv_out))
-            out.update({theirs + f"self_attn.{n}_proj.bias": b for n, b in zip("qkv", (qb, kb, vb))})
+            out.update({theirs + f"self_attn.{n}_proj.bias": b for n, b in zip("qkv", (qb, kb, vb), strict=True)})
         out[theirs + "self_attn.o_proj.weight"] = sd[ours + "attn.wo.weight"]
         gate, up = sd[ours + "ffn.w13.weight"].chunk(2)
         out[theirs + "mlp.gate_proj.weight"] = gate
@@ -127,7 +127,9 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: st
         if cfg.qkv_bias:
             sd[ours + "attn.wqkv.bias"] = torch.cat([take(theirs + f"self_attn.{n}_proj.bias") for n in "qkv"])
         sd[ours + "attn.wo.weight"] = take(theirs + "self_attn.o_proj.weight")
-        sd[ours + "ffn.w13.weight"] = torch.cat([take(theirs + "mlp.gate_proj.weight"), take(theirs + "mlp.up_proj.weight")])
+        sd[ours + "ffn.w13.weight"] = torch.cat(
+            [take(theirs + "mlp.gate_proj.weight"), take(theirs + "mlp.up_proj.weight")]
+        )
         sd[ours + "ffn.w2.weight"] = take(theirs + "mlp.down_proj.weight")
     leftover = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
     if leftover:

@@ -1,7 +1,5 @@
 """The one loss against references: naive cross-entropy, F.cross_entropy, and unchunked logits."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,7 +24,7 @@ def naive_loss(logits, labels, z_loss=0.0):
     """Token by token, in fp64: −log softmax(logits)[target] (+ z·lse²)."""
     total, count = 0.0, 0
     flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]).double(), labels.reshape(-1)
-    for row, y in zip(flat_logits, flat_labels.tolist()):
+    for row, y in zip(flat_logits, flat_labels.tolist(), strict=True):
         if y == IGNORE_INDEX:
             continue
         lse = torch.logsumexp(row, 0)
@@ -93,7 +91,7 @@ def test_chunked_equals_unchunked_fp32(chunk_tokens, z_loss):
     ref = _loss_and_grads(_unchunked, hidden, weight, labels, z_loss=z_loss)
     got = _loss_and_grads(chunked_causal_lm_loss, hidden, weight, labels, chunk_tokens=chunk_tokens, z_loss=z_loss)
     # fp32: equal to 1e-6 (relative and absolute), values and both gradients.
-    for r, c in zip(ref, got):
+    for r, c in zip(ref, got, strict=True):
         torch.testing.assert_close(c, r, rtol=1e-6, atol=1e-6)
 
 
@@ -167,15 +165,15 @@ def test_token_weighted_accumulation_matches_whole_batch():
     tokens, labels = _sft_batch()
     global_count = (labels != IGNORE_INDEX).sum()
     k = 4
-    micro = list(zip(tokens.chunk(k), labels.chunk(k)))
+    micro = list(zip(tokens.chunk(k), labels.chunk(k), strict=True))
 
     whole = _grads_after(model, [(tokens, labels)], lambda n: n)
     exact = _grads_after(model, micro, lambda n: global_count)
-    for w, e in zip(whole, exact):
+    for w, e in zip(whole, exact, strict=True):
         torch.testing.assert_close(e, w, rtol=1e-5, atol=1e-7)
 
     # The control: averaging each micro-batch by its own count, then over micro-batches,
     # weights tokens of short micro-batches more; it must not match.
     mean_of_means = _grads_after(model, micro, lambda n: n * k)
-    worst = max((m - w).abs().max() / w.abs().max() for m, w in zip(mean_of_means, whole))
+    worst = max((m - w).abs().max() / w.abs().max() for m, w in zip(mean_of_means, whole, strict=True))
     assert worst > 1e-2

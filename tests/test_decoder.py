@@ -1,0 +1,128 @@
+"""The decoder on its own: packed documents, causality, meta-device construction, presets."""
+
+import pytest
+import torch
+
+from model.config import ModelConfig, preset, preset_names
+from model.decoder import Decoder, document_causal_mask, positions_from_doc_ids
+from tests.conftest import requires_cuda
+
+SMALL = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
+
+
+def small_model(seed=0, **kw) -> Decoder:
+    torch.manual_seed(seed)
+    model = Decoder(preset("tiny", **{**SMALL, **kw}))
+    model.init_weights()
+    return model.eval()
+
+
+def test_packed_documents_match_each_document_alone():
+    model = small_model()
+    lengths = [5, 11, 1, 7]
+    docs = [torch.randint(0, 101, (n,)) for n in lengths]
+    tokens = torch.cat(docs)[None]
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    with torch.no_grad():
+        packed = model(tokens, doc_ids=doc_ids)[0]
+        alone = torch.cat([model(d[None])[0] for d in docs])
+    # fp32, the same arithmetic on fewer keys: 1e-5.
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    # Without doc_ids the later documents see the earlier ones, so the logits differ.
+    with torch.no_grad():
+        unmasked = model(tokens)[0]
+    assert (unmasked[5:] - alone[5:]).abs().max() > 1e-3
+
+
+def test_positions_restart_per_document():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 3, 3, 3, 3]])
+    assert positions_from_doc_ids(doc_ids).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1, 2, 3]]
+    mask = document_causal_mask(doc_ids)[0, 0]
+    assert mask[4].tolist() == [False, False, False, True, True] + [False] * 5
+    assert mask.diagonal().all()
+
+
+def test_output_is_causal():
+    model = small_model()
+    tokens = torch.randint(0, 101, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 101
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=0)
+    assert (a[:, 10:] - b[:, 10:]).abs().max() > 1e-4
+
+
+def test_hidden_and_labels_paths_agree_with_logits():
+    from model.loss import causal_lm_loss
+
+    model = small_model()
+    tokens, labels = torch.randint(0, 101, (3, 10)), torch.randint(0, 101, (3, 10))
+    labels[1, :4] = -100
+    with torch.no_grad():
+        logits = model(tokens)
+        hidden = model(tokens, return_hidden=True)
+        loss_sum, n = model(tokens, labels=labels)
+    assert hidden.shape == (3, 10, 64) and logits.shape == (3, 10, 101)
+    torch.testing.assert_close(hidden @ model.output_weight.t(), logits, rtol=1e-6, atol=1e-6)
+    ref_sum, ref_n = causal_lm_loss(logits, labels)
+    torch.testing.assert_close(loss_sum, ref_sum, rtol=1e-6, atol=1e-6)
+    assert n == ref_n
+
+
+def test_8b_builds_on_meta_without_allocating():
+    with torch.device("meta"):
+        model = Decoder(preset("8b"))
+    assert all(p.is_meta for p in model.parameters())
+    # Llama-3-8B's published parameter count.
+    assert model.num_params() == 8_030_261_248
+    # 6N + 12·L·d·T with N excluding the 128256×4096 input embedding.
+    n = 8_030_261_248 - 128256 * 4096
+    assert model.num_flops_per_token(8192) == 6 * n + 12 * 32 * 4096 * 8192
+
+
+@pytest.mark.parametrize("name,count", [("1b", 1_235_814_400), ("3b", 3_212_749_824)])
+def test_presets_have_the_published_sizes(name, count):
+    with torch.device("meta"):
+        assert Decoder(preset(name)).num_params() == count  # Llama-3.2-1B / -3B
+
+
+def test_tiny_preset_is_a_few_million_parameters():
+    n = Decoder(preset("tiny")).num_params()
+    assert 1e6 < n < 1e7
+    assert set(preset_names()) >= {"tiny", "125m", "350m", "1b", "3b", "8b"}
+
+
+def test_meta_then_init_weights_gives_a_working_model():
+    with torch.device("meta"):
+        model = Decoder(preset("tiny", **SMALL))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    w = model.layers[0].attn.wqkv.weight
+    assert abs(w.std().item() - 0.02) < 2e-3
+    assert torch.all(model.norm.weight == 1)
+    residual = model.layers[0].ffn.w2.weight.std().item()
+    assert residual == pytest.approx(0.02 / 2, rel=0.1)  # 0.02 / sqrt(2·n_layers)
+    logits = model(torch.randint(0, 101, (1, 8)))
+    assert torch.isfinite(logits).all()
+
+
+def test_bad_shapes_are_rejected_naming_the_field():
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        ModelConfig(dim=64, n_heads=4, n_kv_heads=3)
+    with pytest.raises(KeyError, match="unknown model preset 'huge'"):
+        preset("huge")
+    with pytest.raises(KeyError, match="'dimm'"):
+        preset("tiny", dimm=3)
+
+
+@requires_cuda
+def test_flex_attention_path_matches_the_mask_path_on_gpu():
+    model = small_model().cuda()
+    tokens = torch.randint(0, 101, (2, 256), device="cuda")
+    doc_ids = (torch.arange(256, device="cuda") // 37).expand(2, -1).contiguous()
+    with torch.no_grad():
+        flex = model(tokens, doc_ids=doc_ids)
+        alone = torch.cat([model(tokens[:, s : s + 37]) for s in range(0, 256, 37)], dim=1)
+    torch.testing.assert_close(flex, alone, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,122 @@
+"""Parity with transformers: load_hf of a random LlamaForCausalLM, and save_hf back into it."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from model.config import preset
+from model.decoder import Decoder
+from model.hf import load_hf, save_hf
+
+BASE = dict(vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=2, max_position_embeddings=128)
+
+CASES = {
+    "mha-untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa-tied": dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True),
+    "gqa-untied-theta500k": dict(
+        num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False, rope_theta=500000.0
+    ),
+}
+
+
+def random_hf_llama(case: str, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**BASE, **CASES[case], rms_norm_eps=1e-6))
+    with torch.no_grad():  # non-trivial norm weights, so a swapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def tokens(seed=1, B=2, T=37, V=211):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_load_hf_gives_transformers_logits(case, tmp_path):
+    hf = random_hf_llama(case)
+    hf.save_pretrained(tmp_path)
+    model, cfg = load_hf(tmp_path)
+    assert cfg.tie_embeddings == CASES[case]["tie_word_embeddings"]
+    assert cfg.rope_theta == CASES[case].get("rope_theta", 10000.0)
+    x = tokens()
+    with torch.no_grad():
+        ref, got = hf(x).logits, model(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)  # fp32
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_save_hf_loads_in_transformers_with_same_logits(case, tmp_path):
+    hf = random_hf_llama(case, seed=3)
+    hf.save_pretrained(tmp_path / "src")
+    model, cfg = load_hf(tmp_path / "src")
+    save_hf(model, cfg, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded).__name__ == "LlamaForCausalLM"
+    x = tokens(seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_crucible_model_round_trips_through_transformers(tmp_path):
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
+    model = Decoder(cfg)
+    model.init_weights()
+    save_hf(model, cfg, tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    back, back_cfg = load_hf(tmp_path)
+    assert back_cfg == cfg
+    x = tokens(V=300)
+    with torch.no_grad():
+        ours = model(x)
+        torch.testing.assert_close(hf(x).logits, ours, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back(x), ours, rtol=0, atol=0)
+
+
+def test_qwen2_qkv_bias_parity(tmp_path):
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(Qwen2Config(**BASE, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.1)  # HF inits biases to zero, which would hide a dropped bias
+    hf.eval().save_pretrained(tmp_path / "qwen")
+    model, cfg = load_hf(tmp_path / "qwen")
+    assert cfg.qkv_bias
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=1e-5, atol=1e-5)
+    save_hf(model, cfg, tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(reloaded).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_or_unsafe_checkpoints_are_refused(tmp_path):
+    hf = random_hf_llama("gqa-tied")
+    hf.save_pretrained(tmp_path)
+    config_file = tmp_path / "config.json"
+    config = json.loads(config_file.read_text())
+
+    config_file.write_text(json.dumps({**config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}))
+    with pytest.raises(ValueError, match="rope_type 'llama3'"):
+        load_hf(tmp_path)
+
+    config_file.write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        load_hf(tmp_path)
+
+    config_file.write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="only pickled weights"):
+        load_hf(tmp_path)
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_hf(tmp_path / "nowhere")
