@@ -11,11 +11,11 @@ TORCH  ?= torch==2.13.0
 
 setup: $(STAMP)
 
+# torch first; DeepSpeed's build imports torch, so it gets the venv's torch, not an isolated one.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet "$(TORCH)"
-	# DeepSpeed's build imports torch, so it must see the venv's torch, not an isolated one.
 	$(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.16"
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
