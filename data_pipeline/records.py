@@ -1,0 +1,89 @@
+"""The typed records that pass between the data stages, and the report of what was dropped.
+
+    importer (formats.py) ─► Document / Conversation ─► clean.py, dedup.py ─► tokenizer.py + chat.py
+        ─► Sample (aligned input_ids + labels) ─► shards.py ─► stream.py ─► packed batches
+
+Every stage that drops a record says why through a DropReport, so that nothing disappears
+silently and prepare_data can print the table of kept and dropped records per reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file (and line, shard or key) and what to do."""
+
+
+@dataclass
+class Document:
+    """A pretraining document."""
+
+    text: str
+    source: str
+    """Where it came from, as `path:line` (or `path`, `path#part`), for error messages."""
+
+
+@dataclass
+class Conversation:
+    """An SFT example: messages `{"role": system|user|assistant, "content": str}` in order."""
+
+    messages: list[dict[str, str]]
+    source: str
+
+
+@dataclass
+class Sample:
+    """One tokenized document or conversation, labels already aligned (labels[t] is the target
+    of position t; IGNORE_INDEX where there is none). Both int32, same length."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DropReport:
+    """Counts of records read, kept and dropped (by reason), with a few examples per reason."""
+
+    input_records: int = 0
+    kept_records: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def drop(self, reason: str, source: str = "") -> None:
+        self.dropped[reason] += 1
+        if source and len(self.examples.setdefault(reason, [])) < 5:
+            self.examples[reason].append(source)
+
+    def merge(self, other: DropReport) -> DropReport:
+        self.input_records += other.input_records
+        self.kept_records += other.kept_records
+        self.dropped.update(other.dropped)
+        for reason, sources in other.examples.items():
+            mine = self.examples.setdefault(reason, [])
+            mine.extend(sources[: max(0, 5 - len(mine))])
+        return self
+
+    def to_dict(self) -> dict:
+        return {
+            "input_records": self.input_records,
+            "kept_records": self.kept_records,
+            "dropped": dict(sorted(self.dropped.items())),
+        }
+
+    def table(self) -> str:
+        """A plain-text table: kept, then each drop reason with its count and first examples."""
+        rows = [("read", self.input_records, ""), ("kept", self.kept_records, "")]
+        for reason, count in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
+            rows.append((f"dropped: {reason}", count, ", ".join(self.examples.get(reason, [])[:3])))
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"{name:<{width}}  {count:>9,}  {ex}".rstrip() for name, count, ex in rows)
