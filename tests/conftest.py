@@ -10,7 +10,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 torch.set_num_threads(2)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real public data beside the repository (../shared/data); skip where it is absent."""
     if not SHARED_DATA.is_dir():

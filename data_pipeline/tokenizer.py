@@ -1,0 +1,346 @@
+"""The sentencepiece tokenizer: training, encoding, and export to a Hugging Face tokenizer folder.
+
+One BPE model with byte fallback serves English and Chinese alike: a character outside the
+vocabulary becomes its UTF-8 bytes (`<0xE4>` ...), never `<unk>`, so `decode(encode(s)) == s` for
+any NFC string (except that sentencepiece's space marker `▁`, U+2581, decodes as a space).
+Sentencepiece's normalisation is switched off (identity rule, no whitespace squeezing, no dummy
+prefix), because each of them rewrites text and makes the ids of a string depend on where it was
+cut.
+
+Invariant: no piece contains a newline (training splits its input at newlines, `load` checks).
+A newline is therefore always the byte token `<0x0A>` and BPE never merges across it, which is
+what lets chat.py encode the template's pieces one by one and still get the ids that a Hugging
+Face tokenizer gives for the whole rendered string.
+
+Special tokens are matched in text the way Hugging Face tokenizers match them: the literal string
+`<|im_end|>` inside a text becomes the `<|im_end|>` id in `encode` as it does in
+`AutoTokenizer.encode` and `apply_chat_template` (the chat template needs this matching). Strip
+such strings from untrusted text before encoding if they must not act as control tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+from data_pipeline.records import DataError
+
+MODEL_FILE = "tokenizer.model"
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IM_START, IM_END)
+"""In id order: 0 … 5 in every tokenizer this module trains."""
+
+_SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    out_dir: str | os.PathLike,
+    *,
+    max_sentence_length: int = 8192,
+    input_sentence_size: int = 1_000_000,
+    character_coverage: float | None = None,
+    num_threads: int | None = None,
+    seed: int = 0,
+) -> Tokenizer:
+    """Train a byte-fallback BPE sentencepiece model and write it to `out_dir/tokenizer.model`.
+
+    Args:
+        texts: documents or lines, streamed once. Each is split at newlines, since pieces must
+            not span one (see the module docstring); empty lines are skipped.
+        vocab_size: total size including the 6 special tokens and the 256 byte tokens.
+        out_dir: folder for tokenizer.model (created if missing).
+        max_sentence_length: longest training line in bytes; longer lines are cut into chunks
+            of this size rather than skipped (sentencepiece would skip them).
+        input_sentence_size: lines kept for training, a uniform sample of all lines (0: all).
+            Bounds the memory of training on a large corpus.
+        character_coverage: sentencepiece's share of character occurrences whose characters
+            get a piece of their own (0.98 to 1); the rest fall back to bytes. None: 0.9995,
+            after the rarest characters are taken out of the training lines so that characters
+            fill at most half of the vocabulary (Chinese has thousands of distinct characters,
+            more than a small vocabulary holds).
+        num_threads: trainer threads (default: all cores).
+        seed: seed of the line sample.
+    Returns:
+        The trained Tokenizer, loaded from the written file.
+    Raises:
+        DataError: sentencepiece refused (no text, or a vocabulary too small for the
+            characters at an explicit `character_coverage`).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = _sample_lines(_training_lines(texts, max_sentence_length), input_sentence_size, seed)
+    if character_coverage is None:
+        lines, character_coverage = _limit_characters(lines, vocab_size), 0.9995
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            unk_piece=UNK,
+            bos_piece=BOS,
+            eos_piece=EOS,
+            pad_piece=PAD,
+            control_symbols=[IM_START, IM_END],
+            split_digits=True,  # one token per digit, as in Llama: arithmetic sees every digit
+            allow_whitespace_only_pieces=True,  # runs of spaces (indentation) become one piece
+            character_coverage=character_coverage,
+            max_sentence_length=max_sentence_length,
+            input_sentence_size=0,  # already sampled
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise DataError(
+            f"training a {vocab_size}-piece tokenizer for {out} on {len(lines)} lines failed: {e}. If the "
+            "vocabulary is smaller than the required characters, raise vocab_size or lower character_coverage."
+        ) from e
+    path = out / MODEL_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)  # atomic: a reader never sees half a model
+    return Tokenizer.load(path)
+
+
+def _training_lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """Yield the non-empty lines of `texts`, each at most `max_bytes` UTF-8 bytes."""
+    max_chars = max(1, max_bytes // 4)  # a character is at most 4 bytes in UTF-8
+    for text in texts:
+        for line in text.split("\n"):
+            if len(line.encode("utf-8")) <= max_bytes:
+                if line:
+                    yield line
+                continue
+            for start in range(0, len(line), max_chars):
+                yield line[start : start + max_chars]
+
+
+def _sample_lines(lines: Iterable[str], k: int, seed: int) -> list[str]:
+    """A uniform sample of `k` lines (all when k is 0), in one pass (reservoir sampling)."""
+    if k <= 0:
+        return list(lines)
+    rng = random.Random(seed)
+    sample: list[str] = []
+    for n, line in enumerate(lines):
+        if n < k:
+            sample.append(line)
+        elif (j := rng.randrange(n + 1)) < k:
+            sample[j] = line
+    return sample
+
+
+def _limit_characters(lines: list[str], vocab_size: int) -> list[str]:
+    """Split the lines at their rarest characters so that at most half of the pieces that are
+    neither special nor bytes go to single characters, leaving the other half for merges.
+
+    Sentencepiece's own knob, character_coverage, cannot go below 0.98, where Chinese still
+    needs thousands of characters; a character cut out here never gets a piece (it is encoded
+    as its bytes), and no merge is learned across it.
+    """
+    counts: Counter[str] = Counter()
+    for line in lines:
+        counts.update(line)
+    budget = max(1, (vocab_size - len(SPECIAL_TOKENS) - 256) // 2)
+    if len(counts) <= budget:
+        return lines
+    rare = {ord(ch): "\n" for ch, _ in counts.most_common()[budget:]}
+    return [part for line in lines for part in line.translate(rare).split("\n") if part]
+
+
+class Tokenizer:
+    """A trained sentencepiece model with Crucible's special tokens. Build with `Tokenizer.load`."""
+
+    def __init__(self, path: Path, model_bytes: bytes, sp: spm.SentencePieceProcessor):
+        self.path = path
+        """The .model file this tokenizer was loaded from."""
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        """Digest of the model file; shard manifests record it to catch a tokenizer mismatch."""
+        self._sp = sp
+        self._model_bytes = model_bytes
+        self.vocab_size = sp.get_piece_size()
+        self.unk_id, self.bos_id, self.eos_id, self.pad_id = (sp.piece_to_id(t) for t in (UNK, BOS, EOS, PAD))
+        self.im_start_id, self.im_end_id = sp.piece_to_id(IM_START), sp.piece_to_id(IM_END)
+        self._special_ids = {t: sp.piece_to_id(t) for t in SPECIAL_TOKENS}
+        self._special_text = {i: t for t, i in self._special_ids.items()}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load a tokenizer.
+
+        Args:
+            path: a .model file, or a folder holding tokenizer.model (as train_tokenizer and
+                save_hf write it).
+        Returns:
+            The Tokenizer.
+        Raises:
+            DataError: the file is missing, is not a sentencepiece model, or lacks Crucible's
+                special tokens or its no-newline-in-pieces invariant; the message names the file.
+        """
+        path = Path(path)
+        if path.is_dir():
+            path = path / MODEL_FILE
+        if not path.is_file():
+            raise DataError(f"tokenizer model {path} does not exist; train one with train_tokenizer()")
+        model_bytes = path.read_bytes()
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.load_from_serialized_proto(model_bytes)
+        except (RuntimeError, OSError, TypeError) as e:
+            raise DataError(f"tokenizer model {path} is not a valid sentencepiece model ({e})") from e
+        for i, token in enumerate(SPECIAL_TOKENS):
+            if sp.get_piece_size() <= i or sp.id_to_piece(i) != token:
+                raise DataError(
+                    f"tokenizer model {path} does not hold {token!r} at id {i}; it was not trained by "
+                    "Crucible's train_tokenizer()"
+                )
+        if any("\n" in sp.id_to_piece(i) for i in range(sp.get_piece_size())):
+            raise DataError(f"tokenizer model {path} has a piece containing a newline; the chat template needs none")
+        return cls(path, model_bytes, sp)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without bos/eos. Literal special-token strings become their ids.
+
+        Args:
+            text: any string.
+        Returns:
+            The ids, equal to what the exported Hugging Face tokenizer gives.
+        """
+        ids: list[int] = []
+        # Split on special tokens first and encode the pieces between them on their own, the
+        # way Hugging Face's added-token matching does.
+        for i, part in enumerate(_SPECIAL_RE.split(text)):
+            if i % 2:
+                ids.append(self._special_ids[part])
+            elif part:
+                ids.extend(self._sp.encode(part))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special tokens are written out as their strings (`<|im_end|>`).
+
+        Args:
+            ids: token ids (a list or any integer array).
+        Returns:
+            The text; `decode(encode(s)) == s` for NFC text without the `▁` (U+2581) character.
+        """
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i in self._special_text:
+                parts.append(self._sp.decode(run))
+                parts.append(self._special_text[i])
+                run = []
+            else:
+                run.append(i)
+        parts.append(self._sp.decode(run))
+        return "".join(parts)
+
+    def save_hf(self, out_dir: str | os.PathLike) -> Path:
+        """Write a Hugging Face tokenizer folder that `AutoTokenizer.from_pretrained` loads offline.
+
+        The folder holds tokenizer.json (a fast BPE tokenizer with byte fallback that encodes
+        and decodes exactly as this one), tokenizer_config.json (special tokens and the chat
+        template of data_pipeline.chat), special_tokens_map.json, and tokenizer.model itself
+        (so that `Tokenizer.load(out_dir)` also works).
+
+        Args:
+            out_dir: the folder (created if missing); its tokenizer files are overwritten.
+        Returns:
+            The folder.
+        """
+        from data_pipeline.chat import CHAT_TEMPLATE  # chat imports this module; import late
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self._fast_tokenizer().save(str(out / "tokenizer.json"))
+        special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **special,
+            "additional_special_tokens": [IM_START, IM_END],
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        _write_json(out / "tokenizer_config.json", config)
+        _write_json(out / "special_tokens_map.json", {**special, "additional_special_tokens": [IM_START, IM_END]})
+        (out / MODEL_FILE).write_bytes(self._model_bytes)
+        return out
+
+    def _fast_tokenizer(self):
+        """The `tokenizers` equivalent of this model (imported here: only export needs it)."""
+        from tokenizers import AddedToken, decoders, normalizers
+        from tokenizers import Tokenizer as FastTokenizer
+        from tokenizers.models import BPE
+
+        pieces = [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+        vocab = {p: i for i, p in enumerate(pieces)}
+        # Special and byte pieces are never the result or the input of a merge: they must not
+        # be assembled from ordinary text such as a literal "<0x41>".
+        not_mergeable = set(SPECIAL_TOKENS) | {
+            pieces[i] for i in range(self.vocab_size) if self._sp.is_byte(i) or self._sp.is_control(i)
+        }
+        fast = FastTokenizer(
+            BPE(
+                vocab=vocab,
+                merges=_bpe_merges(pieces, not_mergeable),
+                unk_token=UNK,
+                fuse_unk=True,
+                byte_fallback=True,
+                dropout=None,
+            )
+        )
+        # Sentencepiece's only rewrite with the identity rule: spaces are stored as "▁".
+        fast.normalizer = normalizers.Replace(" ", "▁")
+        fast.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        return fast
+
+
+def _bpe_merges(pieces: list[str], not_mergeable: set[str]) -> list[tuple[str, str]]:
+    """Merge rules equivalent to sentencepiece's BPE encoder, best first.
+
+    Sentencepiece merges the adjacent pair whose concatenation is the best-scored piece (lowest
+    id for BPE); a merge-rank BPE reproduces that by listing, for each piece in id order, every
+    split of it into two pieces.
+    """
+    vocab = {p: i for i, p in enumerate(pieces)}
+    merges = []
+    for piece in pieces:
+        if piece in not_mergeable:
+            continue
+        splits = [
+            (piece[:k], piece[k:])
+            for k in range(1, len(piece))
+            if piece[:k] in vocab and piece[k:] in vocab and not {piece[:k], piece[k:]} & not_mergeable
+        ]
+        merges.extend(sorted(splits, key=lambda lr: (vocab[lr[0]], vocab[lr[1]])))
+    return merges
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,198 @@
+"""The sentencepiece tokenizer: exact round trips (English, Chinese, unseen characters, tricky
+whitespace) and id-for-id parity with the Hugging Face folder it exports."""
+
+import hashlib
+import json
+
+import pytest
+
+from data_pipeline.records import DataError
+from data_pipeline.tokenizer import SPECIAL_TOKENS, Tokenizer, _training_lines, train_tokenizer
+from tests.conftest import SHARED_DATA
+
+TRAIN_CHARS = 300_000
+VOCAB = 4000
+
+TRICKY = [
+    "",
+    " ",
+    "   leading spaces",
+    "trailing spaces   ",
+    "multiple   inner    spaces",
+    "line one\nline two\n\n\nafter blank lines\n",
+    "\ttabs\tand\r\ncarriage returns\r\n",
+    "emoji 😀🎉👍🏽 and ZWJ 👩‍👩‍👧",
+    "  中文前面有空格，后面有换行\n",
+    "mixed 孙悟空 said: “hello”",
+    "digits 1234567890 and 3.14159",
+    "literal <|im_start|>user\nhi<|im_end|> and <s> </s> <pad> <unk> in text",
+    "a byte piece's name <0x41> in text",
+    "café naïve résumé",
+]
+UNSEEN_CHINESE = "𠀀𠀁𪚥龘靐齉爩"  # CJK Extension B and rare characters: absent from the training text
+
+
+def read_training_corpus(data):
+    """The test slice of both real corpora and some RoleBench answers (English and Chinese)."""
+    texts = [
+        (data / "pretrain" / "tinyshakespeare.txt").read_text(encoding="utf-8")[:TRAIN_CHARS],
+        (data / "pretrain" / "journey_to_the_west.txt").read_text(encoding="utf-8")[:TRAIN_CHARS],
+    ]
+    for name in ("rolebench_en_train.jsonl", "rolebench_zh_train.jsonl"):
+        lines = (data / "sft" / name).read_text(encoding="utf-8").splitlines()[:300]
+        texts += [json.loads(line)["generated"][0] for line in lines]
+    return texts
+
+
+def small_tokenizer(out_dir):
+    """A 4000-piece tokenizer on the real data (about a second); skips without the data."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent (it sits beside the repo in CI)")
+    return train_tokenizer(read_training_corpus(SHARED_DATA), VOCAB, out_dir)
+
+
+def held_out_lines(data, n_en=400, n_zh=200):
+    """Real lines that the tokenizer was not trained on."""
+    en = (data / "pretrain" / "tinyshakespeare.txt").read_text(encoding="utf-8")[TRAIN_CHARS:]
+    zh = (data / "pretrain" / "journey_to_the_west.txt").read_text(encoding="utf-8")[TRAIN_CHARS:]
+    return en.split("\n")[1 : n_en + 1] + zh.split("\n")[1 : n_zh + 1]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return small_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tok, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    folder = tok.save_hf(tmp_path_factory.mktemp("hf"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")  # a local folder must load with no network
+        return AutoTokenizer.from_pretrained(str(folder))
+
+
+def test_special_tokens_and_identity(tok):
+    assert [tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id, tok.im_start_id, tok.im_end_id] == list(range(6))
+    assert tok.vocab_size == VOCAB
+    assert tok.path.name == "tokenizer.model"
+    assert tok.sha256 == hashlib.sha256(tok.path.read_bytes()).hexdigest()
+    assert Tokenizer.load(tok.path.parent).sha256 == tok.sha256  # a folder loads its tokenizer.model
+
+
+def test_round_trip_real_lines_and_tricky_strings(tok, shared_data):
+    lines = held_out_lines(shared_data)
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in "".join(lines))  # Chinese really is in the sample
+    for text in lines + TRICKY:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text, text
+        assert tok.unk_id not in ids or "<unk>" in text, text
+    # a whole chunk of text with its newlines, in one piece
+    chunk = "\n".join(lines)
+    assert tok.decode(tok.encode(chunk)) == chunk
+
+
+def test_unseen_chinese_falls_back_to_bytes(tok):
+    ids = tok.encode(UNSEEN_CHINESE)
+    assert tok.unk_id not in ids
+    # byte pieces are ids 6..261; each rare character is 4 (or 3) UTF-8 bytes, one id each
+    assert all(6 <= i < 262 for i in ids)
+    assert len(ids) == len(UNSEEN_CHINESE.encode("utf-8"))
+    assert tok.decode(ids) == UNSEEN_CHINESE
+
+
+def test_ids_do_not_depend_on_cuts_at_newlines(tok, shared_data):
+    """No piece spans a newline, so a text cut at one encodes as the sum of its parts."""
+    lines = held_out_lines(shared_data, n_en=50, n_zh=50)
+    newline = tok.encode("\n")
+    assert newline == [6 + ord("\n")]  # the byte token <0x0A>
+    joined = []
+    for line in lines:
+        joined += tok.encode(line) + newline
+    assert tok.encode("\n".join(lines) + "\n") == joined
+
+
+def test_special_token_strings_become_their_ids(tok):
+    ids = tok.encode("x<|im_start|>y<|im_end|></s>")
+    assert ids == tok.encode("x") + [tok.im_start_id] + tok.encode("y") + [tok.im_end_id, tok.eos_id]
+    assert tok.decode(ids) == "x<|im_start|>y<|im_end|></s>"
+
+
+def test_hf_export_encodes_and_decodes_identically(tok, hf_tok, shared_data):
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert hf_tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [tok.im_start_id, tok.im_end_id]
+    assert len(hf_tok) == tok.vocab_size
+    texts = held_out_lines(shared_data) + TRICKY + [UNSEEN_CHINESE]
+    for text in texts:
+        ids = tok.encode(text)
+        assert hf_tok.encode(text, add_special_tokens=False) == ids, text
+        assert hf_tok(text)["input_ids"] == ids, text  # the default call adds no bos/eos either
+        assert hf_tok.decode(ids) == tok.decode(ids) == text, text
+
+
+def test_hf_folder_contents(tok, tmp_path):
+    folder = tok.save_hf(tmp_path / "hf")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["chat_template"].startswith("{%- for message in messages %}")
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == SPECIAL_TOKENS[1:4]
+    assert json.loads((folder / "special_tokens_map.json").read_text())["additional_special_tokens"] == list(
+        SPECIAL_TOKENS[4:]
+    )
+    assert Tokenizer.load(folder).sha256 == tok.sha256
+
+
+def test_training_input_is_split_at_newlines_and_long_lines_are_chunked(tok):
+    assert not any("\n" in tok._sp.id_to_piece(i) for i in range(tok.vocab_size))
+    long_line = "西游记" * 5000  # 45,000 bytes: sentencepiece would skip it whole
+    lines = list(_training_lines(["a\nb\n\n", long_line], max_bytes=1000))
+    assert lines[:2] == ["a", "b"]
+    assert "".join(lines[2:]) == long_line
+    assert all(len(line.encode("utf-8")) <= 1000 for line in lines)
+
+
+def test_load_missing_or_garbage_file_names_it(tmp_path):
+    garbage = tmp_path / "tokenizer.model"
+    garbage.write_bytes(b"this is not a sentencepiece model \x00\xff" * 10)
+    with pytest.raises(DataError, match=str(garbage)):
+        Tokenizer.load(garbage)
+    with pytest.raises(DataError, match=str(garbage)):
+        Tokenizer.load(tmp_path)  # the folder form names the file inside it
+    missing = tmp_path / "nope" / "tokenizer.model"
+    with pytest.raises(DataError, match="does not exist"):
+        Tokenizer.load(missing)
+
+
+def test_load_rejects_a_model_without_crucible_special_tokens(tmp_path):
+    import sentencepiece as spm
+
+    lines = ["the quick brown fox jumps over the lazy dog"] * 50
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "plain"), vocab_size=31, minloglevel=2
+    )
+    with pytest.raises(DataError, match="plain.model"):
+        Tokenizer.load(tmp_path / "plain.model")
+
+
+def test_small_vocabulary_on_chinese_keeps_the_common_characters(shared_data, tmp_path):
+    """~3000 distinct characters and 600 pieces: the rare characters go to bytes, and training
+    still succeeds (sentencepiece alone refuses: its coverage cannot go below 0.98)."""
+    text = (shared_data / "pretrain" / "journey_to_the_west.txt").read_text(encoding="utf-8")[:200_000]
+    tok = train_tokenizer([text], 600, tmp_path)
+    single_chars = [p for p in map(tok._sp.id_to_piece, range(262, 600)) if len(p) == 1]
+    assert len(single_chars) <= (600 - 262) // 2
+    assert "的" in single_chars or "了" in single_chars  # the most frequent characters have pieces
+    line = text[150_000:151_000]
+    assert tok.decode(tok.encode(line)) == line
+
+
+def test_training_is_deterministic(tok, tmp_path):
+    again = small_tokenizer(tmp_path)
+    assert again.sha256 == tok.sha256
+
+
+def test_train_error_is_a_data_error(tmp_path):
+    # 3500 distinct Chinese characters at full coverage do not fit in 300 pieces
+    text = "".join(chr(0x4E00 + i) for i in range(3500))
+    with pytest.raises(DataError, match="character_coverage"):
+        train_tokenizer([text], 300, tmp_path, character_coverage=1.0)
