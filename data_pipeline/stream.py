@@ -1,0 +1,609 @@
+"""The training side of the data: each rank streams its own shards, shuffles and packs them.
+
+    manifest.json ─► assign_shards (per epoch, seeded) ─► read_shard (sha256 checked)
+        ─► shuffle buffer ─► pack into seq_len windows ─► batches of
+           {tokens, labels, position_ids, doc_ids}, each int64 (batch_size, seq_len)
+
+Randomness. Every draw is derived from (seed, epoch, rank, shard position), never from a running
+generator: the shard order of an epoch from (seed, epoch); the shuffle buffer's choices for the
+samples of the k-th shard a rank reads from (seed, epoch, rank, k). The shuffle therefore depends
+only on how many samples each shard holds, not on their contents, which lets every rank replay
+the packing of every other rank from the manifest's sample lengths, and it keeps the resume state
+to plain integers.
+
+Equal batch count. A rank that runs out of data early would leave the others waiting forever at
+the next collective, so every rank yields the same number of batches in an epoch. At the start of
+an epoch each rank computes, for every rank, how many full windows its shards give: pretraining
+(samples split across windows) gets tokens // seq_len; SFT (whole samples, padded windows) gets
+the count from replaying the same shuffle and packing on the lengths. `batches_per_epoch` is the
+minimum over ranks of windows // batch_size; the windows a rank has beyond that are not used and
+are counted in `stats` ("tail_windows_not_used" for this rank, "..._all_ranks" for all). The count
+can differ by a little from one epoch to the next because the shard assignment is reshuffled. If
+a corrupt shard is skipped (on_error="skip") and a rank runs short, it fills its remaining windows
+with padding (labels all IGNORE_INDEX, so they add nothing to the loss) rather than hang the
+others; these are counted in stats["padding_windows"].
+
+Resume. `state_dict()` after any batch holds the epoch, the shard cursor, the sample offset in
+the current shard, the shuffle buffer as (shard, sample) references, the sample carried into the
+next window as (shard, sample, token offset), and the counters; `load_state_dict()` on a fresh
+stream built with the same arguments re-reads the referenced samples and continues with exactly
+the batches the uninterrupted stream would have given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.records import DataError, DropReport, Sample
+from data_pipeline.shards import load_manifest, read_shard
+from model.loss import IGNORE_INDEX
+
+STATE_VERSION = 1
+# Tags that keep the seeded draws for different purposes independent.
+_SHARD_ORDER, _SAMPLE_SHUFFLE, _DRAIN = 0, 1, 2
+_STATS = (
+    "tail_windows_not_used",
+    "tail_windows_not_used_all_ranks",
+    "tail_tokens_not_used",
+    "padding_windows",
+    "samples_lost_to_corrupt_shards",
+)
+# Arguments that must match for a saved state to mean the same batches.
+_LAYOUT = ("fingerprint", "rank", "world_size", "seq_len", "batch_size", "seed", "shuffle_buffer", "split_samples")
+
+
+def assign_shards(n_shards: int, rank: int, world_size: int, epoch: int, seed: int) -> list[int]:
+    """The shards one rank reads in one epoch, in reading order.
+
+    The shard order is shuffled with (seed, epoch); the shard at position i goes to rank
+    i % world_size. Every shard goes to exactly one rank each epoch.
+
+    Args:
+        n_shards: shards in the manifest.
+        rank, world_size: this data-parallel rank and the number of them.
+        epoch: the epoch (0-based).
+        seed: the run's data seed.
+    Returns:
+        Indices into the manifest's shard list.
+    Raises:
+        DataError: fewer shards than ranks (a rank would get no data).
+    """
+    if n_shards < world_size:
+        raise DataError(
+            f"{n_shards} shard(s) for {world_size} ranks: every rank needs at least one shard; prepare the "
+            f"data with a smaller shard size (ShardWriter target_bytes) so that there are at least {world_size}"
+        )
+    order = np.random.default_rng([seed, epoch, _SHARD_ORDER]).permutation(n_shards)
+    return [int(i) for i in order[rank::world_size]]
+
+
+def worker_shards(shard_ids: list[int], worker_id: int, num_workers: int) -> list[int]:
+    """Split one rank's shards among DataLoader workers: worker w takes every num_workers-th one.
+
+    PackedStream does not use this itself: packing is cheap numpy work, so one stream per rank,
+    iterated in the training process (or a single loader worker), keeps the equal-batch-count and
+    resume guarantees simple. A loader that wants several workers per rank can give worker w the
+    shards `worker_shards(assign_shards(...), w, num_workers)`; it then has to save one state per
+    worker and apply the equal-count rule over all (rank, worker) pairs.
+
+    Args:
+        shard_ids: the rank's shards from `assign_shards`.
+        worker_id: this worker (0-based), e.g. `torch.utils.data.get_worker_info().id`.
+        num_workers: workers per rank.
+    Returns:
+        This worker's shards, in the rank's order.
+    Raises:
+        DataError: fewer shards than workers.
+    """
+    if not 0 <= worker_id < num_workers:
+        raise ValueError(f"worker_id {worker_id} is outside 0..{num_workers - 1}")
+    if len(shard_ids) < num_workers:
+        raise DataError(f"{len(shard_ids)} shard(s) for {num_workers} loader workers: use fewer workers")
+    return shard_ids[worker_id::num_workers]
+
+
+def manifest_fingerprint(manifest: dict) -> str:
+    """sha256 over the manifest's kind and each shard's (path, sha256, samples): a saved stream
+    state only makes sense for the data set it was saved on."""
+    shards = [(s["path"], s["sha256"], s["samples"]) for s in manifest["shards"]]
+    return hashlib.sha256(json.dumps([manifest["kind"], shards]).encode()).hexdigest()
+
+
+# --- the seeded shuffle buffer, shared by the real stream and the planner ------------------
+
+
+def _uniforms(seed: int, epoch: int, rank: int, cursor: int, n: int) -> np.ndarray:
+    """The buffer's draws for the n samples of the cursor-th shard a rank reads."""
+    return np.random.default_rng([seed, epoch, _SAMPLE_SHUFFLE, rank, cursor]).random(n)
+
+
+def _push(buffer: list, item, u: float, size: int):
+    """Put item into the buffer; once it is full, return a uniformly chosen item in exchange."""
+    if size <= 1:
+        return item
+    if len(buffer) < size:
+        buffer.append(item)
+        return None
+    j = int(u * size)
+    out, buffer[j] = buffer[j], item
+    return out
+
+
+def _drain_order(buffer: list, seed: int, epoch: int, rank: int) -> list:
+    """The buffer's leftovers at the end of the epoch, in random order, reversed for pop()."""
+    perm = np.random.default_rng([seed, epoch, _DRAIN, rank]).permutation(len(buffer))
+    return [buffer[i] for i in perm[::-1]]
+
+
+def _shuffled(items_by_shard: list[list], size: int, seed: int, epoch: int, rank: int) -> Iterator:
+    """What the stream's buffer does to samples, applied to anything (here: their lengths)."""
+    buffer: list = []
+    for cursor, items in enumerate(items_by_shard):
+        for item, u in zip(items, _uniforms(seed, epoch, rank, cursor, len(items)), strict=True):
+            out = _push(buffer, item, u, size)
+            if out is not None:
+                yield out
+    buffer = _drain_order(buffer, seed, epoch, rank)
+    while buffer:
+        yield buffer.pop()
+
+
+def _count_sft_windows(lengths: Iterable[int], seq_len: int) -> int:
+    """Windows that padding-free packing of whole samples makes, mirroring _EpochReader."""
+    windows = fill = 0
+    for length in lengths:
+        if length > seq_len:
+            continue
+        if length > seq_len - fill:
+            windows, fill = windows + 1, 0
+        fill += length
+        if fill == seq_len:
+            windows, fill = windows + 1, 0
+    return windows + (fill > 0)
+
+
+@dataclass
+class EpochPlan:
+    """What every rank's shards give in one epoch, and the batch count they agree on."""
+
+    epoch: int
+    windows: list[int]
+    """Full windows per rank (before the cut)."""
+    batches_per_epoch: int
+    tail_windows: list[int]
+    """Windows per rank beyond batches_per_epoch × batch_size, not used."""
+    tail_tokens: list[int]
+    """Tokens per rank left in the last, partial window (pretraining only), not used."""
+
+
+# --- one rank's walk through one epoch -----------------------------------------------------
+
+
+class _EpochReader:
+    """Shards in order → shuffle buffer → packed windows, for one rank and one epoch.
+
+    Windows are built whole within one `next_window` call, so between calls the only partial
+    state is `pending`: the sample (or the remainder of one) that goes first into the next window.
+    """
+
+    def __init__(self, stream: PackedStream, epoch: int, report: DropReport, stats: dict):
+        self.s, self.epoch, self.report, self.stats = stream, epoch, report, stats
+        self.shard_ids = assign_shards(len(stream.shards), stream.rank, stream.world_size, epoch, stream.seed)
+        self.cursor = 0  # position in shard_ids of the shard being read
+        self.offset = 0  # samples of that shard already taken into the buffer
+        self.buffer: list[tuple[tuple[int, int], Sample]] = []
+        self.draining = False
+        self.pending: tuple[tuple[int, int], Sample, int] | None = None
+        self._it: Iterator[Sample] | None = None
+        self._u: np.ndarray | None = None
+
+    def _read(self):
+        """The next sample in shard order, with its reference and its buffer draw."""
+        s = self.s
+        while self.cursor < len(self.shard_ids):
+            sid = self.shard_ids[self.cursor]
+            if self._it is None:
+                self._u = _uniforms(s.seed, self.epoch, s.rank, self.cursor, s.shards[sid]["samples"])
+                self._it = s._shard_samples(sid, self.offset, self.report, self.stats)
+            sample = next(self._it, None)
+            if sample is None:
+                self._it, self.cursor, self.offset = None, self.cursor + 1, 0
+                continue
+            ref, u = (sid, self.offset), self._u[self.offset]
+            self.offset += 1
+            return ref, sample, u
+        return None
+
+    def _pull(self) -> tuple[tuple[int, int], Sample] | None:
+        """The next sample out of the shuffle buffer; None at the end of the epoch's data."""
+        while True:
+            if self.draining:
+                return self.buffer.pop() if self.buffer else None
+            got = self._read()
+            if got is None:
+                self.buffer = _drain_order(self.buffer, self.s.seed, self.epoch, self.s.rank)
+                self.draining = True
+                continue
+            ref, sample, u = got
+            out = _push(self.buffer, (ref, sample), u, self.s.shuffle_buffer)
+            if out is not None:
+                return out
+
+    def next_window(self) -> dict[str, np.ndarray] | None:
+        """The next packed window of seq_len, or None when the epoch's data is used up."""
+        T, split = self.s.seq_len, self.s.split_samples
+        tokens = np.full(T, self.s.pad_id, np.int64)
+        labels = np.full(T, IGNORE_INDEX, np.int64)
+        pos, doc = np.zeros(T, np.int64), np.zeros(T, np.int64)
+        fill = doc_id = 0
+        exhausted = False
+        while fill < T:
+            if self.pending is None:
+                item = self._pull()
+                if item is None:
+                    exhausted = True
+                    break
+                ref, sample = item
+                if not split and len(sample) > T:
+                    self._drop_long(ref, len(sample))
+                    continue
+                self.pending = (ref, sample, 0)
+            ref, sample, start = self.pending
+            take = min(len(sample) - start, T - fill)
+            if take < len(sample) - start and not split:
+                break  # SFT: the sample does not fit, so it opens the next window
+            end = start + take
+            tokens[fill : fill + take] = sample.input_ids[start:end]
+            labels[fill : fill + take] = sample.labels[start:end]
+            pos[fill : fill + take] = np.arange(take)
+            doc[fill : fill + take] = doc_id
+            doc_id, fill = doc_id + 1, fill + take
+            self.pending = None if end == len(sample) else (ref, sample, end)
+        if fill == 0 or (exhausted and split):
+            return None  # pretraining's last partial window is dropped (planned: tail_tokens)
+        pos[fill:] = np.arange(T - fill)  # padding: its own document, targets ignored
+        doc[fill:] = doc_id
+        return {"tokens": tokens, "labels": labels, "position_ids": pos, "doc_ids": doc}
+
+    def _drop_long(self, ref: tuple[int, int], length: int) -> None:
+        path = self.s.shards[ref[0]]["path"]
+        self.report.drop("longer_than_seq_len", f"{path}#{ref[1]} ({length} tokens)")
+
+    def state(self) -> dict:
+        pending = None if self.pending is None else [*self.pending[0], self.pending[2]]
+        return {
+            "shard_cursor": self.cursor,
+            "sample_offset": self.offset,
+            "buffer": [list(ref) for ref, _ in self.buffer],
+            "draining": self.draining,
+            "carry": pending,
+        }
+
+    def restore(self, state: dict) -> None:
+        """Put the reader back where `state()` was taken, re-reading the referenced samples."""
+        self.cursor, self.offset = int(state["shard_cursor"]), int(state["sample_offset"])
+        self.draining = bool(state["draining"])
+        if not 0 <= self.cursor <= len(self.shard_ids):
+            raise DataError(f"stream state: shard cursor {self.cursor} is outside this epoch's shards")
+        refs = [(int(sid), int(idx)) for sid, idx in state["buffer"]]
+        carry = None if state["carry"] is None else (int(state["carry"][0]), int(state["carry"][1]))
+        got = self.s._fetch(refs + ([carry] if carry else []), self.report, self.stats)
+        # a referenced sample is missing only if its shard went bad since; that was counted
+        self.buffer = [(ref, got[ref]) for ref in refs if ref in got]
+        if carry in got:
+            self.pending = (carry, got[carry], int(state["carry"][2]))
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()
+            self._it = None
+
+
+# --- the stream ----------------------------------------------------------------------------
+
+
+class PackedStream:
+    """One rank's endless (or `epochs`-long) iterator of packed batches. See the module docstring.
+
+    Iterate it directly (`for batch in stream`); each batch is a dict of int64 numpy arrays
+    `tokens`, `labels`, `position_ids`, `doc_ids`, each (batch_size, seq_len). Positions restart
+    at 0 and doc ids count up (0, 1, 2, ...) at each sample within a row.
+
+    Over-long samples: with split_samples=True (pretraining) a sample longer than the room left
+    in a window is split and its remainder starts the next window as a new document. With
+    split_samples=False (SFT) a sample that does not fit closes the window (the tail is padding:
+    pad_id tokens, IGNORE_INDEX labels, its own doc id) and starts the next one; a sample longer
+    than seq_len cannot be packed and is dropped, counted in `report` as "longer_than_seq_len"
+    (prepare SFT data with max_len <= seq_len; a warning says how many there are).
+
+    Args:
+        data_dir: a folder written by launch/prepare_data.py (shards + manifest.json).
+        seq_len: tokens per window (row).
+        batch_size: windows per batch (the micro-batch of one rank).
+        rank, world_size: this data-parallel rank and the number of them.
+        seed: data seed for the shard order and the sample shuffle.
+        shuffle_buffer: samples held for shuffling (<= 1: no sample shuffle).
+        split_samples: see above; default True for kind "pretrain", False for "sft".
+        on_error: "skip" a corrupt shard (counted in `report`, warned) or "raise" a DataError.
+        tokenizer_sha256: when given, must match the tokenizer the shards were made with.
+        epochs: stop after this many epochs; None streams forever.
+        pad_id: token id of SFT padding (its labels are IGNORE_INDEX either way).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        seq_len: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        split_samples: bool | None = None,
+        on_error: str = "skip",
+        tokenizer_sha256: str | None = None,
+        epochs: int | None = None,
+        pad_id: int = 0,
+    ):
+        _check_args(seq_len, batch_size, rank, world_size, seed, on_error, epochs)
+        self.data_dir = Path(data_dir)
+        self.manifest = load_manifest(self.data_dir, tokenizer_sha256=tokenizer_sha256)
+        self.shards: list[dict] = self.manifest["shards"]
+        if not self.shards:
+            raise DataError(f"{self.data_dir / 'manifest.json'}: the manifest lists no shards (no data was kept)")
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.on_error = max(int(shuffle_buffer), 0), on_error
+        self.epochs, self.pad_id = epochs, pad_id
+        self.split_samples = self.manifest["kind"] == "pretrain" if split_samples is None else bool(split_samples)
+        if not self.split_samples:
+            self._check_lengths()
+        self.fingerprint = manifest_fingerprint(self.manifest)
+        self.report = DropReport()
+        self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
+        self._plans: dict[int, EpochPlan] = {}
+        self._epoch, self._batches = 0, 0
+        self._reader = _EpochReader(self, 0, self.report, self.stats)  # raises for too few shards
+        self._begin_epoch()
+
+    # -- planning --
+
+    def _check_lengths(self) -> None:
+        if any("lengths" not in s for s in self.shards):
+            raise DataError(
+                f"{self.data_dir / 'manifest.json'}: shard entries lack 'lengths', which packing whole "
+                "samples needs to plan equal batch counts: re-run launch/prepare_data.py"
+            )
+        n_long = sum(int(np.sum(np.asarray(s["lengths"]) > self.seq_len)) for s in self.shards)
+        if n_long:
+            warnings.warn(
+                f"{self.data_dir}: {n_long} of {self.manifest.get('samples', '?')} samples are longer than "
+                f"seq_len={self.seq_len} and will be dropped (counted as longer_than_seq_len): prepare the "
+                "data with max_len <= seq_len",
+                stacklevel=3,
+            )
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """Windows per rank and the agreed batch count for an epoch, from the manifest alone.
+
+        Args:
+            epoch: the epoch (0-based).
+        Returns:
+            The EpochPlan (cached for recent epochs).
+        """
+        if epoch in self._plans:
+            return self._plans[epoch]
+        windows, tail_tokens = [], []
+        for r in range(self.world_size):
+            ids = assign_shards(len(self.shards), r, self.world_size, epoch, self.seed)
+            if self.split_samples:
+                tokens = sum(self.shards[i]["tokens"] for i in ids)
+                windows.append(tokens // self.seq_len)
+                tail_tokens.append(tokens % self.seq_len)
+            else:
+                lengths = _shuffled([self.shards[i]["lengths"] for i in ids], self.shuffle_buffer, self.seed, epoch, r)
+                windows.append(_count_sft_windows(lengths, self.seq_len))
+                tail_tokens.append(0)
+        bpe = min(windows) // self.batch_size
+        plan = EpochPlan(epoch, windows, bpe, [w - bpe * self.batch_size for w in windows], tail_tokens)
+        self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1} | {epoch: plan}
+        return plan
+
+    def _begin_epoch(self) -> None:
+        """Plan the current epoch; refuse one that gives a rank no whole batch."""
+        plan = self.plan(self._epoch)
+        if plan.batches_per_epoch == 0:
+            worst = int(np.argmin(plan.windows))
+            raise DataError(
+                f"{self.data_dir}: in epoch {self._epoch} rank {worst} gets {plan.windows[worst]} window(s) of "
+                f"seq_len={self.seq_len}, fewer than one batch of {self.batch_size}: use more data, fewer "
+                "ranks or a smaller batch"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches every rank yields in the current epoch (the same on all ranks)."""
+        return self.plan(self._epoch).batches_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch comes from."""
+        return self._epoch
+
+    # -- iteration --
+
+    def __iter__(self) -> PackedStream:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.epochs is not None and self._epoch >= self.epochs:
+            raise StopIteration
+        rows = [self._next_window() for _ in range(self.batch_size)]
+        batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+        self._batches += 1
+        plan = self.plan(self._epoch)
+        if self._batches >= plan.batches_per_epoch:
+            # the equal-count cut: what this rank's shards had beyond it is counted, not used
+            self.stats["tail_windows_not_used"] += plan.tail_windows[self.rank]
+            self.stats["tail_windows_not_used_all_ranks"] += sum(plan.tail_windows)
+            self.stats["tail_tokens_not_used"] += plan.tail_tokens[self.rank]
+            self._reader.close()
+            self._epoch, self._batches = self._epoch + 1, 0
+            self._reader = _EpochReader(self, self._epoch, self.report, self.stats)
+            if self.epochs is None or self._epoch < self.epochs:
+                self._begin_epoch()
+        return batch
+
+    def _next_window(self) -> dict[str, np.ndarray]:
+        window = self._reader.next_window()
+        if window is not None:
+            return window
+        # Planned windows always exist unless a corrupt shard was skipped: pad rather than hang.
+        if self.stats["padding_windows"] == 0:
+            warnings.warn(
+                f"{self.data_dir}: rank {self.rank} ran out of data in epoch {self._epoch} (a corrupt shard "
+                "was skipped); filling with padding windows so that all ranks take the same number of steps",
+                stacklevel=3,
+            )
+        self.stats["padding_windows"] += 1
+        T = self.seq_len
+        return {
+            "tokens": np.full(T, self.pad_id, np.int64),
+            "labels": np.full(T, IGNORE_INDEX, np.int64),
+            "position_ids": np.arange(T, dtype=np.int64),
+            "doc_ids": np.zeros(T, np.int64),
+        }
+
+    def epoch_windows(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """Every window this rank's shards give in `epoch`, before the equal-count cut.
+
+        For checks and tests; it reads the data afresh and leaves the stream's position, report
+        and stats alone.
+
+        Args:
+            epoch: the epoch (0-based).
+        Returns:
+            An iterator of windows (dicts of int64 (seq_len,) arrays).
+        """
+        reader = _EpochReader(self, epoch, DropReport(), dict.fromkeys(_STATS, 0))
+        while (window := reader.next_window()) is not None:
+            yield window
+
+    # -- reading shards --
+
+    def _shard_samples(self, sid: int, skip: int, report: DropReport, stats: dict) -> Iterator[Sample]:
+        """A shard's samples from `skip` on, checked against its manifest entry; on_error applied."""
+        entry = self.shards[sid]
+        path = self.data_dir / entry["path"]
+        n = skip
+        try:
+            for sample in read_shard(path, expected_sha256=entry["sha256"], on_error="raise", skip=skip):
+                if n >= entry["samples"]:
+                    raise DataError(
+                        f"shard {path}: holds more than the {entry['samples']} samples of its manifest entry"
+                    )
+                n += 1
+                yield sample
+            if n < entry["samples"]:
+                raise DataError(f"shard {path}: holds {n} samples, its manifest entry lists {entry['samples']}")
+        except DataError as e:
+            if self.on_error == "raise":
+                raise
+            report.drop("corrupt_shard", str(path))
+            stats["samples_lost_to_corrupt_shards"] += entry["samples"] - n
+            warnings.warn(f"{e}; skipping the rest of this shard", stacklevel=2)
+
+    def _fetch(self, refs: list[tuple[int, int]], report: DropReport, stats: dict) -> dict:
+        """The samples behind (shard, index) references; each shard is read from its first one."""
+        by_shard: dict[int, set[int]] = {}
+        for sid, idx in refs:
+            if not 0 <= sid < len(self.shards):
+                raise DataError(f"stream state refers to shard {sid}, the manifest has {len(self.shards)}")
+            by_shard.setdefault(sid, set()).add(idx)
+        got = {}
+        for sid, wanted in by_shard.items():
+            lo, hi = min(wanted), max(wanted)
+            samples = self._shard_samples(sid, lo, report, stats)
+            for idx, sample in enumerate(samples, start=lo):
+                if idx in wanted:
+                    got[(sid, idx)] = sample
+                if idx >= hi:
+                    samples.close()
+                    break
+        return got
+
+    # -- resume --
+
+    def state_dict(self) -> dict:
+        """Where the stream stands after the last batch it gave: plain, JSON-serialisable values.
+
+        Returns:
+            {"version", the layout it is valid for (fingerprint, rank, world_size, seq_len,
+            batch_size, seed, shuffle_buffer, split_samples), "epoch", "batches_in_epoch",
+            "shard_cursor", "sample_offset", "buffer" ([shard, sample] references), "draining",
+            "carry" ([shard, sample, token offset] or None), "stats", "dropped"}.
+        """
+        return {
+            "version": STATE_VERSION,
+            **{k: getattr(self, k) for k in _LAYOUT},
+            "epoch": self._epoch,
+            "batches_in_epoch": self._batches,
+            **self._reader.state(),
+            "stats": dict(self.stats),
+            "dropped": dict(self.report.dropped),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()` taken on a stream built with the same arguments.
+
+        Args:
+            state: what `state_dict()` returned.
+        Raises:
+            DataError: the state was saved for other data, another rank layout, seq_len,
+                batch_size, seed or shuffle buffer (continuing would silently change the data).
+        """
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"stream state version {state.get('version')}, this Crucible reads {STATE_VERSION}")
+        diff = [f"{k}={state.get(k)!r} (now {getattr(self, k)!r})" for k in _LAYOUT if state.get(k) != getattr(self, k)]
+        if diff:
+            raise DataError(
+                f"{self.data_dir}: the stream state was saved with " + ", ".join(diff) + ": resume with the same "
+                "data and data layout, or start the data stream afresh"
+            )
+        epoch, batches = int(state["epoch"]), int(state["batches_in_epoch"])
+        self._reader.close()
+        self._epoch, self._batches = epoch, batches
+        finished = self.epochs is not None and epoch >= self.epochs
+        if not finished and batches >= self.plan(epoch).batches_per_epoch:
+            raise DataError(f"stream state: batch {batches} of epoch {epoch} is past its end")
+        self.stats.update({k: int(v) for k, v in state["stats"].items()})
+        self.report.dropped.clear()
+        self.report.dropped.update({k: int(v) for k, v in state["dropped"].items()})
+        self._reader = _EpochReader(self, epoch, self.report, self.stats)
+        self._reader.restore(state)
+
+    def close(self) -> None:
+        """Close the open shard, if any."""
+        self._reader.close()
+
+
+def _check_args(seq_len, batch_size, rank, world_size, seed, on_error, epochs) -> None:
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len and batch_size must be positive, got {seq_len}, {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    if epochs is not None and epochs < 1:
+        raise ValueError(f"epochs must be positive or None, got {epochs}")

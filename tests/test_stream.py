@@ -1,0 +1,348 @@
+"""PackedStream: packing boundaries, nothing lost, rank partition, equal counts, exact resume.
+
+The synthetic samples have globally unique token ids (tests.test_shards.make_samples), so every
+token in a packed window names the sample and position it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline.records import DataError, Sample
+from data_pipeline.shards import load_manifest
+from data_pipeline.stream import PackedStream, assign_shards, worker_shards
+from model.loss import IGNORE_INDEX
+from tests.test_shards import make_samples, write_dataset
+
+SEQ, BATCH = 32, 4
+KEYS = ("tokens", "labels", "position_ids", "doc_ids")
+
+
+def _pretrain_samples() -> list[Sample]:
+    samples = make_samples(120, seed=1, max_len=70)
+    # one more sample so that the total is a multiple of SEQ: no partial window at world size 1
+    room = -sum(len(s) for s in samples) % SEQ
+    if room:
+        extra = make_samples(1, seed=2, min_len=room, max_len=room)[0]
+        start = max(int(s.input_ids.max()) for s in samples) + 1
+        samples.append(Sample(extra.input_ids - 1 + start, np.where(extra.labels >= 0, extra.labels - 1 + start, -100)))
+    return samples
+
+
+def _sft_samples() -> list[Sample]:
+    samples = make_samples(110, seed=3, max_len=SEQ)
+    start = max(int(s.input_ids.max()) for s in samples) + 1
+    for length in (SEQ + 1, 50):  # cannot be packed whole: dropped and counted
+        ids = np.arange(start, start + length, dtype=np.int32)
+        samples.insert(len(samples) // 2, Sample(ids, ids.copy()))
+        start += length
+    return samples
+
+
+@pytest.fixture(scope="module")
+def pretrain(tmp_path_factory) -> tuple[Path, list[Sample]]:
+    samples = _pretrain_samples()
+    return write_dataset(tmp_path_factory.mktemp("pretrain"), samples), samples
+
+
+@pytest.fixture(scope="module")
+def sft(tmp_path_factory) -> tuple[Path, list[Sample]]:
+    samples = _sft_samples()
+    return write_dataset(tmp_path_factory.mktemp("sft"), samples, kind="sft"), samples
+
+
+def stream(data_dir: Path, **kw) -> PackedStream:
+    args = dict(seq_len=SEQ, batch_size=BATCH, shuffle_buffer=8) | kw
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the SFT set's over-long samples warn on every build
+        return PackedStream(data_dir, **args)
+
+
+def take(s: PackedStream, n: int) -> list[dict]:
+    return [next(s) for _ in range(n)]
+
+
+def rows(batches: list[dict]) -> list[dict]:
+    return [{k: b[k][i] for k in KEYS} for b in batches for i in range(len(b["tokens"]))]
+
+
+def same(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x[k], y[k]) for x, y in zip(a, b, strict=True) for k in KEYS)
+
+
+def check_window(w: dict, where: dict, samples: list[Sample], split: bool) -> list[tuple[int, int, int]]:
+    """Assert a window's structure; return its real pieces as (sample, first position, length)."""
+    tok, lab, pos, doc = (w[k] for k in KEYS)
+    assert all(w[k].dtype == np.int64 and w[k].shape == (SEQ,) for k in KEYS)
+    assert doc[0] == 0 and set(np.diff(doc)) <= {0, 1}
+    starts = [0, *np.flatnonzero(np.diff(doc)) + 1, SEQ]
+    pieces = []
+    for a, b in zip(starts[:-1], starts[1:], strict=True):
+        assert np.array_equal(pos[a:b], np.arange(b - a)), "positions restart at 0 at each document"
+        if tok[a] == 0:  # padding: the tail only, nothing to learn
+            assert b == SEQ and not split and (tok[a:] == 0).all() and (lab[a:] == IGNORE_INDEX).all()
+            continue
+        i, j = where[int(tok[a])]
+        sample = samples[i]
+        assert np.array_equal(tok[a:b], sample.input_ids[j : j + b - a])
+        assert np.array_equal(lab[a:b], sample.labels[j : j + b - a]), "labels stay aligned with their tokens"
+        if split:  # a piece is cut only at a window's edge
+            assert j == 0 or a == 0
+            assert j + b - a == len(sample) or b == SEQ
+        else:
+            assert j == 0 and b - a == len(sample), "SFT samples are packed whole"
+        pieces.append((i, j, b - a))
+    return pieces
+
+
+def positions_of(samples: list[Sample]) -> dict[int, tuple[int, int]]:
+    return {int(t): (i, j) for i, s in enumerate(samples) for j, t in enumerate(s.input_ids)}
+
+
+# --- shard assignment -----------------------------------------------------------------------
+
+
+def test_assign_shards_partitions_each_epoch():
+    for epoch in range(3):
+        parts = [assign_shards(10, r, 3, epoch, seed=5) for r in range(3)]
+        assert sorted(i for p in parts for i in p) == list(range(10))
+        assert [len(p) for p in parts] == [4, 3, 3]
+    assert assign_shards(10, 0, 1, 0, 5) != assign_shards(10, 0, 1, 1, 5)
+    assert assign_shards(10, 0, 1, 0, 5) == assign_shards(10, 0, 1, 0, 5)
+    with pytest.raises(DataError, match="2 shard.*3 ranks"):
+        assign_shards(2, 0, 3, 0, 0)
+
+
+def test_worker_shards_split_a_ranks_shards():
+    mine = [7, 2, 9, 4, 0]
+    assert worker_shards(mine, 0, 2) + worker_shards(mine, 1, 2) == [7, 9, 0, 2, 4]
+    with pytest.raises(DataError, match="loader workers"):
+        worker_shards([1, 2], 0, 3)
+
+
+# --- packing --------------------------------------------------------------------------------
+
+
+def test_pretrain_packing_splits_samples_and_loses_nothing(pretrain):
+    data_dir, samples = pretrain
+    s = stream(data_dir)
+    assert s.split_samples
+    windows = list(s.epoch_windows(0))
+    where = positions_of(samples)
+    pieces = [p for w in windows for p in check_window(w, where, samples, split=True)]
+    assert any(j > 0 for _, j, _ in pieces), "some sample continues into the next window"
+    # every label of every sample exactly once (total tokens is a multiple of SEQ here)
+    assert Counter(int(x) for w in windows for x in w["labels"]) == Counter(
+        int(x) for smp in samples for x in smp.labels
+    )
+    assert Counter(int(x) for w in windows for x in w["tokens"]) == Counter(
+        int(x) for smp in samples for x in smp.input_ids
+    )
+    # the stream yields those windows in order, cut to whole batches; the rest is counted
+    bpe = s.batches_per_epoch
+    assert bpe == len(windows) // BATCH
+    assert same(rows(take(s, bpe)), windows[: bpe * BATCH])
+    assert s.stats["tail_windows_not_used"] == len(windows) - bpe * BATCH
+    assert s.stats["tail_tokens_not_used"] == 0 and s.stats["padding_windows"] == 0
+
+
+def test_sft_packing_pads_whole_samples_and_drops_overlong(sft):
+    data_dir, samples = sft
+    with pytest.warns(UserWarning, match="2 of 112 samples are longer than seq_len=32"):
+        s = PackedStream(data_dir, seq_len=SEQ, batch_size=BATCH, shuffle_buffer=8)
+    assert not s.split_samples
+    windows = list(s.epoch_windows(0))
+    assert len(windows) == s.plan(0).windows[0]
+    where = positions_of(samples)
+    pieces = [p for w in windows for p in check_window(w, where, samples, split=False)]
+    short = [i for i, smp in enumerate(samples) if len(smp) <= SEQ]
+    assert sorted(i for i, _, _ in pieces) == short, "every packable sample exactly once"
+    assert any((w["tokens"] == 0).any() for w in windows), "windows end in padding"
+    bpe = s.batches_per_epoch
+    assert same(rows(take(s, bpe)), windows[: bpe * BATCH])
+    assert s.report.dropped["longer_than_seq_len"] == 2
+    assert all(ex.startswith("shard-") for ex in s.report.examples["longer_than_seq_len"])
+
+
+# --- ranks and equal counts -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "sft"])
+def test_world_3_covers_every_sample_once_and_agrees_on_the_count(mode, pretrain, sft):
+    data_dir, samples = pretrain if mode == "pretrain" else sft
+    where = positions_of(samples)
+    ranks = [stream(data_dir, rank=r, world_size=3, seed=11) for r in range(3)]
+    for epoch in (0, 1):
+        plan = ranks[0].plan(epoch)
+        assert {r.batches_per_epoch for r in ranks} == {plan.batches_per_epoch}
+        seen, tail_tokens = Counter(), 0
+        for r, s in enumerate(ranks):
+            windows = list(s.epoch_windows(epoch))
+            assert len(windows) == plan.windows[r], "the planner replays the packing exactly"
+            for w in windows:
+                for i, j, n in check_window(w, where, samples, split=mode == "pretrain"):
+                    seen.update((i, k) for k in range(j, j + n))
+            # what the rank yields is the head of its windows; the tail is counted
+            before = s.stats["tail_windows_not_used"]
+            assert same(rows(take(s, plan.batches_per_epoch)), windows[: plan.batches_per_epoch * BATCH])
+            assert s.epoch == epoch + 1
+            assert s.stats["tail_windows_not_used"] - before == len(windows) - plan.batches_per_epoch * BATCH
+            tail_tokens += plan.tail_tokens[r]
+        assert max(seen.values()) == 1, "no token twice in an epoch"
+        packable = [
+            (i, k) for i, smp in enumerate(samples) if mode == "pretrain" or len(smp) <= SEQ for k in range(len(smp))
+        ]
+        # only each rank's last partial window (pretraining) is not in a window
+        assert len(packable) - len(seen) == tail_tokens and set(seen) <= set(packable)
+        if mode == "sft":
+            assert tail_tokens == 0
+
+
+def test_too_little_data_for_a_batch(pretrain):
+    data_dir, _ = pretrain
+    with pytest.raises(DataError, match="fewer than one batch of 100000"):
+        stream(data_dir, batch_size=100_000)
+    n = len(load_manifest(data_dir)["shards"])
+    with pytest.raises(DataError, match=f"{n} shard.*{n + 1} ranks"):
+        stream(data_dir, rank=0, world_size=n + 1)
+
+
+def test_no_manifest_or_no_shards(tmp_path):
+    with pytest.raises(DataError, match="no manifest"):
+        stream(tmp_path)
+    write_dataset(tmp_path / "none", [])
+    with pytest.raises(DataError, match="lists no shards"):
+        stream(tmp_path / "none")
+
+
+# --- resume ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "sft"])
+def test_resume_gives_exactly_the_uninterrupted_batches(mode, pretrain, sft):
+    data_dir, _ = pretrain if mode == "pretrain" else sft
+    kw = dict(rank=1, world_size=2, seed=3)
+    reference = stream(data_dir, **kw)
+    bpe = reference.batches_per_epoch
+    total = 2 * bpe + 3  # reaches into the third epoch
+    expected = take(reference, total)
+    states = []
+    for k in (1, 2, 5, bpe - 1, bpe, bpe + 1, 2 * bpe + 1):
+        first = stream(data_dir, **kw)
+        take(first, k)
+        state = json.loads(json.dumps(first.state_dict()))  # plain values only
+        states.append(state)
+        resumed = stream(data_dir, **kw)
+        resumed.load_state_dict(state)
+        assert same(rows(take(resumed, total - k)), rows(expected[k:])), f"resumed after {k} batches"
+        assert resumed.stats == reference.stats
+    # the cases above include mid-shard, a non-empty buffer and a sample carried to the next window
+    assert any(st["sample_offset"] > 0 for st in states)
+    assert any(st["buffer"] for st in states) and any(st["carry"] for st in states)
+
+
+def test_resume_while_draining_a_buffer_larger_than_the_data(sft):
+    data_dir, _ = sft
+    expected = take(stream(data_dir, shuffle_buffer=10_000), 8)
+    first = stream(data_dir, shuffle_buffer=10_000)
+    take(first, 3)
+    state = first.state_dict()
+    assert state["draining"] and len(state["buffer"]) > 50
+    resumed = stream(data_dir, shuffle_buffer=10_000)
+    resumed.load_state_dict(state)
+    assert same(rows(take(resumed, 5)), rows(expected[3:]))
+
+
+def test_resume_keeps_the_counters(pretrain):
+    data_dir, _ = pretrain
+    a = stream(data_dir)
+    take(a, a.batches_per_epoch + 2)
+    b = stream(data_dir)
+    b.load_state_dict(a.state_dict())
+    take(a, 3)
+    take(b, 3)
+    assert a.stats == b.stats and a.epoch == b.epoch == 1
+
+
+def test_resume_refuses_another_layout_or_data(pretrain, sft, tmp_path):
+    data_dir, samples = pretrain
+    s = stream(data_dir, rank=0, world_size=2)
+    take(s, 3)
+    state = s.state_dict()
+    for other, match in [
+        (dict(rank=0, world_size=3), "world_size=2"),
+        (dict(rank=1, world_size=2), "rank=0"),
+        (dict(rank=0, world_size=2, seq_len=16), "seq_len=32"),
+        (dict(rank=0, world_size=2, batch_size=2), "batch_size=4"),
+        (dict(rank=0, world_size=2, seed=9), "seed=0"),
+    ]:
+        with pytest.raises(DataError, match=match):
+            stream(data_dir, **other).load_state_dict(state)
+    changed = write_dataset(tmp_path / "other", samples[:-3])
+    with pytest.raises(DataError, match="fingerprint"):
+        stream(changed, rank=0, world_size=2).load_state_dict(state)
+
+
+# --- determinism ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "sft"])
+def test_same_seed_same_batches_other_seed_other_batches(mode, pretrain, sft):
+    data_dir, _ = pretrain if mode == "pretrain" else sft
+    a, b, c = (rows(take(stream(data_dir, seed=seed), 6)) for seed in (4, 4, 5))
+    assert same(a, b) and not same(a, c)
+    s = stream(data_dir, seed=4)
+    epoch0 = rows(take(s, s.batches_per_epoch))
+    epoch1 = rows(take(s, s.batches_per_epoch))
+    assert not same(epoch0[:8], epoch1[:8]), "each epoch is shuffled afresh"
+
+
+def test_epochs_limit(pretrain):
+    data_dir, _ = pretrain
+    s = stream(data_dir, epochs=1)
+    assert len(list(s)) == s.plan(0).batches_per_epoch
+    assert s.epoch == 1
+
+
+# --- corrupt shards -------------------------------------------------------------------------
+
+
+def _damaged_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    path = dst / load_manifest(dst)["shards"][2]["path"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 32] = b"\xee" * 32
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_corrupt_shard_skip_is_counted_and_keeps_the_count(pretrain, tmp_path):
+    data_dir, _ = pretrain
+    bad = _damaged_copy(data_dir, tmp_path / "data")
+    s = stream(tmp_path / "data", epochs=2)
+    with pytest.warns(UserWarning) as caught:
+        batches = list(s)
+    messages = [str(w.message) for w in caught]
+    assert any(bad.name in m and "checksum mismatch" in m for m in messages)
+    assert any("filling with padding windows" in m for m in messages)
+    assert len(batches) == s.plan(0).batches_per_epoch + s.plan(1).batches_per_epoch  # no hang, no early stop
+    assert s.report.dropped["corrupt_shard"] == 2  # once per epoch
+    assert s.stats["samples_lost_to_corrupt_shards"] == 2 * load_manifest(data_dir)["shards"][2]["samples"]
+    assert s.stats["padding_windows"] > 0
+    pad = [r for r in rows(batches) if (r["labels"] == IGNORE_INDEX).all() and (r["tokens"] == 0).all()]
+    assert len(pad) == s.stats["padding_windows"]
+
+
+def test_corrupt_shard_raise_names_it(pretrain, tmp_path):
+    data_dir, _ = pretrain
+    bad = _damaged_copy(data_dir, tmp_path / "data")
+    s = stream(tmp_path / "data", on_error="raise")
+    with pytest.raises(DataError, match=f"{bad}: checksum mismatch"):
+        take(s, s.batches_per_epoch)
