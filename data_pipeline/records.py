@@ -58,6 +58,8 @@ class DropReport:
     kept_records: int = 0
     dropped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
+    modified: Counter = field(default_factory=Counter)
+    """Records kept but changed (e.g. earlier turns cut to fit), by reason."""
 
     def drop(self, reason: str, source: str = "") -> None:
         self.dropped[reason] += 1
@@ -68,6 +70,7 @@ class DropReport:
         self.input_records += other.input_records
         self.kept_records += other.kept_records
         self.dropped.update(other.dropped)
+        self.modified.update(other.modified)
         for reason, sources in other.examples.items():
             mine = self.examples.setdefault(reason, [])
             mine.extend(sources[: max(0, 5 - len(mine))])
@@ -78,6 +81,7 @@ class DropReport:
             "input_records": self.input_records,
             "kept_records": self.kept_records,
             "dropped": dict(sorted(self.dropped.items())),
+            "modified": dict(sorted(self.modified.items())),
         }
 
     def table(self) -> str:
@@ -85,5 +89,7 @@ class DropReport:
         rows = [("read", self.input_records, ""), ("kept", self.kept_records, "")]
         for reason, count in sorted(self.dropped.items(), key=lambda kv: -kv[1]):
             rows.append((f"dropped: {reason}", count, ", ".join(self.examples.get(reason, [])[:3])))
+        for reason, count in sorted(self.modified.items()):
+            rows.append((f"kept, {reason}", count, ""))
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{name:<{width}}  {count:>9,}  {ex}".rstrip() for name, count, ex in rows)

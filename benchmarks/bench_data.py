@@ -1,0 +1,87 @@
+"""python benchmarks/bench_data.py [--vocab-size 8000] [--seq-len 1024] [--out /tmp/bench_data]
+
+Data-pipeline throughput on ../shared/data (not a timed test; record the figures in
+benchmarks/RESULTS.md):
+  1. prepare: the real Ray Data job of launch/prepare_data.py (read, clean, dedup, train the
+     tokenizer, tokenize, write shards) on the English and Chinese pretraining texts, in MB/s of
+     input and tokens/s of output, with the time spent training the tokenizer shown apart;
+  2. stream: PackedStream reading, shuffling and packing those shards into (B, seq_len) batches,
+     in tokens/s for one worker (one rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def bench_prepare(out: Path, vocab_size: int) -> tuple[float, int]:
+    import ray
+
+    from data_pipeline.prepare import PrepareOptions
+    from launch.prepare_data import run
+    from launch.ray_cluster import init_ray
+
+    inputs = [DATA / "pretrain" / "tinyshakespeare.txt", DATA / "pretrain" / "journey_to_the_west.txt"]
+    n_bytes = sum(p.stat().st_size for p in inputs)
+    opts = PrepareOptions(
+        kind="pretrain",
+        inputs=[str(p) for p in inputs],
+        out=str(out),
+        split=r"(?m)^(?:第.+回|\n\n)",
+        shard_bytes=4 << 20,
+    )
+    init_ray()
+    try:
+        start = time.perf_counter()
+        result = run(opts, tokenizer=None, vocab_size=vocab_size)
+        seconds = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    tokens = sum(s["tokens"] for s in result.shards)
+    print(result.report.table())
+    print(
+        f"prepare: {n_bytes / 2**20:.2f} MiB in {seconds:.1f} s = {n_bytes / 2**20 / seconds:.2f} MiB/s, "
+        f"{tokens:,} tokens = {tokens / seconds:,.0f} tokens/s ({len(result.shards)} shards, incl. Ray start-up)"
+    )
+    return seconds, tokens
+
+
+def bench_stream(out: Path, seq_len: int, batch_size: int) -> float:
+    from data_pipeline.stream import PackedStream
+
+    stream = PackedStream(out, seq_len=seq_len, batch_size=batch_size, seed=0, epochs=1)
+    start, tokens = time.perf_counter(), 0
+    for batch in stream:
+        tokens += batch["tokens"].size
+    seconds = time.perf_counter() - start
+    print(f"stream+pack: {tokens:,} tokens in {seconds:.2f} s = {tokens / seconds:,.0f} tokens/s per worker")
+    return tokens / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", default="/tmp/crucible_bench_data")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        raise SystemExit(f"{DATA} is absent: this benchmark reads the shared real data")
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    cpu = platform.processor() or platform.machine()
+    print(f"machine: {cpu}, {os.cpu_count()} cores, {platform.system()}, python {platform.python_version()}")
+    bench_prepare(out, args.vocab_size)
+    bench_stream(out, args.seq_len, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""python launch/prepare_data.py pretrain --input PATH... --out DIR [--tokenizer MODEL | --vocab-size N]
+python launch/prepare_data.py sft --format rolebench|messages|sharegpt|alpaca --input PATH... \
+    --tokenizer MODEL --out DIR
+
+Raw text or chat data → cleaned, deduplicated, tokenized webdataset shards with a manifest.json
+and the tokenizer beside them. Runs as a Ray Data job: on a local Ray by default, on a cluster
+with --address. The stages themselves are plain functions in data_pipeline/prepare.py; this file
+only wires them into Ray Data (data_pipeline/ never imports ray).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data_pipeline.dedup import Deduplicator
+from data_pipeline.prepare import (
+    ERROR,
+    PrepareOptions,
+    PrepareResult,
+    add_dedup_keys,
+    dedup_text,
+    encode_rows,
+    import_rows,
+    write_outputs,
+)
+from data_pipeline.records import DataError, DropReport, Sample
+from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from launch.ray_cluster import init_ray
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="prepare_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="kind", required=True)
+    for kind in ("pretrain", "sft"):
+        p = sub.add_parser(kind, help=f"prepare {kind} data")
+        p.add_argument("--input", nargs="+", required=True, help="input files or folders")
+        p.add_argument("--out", required=True, help="output folder (shards, manifest.json, tokenizer/)")
+        p.add_argument("--tokenizer", help="an existing tokenizer.model (or a folder holding one)")
+        p.add_argument(
+            "--on-error", choices=("raise", "skip"), default="raise", help="invalid records: stop, or skip and count"
+        )
+        p.add_argument(
+            "--bad-bytes",
+            choices=("reject", "replace"),
+            default="reject",
+            help="undecodable bytes: drop the record, or replace them",
+        )
+        p.add_argument(
+            "--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold; 0 disables near-dedup"
+        )
+        p.add_argument("--shard-mb", type=float, default=64, help="target shard size in MiB")
+        p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+        if kind == "pretrain":
+            p.add_argument("--vocab-size", type=int, help="train a new tokenizer with this vocabulary")
+            p.add_argument("--text-field", default="text", help="text field of .jsonl/.json/.parquet inputs")
+            p.add_argument("--split", help="regex or separator cutting a .txt file into documents")
+            p.add_argument("--min-chars", type=int, default=16, help="drop shorter documents")
+            p.add_argument("--max-chars", type=int, help="drop longer documents")
+        else:
+            p.add_argument(
+                "--format", dest="fmt", required=True, choices=("rolebench", "messages", "sharegpt", "alpaca")
+            )
+            p.add_argument("--profiles", help="RoleBench: .json/.yaml mapping a role to its persona text")
+            p.add_argument("--max-len", type=int, default=2048, help="longest tokenized conversation")
+    args = parser.parse_args(argv)
+    if args.kind == "pretrain" and not (args.tokenizer or args.vocab_size):
+        parser.error("pretrain needs --tokenizer MODEL or --vocab-size N")
+    if args.kind == "sft" and not args.tokenizer:
+        parser.error("sft needs --tokenizer MODEL (the one the model was pretrained with)")
+    for path in args.input + ([args.tokenizer] if args.tokenizer else []):
+        if not Path(path).exists():
+            parser.error(f"{path}: no such file or folder")
+    return args
+
+
+def options(args: argparse.Namespace) -> PrepareOptions:
+    extra = {
+        k: getattr(args, k, None)
+        for k in ("fmt", "text_field", "split", "profiles", "min_chars", "max_chars", "max_len")
+    }
+    return PrepareOptions(
+        kind=args.kind,
+        inputs=args.input,
+        out=args.out,
+        on_error=args.on_error,
+        bad_bytes=args.bad_bytes,
+        near_dup_threshold=args.near_dup_threshold or None,
+        shard_bytes=int(args.shard_mb * 2**20),
+        **{k: v for k, v in extra.items() if v is not None},
+    )
+
+
+def run(opts: PrepareOptions, tokenizer: str | None, vocab_size: int | None) -> PrepareResult:
+    """The Ray Data job: import+clean per file, dedup keys per batch, dedup decisions in order,
+    tokenizer, tokenization per batch, shards written in order."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # reproducible shards
+    # Progress bars on a terminal; without one Ray Data would log every operator at INFO instead.
+    context.enable_progress_bars = sys.stderr.isatty()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'")  # our filters are cheap
+    files = [{"path": str(p), "index": i} for i, p in enumerate(opts.inputs)]
+    rows = ray.data.from_items(files, override_num_blocks=len(files))
+    rows = rows.flat_map(lambda f: list(import_rows(f["path"], f["index"], opts))).materialize()
+
+    report = DropReport(input_records=rows.count())
+    for row in rows.filter(lambda r: r["drop"] != "").iter_rows():
+        if row["drop"] == ERROR:
+            raise DataError(row["payload"])
+        report.drop(row["drop"], row["source"])
+    kept = (
+        rows.filter(lambda r: r["drop"] == "")
+        .map_batches(add_dedup_keys, fn_kwargs={"kind": opts.kind}, batch_format="numpy")
+        .materialize()
+    )
+
+    decide, duplicates = Deduplicator(opts.near_dup_threshold), set()
+    keys = kept.select_columns(["id", "source", "exact_key", "signature"]).iter_rows()
+    for row in tqdm(keys, desc="dedup", unit=" rec", total=kept.count(), disable=not sys.stderr.isatty()):
+        reason = decide.check(row["id"], row["exact_key"], np.frombuffer(row["signature"], dtype=np.uint64))
+        if reason:
+            duplicates.add(row["id"])
+            report.drop(reason, row["source"])
+    unique = kept.filter(lambda r: r["id"] not in duplicates).select_columns(["source", "payload"]).materialize()
+
+    if tokenizer:
+        tok = Tokenizer.load(tokenizer)
+    else:
+        texts = (dedup_text(r["payload"], opts.kind) for r in unique.iter_rows())
+        tok = train_tokenizer(texts, vocab_size, Path(opts.out) / "tokenizer")
+    encoded = unique.map_batches(
+        encode_rows, fn_kwargs={"tokenizer_path": str(tok.path), "opts": opts}, batch_format="numpy"
+    )
+    return write_outputs(_samples(encoded, report), tok, opts, report, extra={"options": vars(opts)})
+
+
+def _samples(encoded, report: DropReport):
+    for row in tqdm(encoded.iter_rows(), desc="write shards", unit=" rec", disable=not sys.stderr.isatty()):
+        if row["drop"]:
+            report.drop(row["drop"], row["source"])
+            continue
+        if row["note"]:  # kept, but changed (earlier turns cut): counted, not a drop
+            report.modified[row["note"]] += 1
+        report.kept_records += 1
+        yield Sample(input_ids=row["input_ids"].astype("int32"), labels=row["labels"].astype("int32"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    opts = options(args)
+    init_ray(args.address)
+    import ray  # after init_ray, which sets how a local Ray binds
+
+    try:
+        result = run(opts, args.tokenizer, getattr(args, "vocab_size", None))
+    except DataError as error:
+        print(f"prepare_data: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+    print(result.report.table())
+    total, kept = sum(s["tokens"] for s in result.shards), result.report.kept_records
+    print(f"wrote {len(result.shards)} shards, {kept:,} samples, {total:,} tokens → {result.manifest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""launch/prepare_data.py as a user runs it: real files in, shards + manifest + tokenizer out."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_pipeline.shards import load_manifest
+from data_pipeline.stream import PackedStream
+from data_pipeline.tokenizer import Tokenizer
+from model.loss import IGNORE_INDEX
+from tests.conftest import ROOT
+
+SCRIPT = str(ROOT / "launch" / "prepare_data.py")
+
+
+def prepare(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def pretrain_dir(shared_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrain")
+    result = prepare(
+        "pretrain", "--input", str(shared_data / "pretrain" / "journey_to_the_west.txt"),
+        str(shared_data / "pretrain" / "tinyshakespeare.txt"),
+        "--split", r"^(第.+回|[A-Z][A-Za-z ]+:$)", "--vocab-size", "2000", "--out", str(out), "--shard-mb", "0.25",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_pretrain_shards_manifest_and_report(pretrain_dir):
+    out, stdout = pretrain_dir
+    manifest = load_manifest(out)
+    assert manifest["kind"] == "pretrain" and manifest["format_version"] == 1
+    assert len(manifest["shards"]) > 1  # 0.25 MiB target on ~1M tokens
+    # Every record is accounted for: read = kept + dropped.
+    assert manifest["input_records"] == manifest["kept_records"] + sum(manifest["dropped"].values())
+    assert manifest["kept_records"] == sum(s["samples"] for s in manifest["shards"]) > 100
+    assert "read" in stdout and "kept" in stdout and "manifest.json" in stdout
+    tok = Tokenizer.load(out / "tokenizer")
+    assert tok.sha256 == manifest["tokenizer_sha256"]
+    assert (out / "tokenizer" / "tokenizer_config.json").is_file()
+    # The shards stream back; the packed labels are the next tokens of each document.
+    stream = PackedStream(out, seq_len=128, batch_size=2, tokenizer_sha256=tok.sha256)
+    batch = next(stream)
+    tokens, labels, doc_ids = batch["tokens"][0], batch["labels"][0], batch["doc_ids"][0]
+    same_doc = doc_ids[1:] == doc_ids[:-1]
+    np.testing.assert_array_equal(labels[:-1][same_doc], tokens[1:][same_doc])
+    assert "<p>" not in tok.decode(tokens.tolist())
+
+
+def test_sft_rolebench_with_the_pretraining_tokenizer(pretrain_dir, shared_data, tmp_path):
+    out, _ = pretrain_dir
+    result = prepare(
+        "sft", "--format", "rolebench", "--input", str(shared_data / "sft" / "rolebench_zh_train.jsonl"),
+        "--tokenizer", str(out / "tokenizer"), "--out", str(tmp_path), "--max-len", "256",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["kind"] == "sft"
+    assert manifest["tokenizer_sha256"] == Tokenizer.load(out / "tokenizer").sha256
+    assert manifest["input_records"] == manifest["kept_records"] + sum(manifest["dropped"].values())
+    stream = PackedStream(tmp_path, seq_len=256, batch_size=4)
+    batch = next(stream)
+    # SFT: only assistant tokens are targets, so a good share of positions carry no loss.
+    masked = (batch["labels"] == IGNORE_INDEX).mean()
+    assert 0.1 < masked < 0.9
+
+
+def test_invalid_json_line_is_one_clear_error(tmp_path):
+    bad = tmp_path / "chats.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    from data_pipeline.tokenizer import train_tokenizer
+
+    train_tokenizer(["hello there, general kenobi"] * 50, 300, tok_dir)
+    result = prepare(
+        "sft", "--format", "messages", "--input", str(bad), "--tokenizer", str(tok_dir), "--out", str(tmp_path / "o")
+    )
+    assert result.returncode == 1
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("prepare_data: error:")]
+    assert len(error_lines) == 1 and f"{bad}:2" in error_lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_bad_arguments_exit_nonzero_with_one_line(tmp_path):
+    result = prepare(
+        "pretrain", "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path), "--vocab-size", "100"
+    )
+    assert result.returncode == 2 and "missing.txt: no such file or folder" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = prepare("pretrain", "--input", SCRIPT, "--out", str(tmp_path))
+    assert result.returncode == 2 and "--tokenizer MODEL or --vocab-size N" in result.stderr
+    assert "usage:" in prepare("--help").stdout
