@@ -132,27 +132,23 @@ def _jsonl_rows(path: Path, on_error: str, bad_bytes: str, report: DropReport | 
 
 
 def _parse_row(text: str) -> Row:
-    if _has_bad_bytes(text):
-        raise _RecordError("undecodable_bytes", "bytes that are not UTF-8")
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _RecordError("invalid_json", f"invalid JSON: {e}") from e
-    if not isinstance(row, dict):
-        raise _RecordError("invalid_json", f"expected a JSON object, got {type(row).__name__}")
-    return row
+    return _parse_json(text, dict, "a JSON object")
 
 
 def _parse_json_list(text: str) -> list:
+    return _parse_json(text, list, "a JSON list of objects")
+
+
+def _parse_json(text: str, expected: type, what: str):
     if _has_bad_bytes(text):
         raise _RecordError("undecodable_bytes", "bytes that are not UTF-8")
     try:
-        rows = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise _RecordError("invalid_json", f"invalid JSON: {e}") from e
-    if not isinstance(rows, list):
-        raise _RecordError("invalid_json", f"expected a JSON list of objects, got {type(rows).__name__}")
-    return rows
+    if not isinstance(value, expected):
+        raise _RecordError("invalid_json", f"expected {what}, got {type(value).__name__}")
+    return value
 
 
 def _json_rows(path: Path, on_error: str, bad_bytes: str, report: DropReport | None) -> Iterator[tuple[str, Row]]:

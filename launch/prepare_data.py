@@ -25,7 +25,6 @@ from data_pipeline.prepare import (
     PrepareOptions,
     PrepareResult,
     add_dedup_keys,
-    dedup_text,
     encode_rows,
     import_rows,
     write_outputs,
@@ -137,7 +136,7 @@ def run(opts: PrepareOptions, tokenizer: str | None, vocab_size: int | None) -> 
     if tokenizer:
         tok = Tokenizer.load(tokenizer)
     else:
-        texts = (dedup_text(r["payload"], opts.kind) for r in unique.iter_rows())
+        texts = (r["payload"] for r in unique.iter_rows())  # only pretraining trains a tokenizer
         tok = train_tokenizer(texts, vocab_size, Path(opts.out) / "tokenizer")
     encoded = unique.map_batches(
         encode_rows, fn_kwargs={"tokenizer_path": str(tok.path), "opts": opts}, batch_format="numpy"
