@@ -74,6 +74,10 @@ class PrepareResult:
     manifest: Path | None = None
 
 
+ERROR = "error"
+"""The `drop` value of a row that carries a fatal DataError (its message in `payload`)."""
+
+
 # --- stage 1: read and clean one input file ---------------------------------------------
 
 
@@ -94,10 +98,6 @@ def import_rows(path: str, file_index: int, opts: PrepareOptions) -> Iterator[di
     except DataError as error:
         # Exceptions lose their type crossing Ray's process boundary; a marked row does not.
         yield {"id": f"{file_index}:error", "source": path, "payload": str(error), "drop": ERROR}
-
-
-ERROR = "error"
-"""The `drop` value of a row that carries a fatal DataError (its message in `payload`)."""
 
 
 def _import_rows(path: str, file_index: int, opts: PrepareOptions) -> Iterator[dict]:

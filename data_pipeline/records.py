@@ -66,16 +66,6 @@ class DropReport:
         if source and len(self.examples.setdefault(reason, [])) < 5:
             self.examples[reason].append(source)
 
-    def merge(self, other: DropReport) -> DropReport:
-        self.input_records += other.input_records
-        self.kept_records += other.kept_records
-        self.dropped.update(other.dropped)
-        self.modified.update(other.modified)
-        for reason, sources in other.examples.items():
-            mine = self.examples.setdefault(reason, [])
-            mine.extend(sources[: max(0, 5 - len(mine))])
-        return self
-
     def to_dict(self) -> dict:
         return {
             "input_records": self.input_records,
