@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model.config import ModelConfig
 from model.loss import chunked_causal_lm_loss
@@ -158,6 +159,9 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Recompute each block's activations in backward instead of keeping them (set from outside,
+        # by the training engine).
+        self.checkpoint_layers = False
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -225,7 +229,10 @@ class Decoder(nn.Module):
         if doc_ids is not None:
             mask = _flex_block_mask(doc_ids) if h.is_cuda else document_causal_mask(doc_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, mask)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask)
         h = self.norm(h)
         if labels is not None:
             return chunked_causal_lm_loss(h, self.output_weight, labels, z_loss=z_loss)

@@ -1,0 +1,149 @@
+"""Checkpoints: whole-run state in atomic folders, the last K kept, the newest found for resume.
+
+    run_dir/checkpoints/step_00000100/
+        engine/             model + optimizer (torch.distributed.checkpoint, or DeepSpeed's files)
+        rank_00000.pt ...   per rank: data-stream state and RNG states
+        meta.json           step, tokens, counters, loss scale, model shape: written last
+
+A checkpoint is written into `step_XXXXXXXX.tmp/` and renamed when every rank has finished, so a
+crash mid-write leaves a `.tmp` folder (or one without meta.json) that `find_latest` passes over;
+the previous checkpoint stays usable. The learning-rate schedule is a function of the step, so
+the step is its whole state. The folder must be on storage every rank sees (one machine, or a
+shared file system on a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.engine import Dist, barrier
+
+META = "meta.json"
+
+
+@dataclass
+class TrainState:
+    """The loop's counters, saved in meta.json."""
+
+    step: int = 0
+    tokens: int = 0
+    skipped_steps: int = 0
+    resumes: int = 0
+    best_val_loss: float | None = None
+    evals_since_best: int = 0
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def find_latest(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in run_dir, or None. Unfinished folders are passed over."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return None
+    complete = []
+    for folder in root.glob("step_*"):
+        if folder.suffix == ".tmp" or not (folder / META).is_file():
+            warnings.warn(f"{folder}: an unfinished checkpoint (no {META}); passed over", stacklevel=2)
+            continue
+        complete.append(folder)
+    return max(complete, key=lambda f: int(f.name.removeprefix("step_")), default=None)
+
+
+def save_checkpoint(engine, folder_root: Path, state: TrainState, stream_state: dict, where: Dist, meta: dict, keep: int) -> Path:
+    """Write one checkpoint atomically (a collective: every rank calls it).
+
+    Args:
+        engine: the training engine (saves model and optimizer).
+        folder_root: run_dir/checkpoints.
+        state: the loop's counters.
+        stream_state: this rank's data-stream state.
+        where: this rank.
+        meta: more to record in meta.json (engine name, world size, model shape, ...).
+        keep: complete checkpoints to keep (older ones are deleted).
+    Returns:
+        the final folder.
+    """
+    final = folder_root / f"step_{state.step:08d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if where.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save(tmp / "engine")
+    rank_state = {"stream": stream_state, "rng": _rng_state(), "engine": engine.extra_state()}
+    torch.save(rank_state, tmp / f"rank_{where.rank:05d}.pt")
+    barrier()
+    if where.is_main:
+        record = {**meta, "state": asdict(state), "world_size": where.world_size}
+        _write_synced(tmp / META, json.dumps(record, indent=2))
+        if final.exists():  # the same step saved again after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(folder_root, keep)
+    barrier()
+    return final
+
+
+def load_checkpoint(engine, folder: Path, where: Dist, engine_name: str) -> tuple[TrainState, dict]:
+    """Restore model, optimizer, RNG states and counters; return (state, this rank's stream state).
+
+    Raises:
+        ValueError: the checkpoint was written by another engine or number of ranks (the data
+            streams are per rank, so a resume needs the same world size).
+    """
+    meta = json.loads((folder / META).read_text())
+    if meta["world_size"] != where.world_size or meta["engine"] != engine_name:
+        raise ValueError(
+            f"{folder}: written by {meta['world_size']} rank(s) of engine {meta['engine']}, resumed with "
+            f"{where.world_size} of {engine_name}: resume with the same engine and number of ranks"
+        )
+    engine.load(folder / "engine")
+    rank_state = torch.load(folder / f"rank_{where.rank:05d}.pt", weights_only=False)
+    engine.load_extra_state(rank_state["engine"])
+    _set_rng_state(rank_state["rng"])
+    return TrainState(**meta["state"]), rank_state["stream"]
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    return json.loads((Path(folder) / META).read_text())
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _prune(root: Path, keep: int) -> None:
+    complete = sorted((f for f in root.glob("step_*") if (f / META).is_file() and f.suffix != ".tmp"), key=lambda f: f.name)
+    for old in complete[:-keep]:
+        shutil.rmtree(old)
+    for stale in root.glob("step_*.tmp"):  # left by a crash; the rename above has finished ours
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

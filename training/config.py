@@ -1,0 +1,411 @@
+"""The run configuration: typed sections with defaults, config files, dotted overrides.
+
+    defaults ─► each --config FILE in order (.yaml: run config; .json: DeepSpeed config, which
+    selects the deepspeed engine) ─► key=value overrides ─► checks ─► run_dir/config.yaml
+
+A bare file name (`zero3.json`) that does not exist as given is looked up in `configs/`. Every
+key is checked against the dataclasses below: an unknown key, or a value of the wrong type, is a
+ConfigError naming the key and where it came from. Two fields take free-form mappings: the
+DeepSpeed JSON (`deepspeed`, checked against the run config by `deepspeed_config`) and
+`model.overrides` (checked by `model.config.preset`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
+
+from model.config import ModelConfig, preset, preset_names
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+ENGINES = ("single", "fsdp", "deepspeed")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, named by its dotted key."""
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    """Named model size from model/config.py (tiny, 125m, 350m, 1b, 3b, 8b)."""
+    overrides: dict = field(default_factory=dict)
+    """ModelConfig fields to change, e.g. model.overrides.n_layers=2. vocab_size defaults to the
+    data's tokenizer. Ignored with init_from, which brings its own shape."""
+
+
+@dataclass
+class DataSection:
+    train: str = "runs/data/pretrain"
+    """Training shard folder written by launch/prepare_data.py (shards + manifest.json)."""
+    val: str | None = None
+    """Validation shard folder, evaluated every train.eval_every steps."""
+    seq_len: int = 512
+    """Tokens per packed row."""
+    shuffle_buffer: int = 1000
+    """Samples held for shuffling within a rank's stream."""
+    on_error: str = "skip"
+    """A corrupt shard: "skip" it (counted and reported) or "raise"."""
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 200
+    """Optimizer steps of the run."""
+    micro_batch: int = 8
+    """Rows per forward/backward on one rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each rank."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    schedule: str = "cosine"
+    """After warmup: "cosine", "wsd" (warmup-stable-decay) or "constant"."""
+    decay_frac: float = 0.2
+    """wsd only: the fraction of max_steps spent decaying."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (never on norms, biases or embeddings)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    precision: str = "bf16"
+    """bf16 (default), fp16 (dynamic loss scaling) or fp32."""
+    z_loss: float = 0.0
+    """Weight of the z-loss (PaLM) on log Z of the output logits."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them."""
+    compile: bool = False
+    """torch.compile each block."""
+    seed: int = 0
+    """Seed of the weight init and the data order."""
+    checkpoint_every: int = 100
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are deleted."""
+    max_bad_steps: int = 5
+    """Stop after this many non-finite steps in a row (each one is skipped on every rank)."""
+    eval_every: int = 0
+    """Evaluate data.val every this many steps (0: never)."""
+    eval_batches: int = 0
+    """Micro-batches per rank in an evaluation (0: the whole split)."""
+    patience: int = 0
+    """Stop early after this many evaluations without a better validation loss (0: never)."""
+
+
+@dataclass
+class FsdpSection:
+    reshard_after_forward: bool = True
+    """Free gathered parameters after forward (ZeRO-3 like) rather than keep them for backward."""
+
+
+@dataclass
+class RaySection:
+    num_workers: int = 2
+    """Training workers (one per GPU where there are GPUs)."""
+    use_gpu: bool | None = None
+    """Give each worker a GPU; default: when the cluster has GPUs."""
+    address: str | None = None
+    """Ray cluster to join; default: the job's cluster under `ray job submit`, else a local Ray."""
+    max_failures: int = 3
+    """Worker-group restarts (from the latest checkpoint) before the job fails."""
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/pretrain"
+    """Folder of this run: config.yaml, metrics.jsonl, checkpoints/, hf/."""
+    resume: str = "auto"
+    """"auto": the newest complete checkpoint in run_dir, if any; "never"; or a checkpoint folder."""
+    init_from: str | None = None
+    """A Hugging Face export (e.g. a pretraining run's hf/) to start from."""
+    engine: str = "single"
+    """single (one process), fsdp (FSDP2) or deepspeed (chosen by a --config *.json)."""
+    export_hf: bool = True
+    """Write a Hugging Face export to run_dir/hf at the end."""
+    deepspeed: dict | None = None
+    """The DeepSpeed JSON; its batch, precision and clipping fields come from this config."""
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    fsdp: FsdpSection = field(default_factory=FsdpSection)
+    ray: RaySection = field(default_factory=RaySection)
+
+    def batch_arithmetic(self, world_size: int) -> dict:
+        """global batch = micro batch × accumulation × data-parallel size (rows and tokens)."""
+        rows = self.train.micro_batch * self.train.grad_accum * world_size
+        return {"global_batch": rows, "tokens_per_step": rows * self.data.seq_len}
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+
+def load_config(config_files: list[str], overrides: list[str]) -> RunConfig:
+    """Build a RunConfig from files and `key=value` overrides, then check it.
+
+    Args:
+        config_files: .yaml run configs and .json DeepSpeed configs, applied in order.
+        overrides: dotted `key=value` strings, applied last.
+    Returns:
+        the checked RunConfig.
+    Raises:
+        ConfigError: naming the file, key or value at fault.
+    """
+    cfg = RunConfig()
+    for name in config_files:
+        path = find_config_file(name)
+        if path.suffix == ".json":
+            cfg.deepspeed = _read_json(path)
+            cfg.engine = "deepspeed"
+        elif path.suffix in (".yaml", ".yml"):
+            merge(cfg, _read_yaml(path), source=str(path))
+        else:
+            raise ConfigError(f"--config {name}: expected a .yaml run config or a .json DeepSpeed config")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=3e-4")
+        merge(cfg, _nest(key.strip(), yaml.safe_load(value) if value.strip() else None), source="command line")
+    check(cfg)
+    return cfg
+
+
+def find_config_file(name: str) -> Path:
+    """A config file as given, or by bare name in configs/ (and its subfolders)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if not path.is_absolute():
+        for candidate in [CONFIG_DIR / name, *sorted(CONFIG_DIR.glob(f"*/{name}"))]:
+            if candidate.is_file():
+                return candidate
+    raise ConfigError(f"--config {name}: no such file (also looked in {CONFIG_DIR})")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the DeepSpeed config: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object")
+    return data
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the run config: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config must be a mapping of keys to values")
+    return data
+
+
+def _nest(dotted: str, value) -> dict:
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def merge(target, values: dict, source: str, prefix: str = "") -> None:
+    """Set dataclass fields from a nested mapping, checking names and types."""
+    known = {f.name: f for f in fields(target)}
+    hints = typing.get_type_hints(type(target))
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {dotted!r}; known keys here: {', '.join(known)}")
+        current = getattr(target, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {dotted} is a section; give its keys ({dotted}.<key>=...)")
+            merge(current, value, source, prefix=f"{dotted}.")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            setattr(target, key, _deep_merge(current, value))
+        else:
+            setattr(target, key, _coerce(value, hints[key], dotted, source))
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def _coerce(value, hint, key: str, source: str):
+    """Check a value against a field's annotation; numbers written as strings (YAML reads `3e-4`
+    as a string) are converted."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for kind in options:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return float(value)
+            except ValueError:
+                continue
+        if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if kind is dict and isinstance(value, dict):
+            return value
+        if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
+            items = typing.get_args(kind)
+            if len(value) == len(items):
+                return tuple(_coerce(v, t, key, source) for v, t in zip(value, items, strict=True))
+    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{source}: {key}={value!r} is not a valid {expected}")
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+def check(cfg: RunConfig) -> None:
+    """Fail before any worker starts, naming the key at fault."""
+    _choice("engine", cfg.engine, ENGINES)
+    _choice("train.precision", cfg.train.precision, PRECISIONS)
+    _choice("data.on_error", cfg.data.on_error, ("skip", "raise"))
+    from training.optim import SCHEDULES
+
+    _choice("train.schedule", cfg.train.schedule, SCHEDULES)
+    for key in ("max_steps", "micro_batch", "grad_accum", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
+        if getattr(cfg.train, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be at least 1")
+    for key in ("lr", "grad_clip", "weight_decay", "warmup_steps", "eval_every", "eval_batches", "patience"):
+        if getattr(cfg.train, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must not be negative")
+    if cfg.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be at least 2")
+    if cfg.engine == "deepspeed" and cfg.deepspeed is None:
+        raise ConfigError("engine=deepspeed needs a DeepSpeed JSON: --config zero3.json (or zero2.json, ...)")
+    if cfg.engine != "deepspeed" and cfg.deepspeed is not None:
+        raise ConfigError(f"engine={cfg.engine} was given together with a DeepSpeed JSON; drop one of them")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
+        raise ConfigError(f"resume={cfg.resume!r}: expected auto, never or a checkpoint folder")
+    if cfg.init_from is not None and not (Path(cfg.init_from) / "config.json").is_file():
+        raise ConfigError(f"init_from={cfg.init_from}: no config.json there (expected a Hugging Face export)")
+    _check_data("data.train", cfg.data.train)
+    if cfg.data.val is not None:
+        _check_data("data.val", cfg.data.val)
+    if (cfg.train.eval_every or cfg.train.patience) and cfg.data.val is None:
+        raise ConfigError("train.eval_every / train.patience need data.val (a validation shard folder)")
+    if cfg.model.preset not in preset_names():
+        raise ConfigError(f"model.preset={cfg.model.preset!r}; choose one of {', '.join(preset_names())}")
+    model_config(cfg, vocab_size=None)
+    if cfg.deepspeed is not None:
+        deepspeed_config(cfg, world_size=None)
+
+
+def _choice(key: str, value: str, options: tuple) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r}; choose one of {', '.join(options)}")
+
+
+def _check_data(key: str, folder: str) -> None:
+    if not (Path(folder) / "manifest.json").is_file():
+        raise ConfigError(
+            f"{key}={folder}: no manifest.json there; write shards with launch/prepare_data.py and point {key} at them"
+        )
+
+
+def model_config(cfg: RunConfig, vocab_size: int | None) -> ModelConfig:
+    """The model shape: the preset with model.overrides, vocab_size from the tokenizer unless given.
+
+    Args:
+        cfg: the run config.
+        vocab_size: the tokenizer's size (None: keep the preset's, for checking only).
+    """
+    overrides = dict(cfg.model.overrides)
+    if vocab_size is not None:
+        overrides.setdefault("vocab_size", vocab_size)
+    try:
+        return preset(cfg.model.preset, **overrides)
+    except KeyError as e:
+        raise ConfigError(f"model.overrides: {e.args[0]}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.overrides: {e}") from None
+
+
+# --- DeepSpeed --------------------------------------------------------------------------------
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int | None) -> dict:
+    """The DeepSpeed JSON with its batch, precision and clipping fields filled from the run config.
+
+    A field the JSON already sets (other than "auto") must agree with the run config: the run
+    config is the one source of truth and the JSON may only repeat it.
+
+    Args:
+        cfg: the run config (cfg.deepspeed holds the JSON as read).
+        world_size: data-parallel size; None checks only what does not depend on it.
+    Returns:
+        a new dict for `deepspeed.initialize(config=...)`.
+    Raises:
+        ConfigError: a disagreeing field (both numbers named), or a section this loop owns.
+    """
+    ds = json.loads(json.dumps(cfg.deepspeed or {}))
+    for owned in ("optimizer", "scheduler"):
+        if owned in ds:
+            raise ConfigError(
+                f"deepspeed.{owned}: the loop builds the optimizer and learning-rate schedule from train.*; "
+                f"remove the {owned!r} section from the DeepSpeed JSON"
+            )
+    t = cfg.train
+    wanted = {
+        "train_micro_batch_size_per_gpu": ("train.micro_batch", t.micro_batch),
+        "gradient_accumulation_steps": ("train.grad_accum", t.grad_accum),
+        "gradient_clipping": ("train.grad_clip", t.grad_clip),
+    }
+    if world_size is not None:
+        rows = cfg.batch_arithmetic(world_size)["global_batch"]
+        wanted["train_batch_size"] = (f"train.micro_batch × train.grad_accum × world size {world_size}", rows)
+    for key, (source, value) in wanted.items():
+        _agree(ds, key, value, source)
+    for section, precision in (("bf16", "bf16"), ("fp16", "fp16")):
+        block = ds.setdefault(section, {})
+        enabled = cfg.train.precision == precision
+        if block.get("enabled", "auto") not in ("auto", enabled):
+            raise ConfigError(
+                f"deepspeed.{section}.enabled={block['enabled']} disagrees with train.precision={cfg.train.precision}"
+            )
+        block["enabled"] = enabled
+    if cfg.train.precision == "fp16":
+        ds["fp16"].setdefault("loss_scale", 0)  # 0: dynamic loss scaling
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage == 0 and cfg.train.precision == "fp32":
+        # DeepSpeed then steps the client optimizer directly, without the non-finite check every
+        # other setting has, so a NaN step could not be skipped.
+        raise ConfigError("deepspeed.zero_optimization.stage=0 with train.precision=fp32: use stage >= 1 or fsdp")
+    ds.setdefault("steps_per_print", 1 << 30)  # the loop reports; keep DeepSpeed's own log quiet
+    return ds
+
+
+def _agree(ds: dict, key: str, value, source: str) -> None:
+    given = ds.get(key, "auto")
+    if given != "auto" and given != value:
+        raise ConfigError(f"deepspeed.{key}={given} disagrees with {source}={value}; make them equal or use 'auto'")
+    ds[key] = value
+
+
+def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config (what the run actually used) as YAML."""
+    data = asdict(cfg)
+    data["train"]["betas"] = list(cfg.train.betas)
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))

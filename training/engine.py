@@ -1,0 +1,290 @@
+"""The parallelism engines the loop runs over: one process, FSDP2, or DeepSpeed ZeRO.
+
+Each engine owns the model wrapper, the optimizer and mixed precision, and offers the loop the
+same few calls: `forward_context()`, `backward(loss, last)`, `step(lr)`, `save(dir)`,
+`load(dir)`, `full_state_dict()`. Parallelism is applied to the plain Decoder from outside,
+in `parallelize`, in this order: activation checkpointing → compile → FSDP (or ZeRO).
+
+Loss scaling. The loop divides each micro-batch's loss sum by the global target-token count of
+the whole optimizer step. Backends that average gradients over data-parallel ranks (FSDP's
+reduce-scatter, DeepSpeed's reduction) divide by the world size again, so the loop multiplies by
+`grad_divisor` to undo it; DeepSpeed is also told not to divide by the accumulation steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from model.decoder import Decoder
+from training.config import RunConfig, deepspeed_config
+from training.optim import build_optimizer, param_groups, set_lr
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class Dist:
+    """Where this process sits: rank, world size and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(needs_group: bool) -> Dist:
+    """Join the process group that the launcher (torchrun, deepspeed, Ray Train) describes.
+
+    A process started without a launcher is rank 0 of 1; engines that need a process group
+    (fsdp, deepspeed) then get a one-process group on 127.0.0.1. The backend is NCCL on CUDA
+    and gloo on CPU.
+
+    Args:
+        needs_group: create a group even for a single process.
+    Returns:
+        this process's Dist.
+    """
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized() and (world > 1 or needs_group):
+        if world == 1:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return Dist(rank, world, local_rank, device)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks (in fp64; a no-op without a process group)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def parallelize(model: Decoder, cfg: RunConfig, where: Dist) -> nn.Module:
+    """Apply activation checkpointing, compile and FSDP2 to a built, initialised Decoder.
+
+    (DeepSpeed wraps the model itself, in `DeepSpeedEngine`.)
+    """
+    if cfg.train.activation_checkpointing:
+        model.checkpoint_layers = True
+    if cfg.train.compile:
+        for layer in model.layers:
+            layer.compile()  # per block: small graphs, compiled once, shared by every layer
+    if cfg.engine != "fsdp":
+        return model.to(where.device)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = dist.device_mesh.init_device_mesh(where.device.type, (where.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.train.precision], reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.fsdp.reshard_after_forward)
+    # the root holds the embedding, final norm and output projection (used inside forward)
+    return fully_shard(model.to(where.device), mesh=mesh, mp_policy=mp)
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 (Micikevicius et al. 2018): halve on a non-finite step,
+    double after `window` finite ones."""
+
+    def __init__(self, enabled: bool, scale: float = 2.0**16, window: int = 1000):
+        self.enabled, self.scale, self.window, self.good_steps = enabled, scale if enabled else 1.0, window, 0
+
+    def update(self, finite: bool) -> None:
+        if not self.enabled:
+            return
+        if not finite:
+            self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
+        else:
+            self.good_steps += 1
+            if self.good_steps % self.window == 0:
+                self.scale *= 2
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = state["scale"], state["good_steps"]
+
+
+class TorchEngine:
+    """One process, or FSDP2: a torch AdamW over the (possibly sharded) parameters, bf16 through
+    autocast (single) or FSDP's MixedPrecisionPolicy, fp16 with `LossScaler`."""
+
+    def __init__(self, model: Decoder, cfg: RunConfig, where: Dist):
+        self.cfg, self.where = cfg, where
+        self.model = parallelize(model, cfg, where)
+        t = cfg.train
+        self.optimizer = build_optimizer(self.model, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+        self.scaler = LossScaler(t.precision == "fp16")
+        self.grad_divisor = where.world_size if cfg.engine == "fsdp" else 1
+        self.autocast = cfg.engine == "single" and t.precision != "fp32"
+
+    def forward_context(self):
+        if self.autocast:
+            return torch.autocast(self.where.device.type, dtype=DTYPES[self.cfg.train.precision])
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        (loss * self.scaler.scale).backward()
+
+    def step(self, lr: float) -> tuple[bool, float]:
+        """Unscale, clip, and step unless the global gradient norm is non-finite.
+
+        Returns:
+            (applied, grad_norm before clipping; nan/inf when the step was skipped).
+        """
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.scaler.enabled:
+            for p in params:
+                p.grad.mul_(1.0 / self.scaler.scale)
+        max_norm = self.cfg.train.grad_clip or math.inf
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
+        applied = math.isfinite(norm)
+        if applied:
+            set_lr(self.optimizer, lr)
+            self.optimizer.step()
+        self.scaler.update(applied)
+        self.optimizer.zero_grad(set_to_none=True)
+        return applied, norm
+
+    def save(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+
+    def load(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's fp32 weights on CPU, on rank 0 (None elsewhere); collective under FSDP."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        return state if self.where.is_main else None
+
+    def extra_state(self) -> dict:
+        return {"loss_scaler": self.scaler.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.scaler.load_state_dict(state["loss_scaler"])
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO 0–3 from the run's DeepSpeed JSON (batch, precision and clipping filled
+    from the run config); DeepSpeed handles precision, clipping and its own non-finite check."""
+
+    def __init__(self, model: Decoder, cfg: RunConfig, where: Dist):
+        if where.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+        import deepspeed
+
+        self.cfg, self.where = cfg, where
+        ds_config = deepspeed_config(cfg, where.world_size)
+        self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        if cfg.train.activation_checkpointing:
+            model.checkpoint_layers = True
+        t = cfg.train
+        groups = param_groups(model, t.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        if self.stage == 3:
+            # The output projection is used inside Decoder.forward, not through its own module's
+            # forward, so ZeRO-3 must be told to gather it with the root module.
+            deepspeed.zero.register_external_parameter(self.model.module, self.model.module.output_weight)
+        self.grad_divisor = where.world_size
+        self.ds_config = ds_config
+
+    def forward_context(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.model.set_gradient_accumulation_boundary(last)
+        self.model.backward(loss, scale_wrt_gas=False)  # the loop's loss is already per-step exact
+
+    def step(self, lr: float) -> tuple[bool, float]:
+        set_lr(self.optimizer, lr)
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return self.model.was_step_applied(), norm
+
+    def save(self, folder: Path) -> None:
+        self.model.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        path, _ = self.model.load_checkpoint(
+            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint to load")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The fp32 master weights on rank 0 (gathered from the ZeRO partitions; collective)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, param in self.model.module.named_parameters():
+            full = safe_get_full_fp32_param(param)
+            full = param.float() if full is None else full  # ZeRO-0 without a master copy
+            if self.where.is_main:
+                state[name] = full.detach().cpu().clone()
+        return state if self.where.is_main else None
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
+def build_engine(model: Decoder, cfg: RunConfig, where: Dist) -> TorchEngine | DeepSpeedEngine:
+    """The engine named by cfg.engine around an initialised Decoder."""
+    if cfg.engine == "deepspeed":
+        return DeepSpeedEngine(model, cfg, where)
+    return TorchEngine(model, cfg, where)

@@ -1,0 +1,296 @@
+"""The one training loop, for pretraining and SFT alike, over any engine.
+
+SFT differs from pretraining only in its data (labels masked outside the assistant turns), its
+learning rate and its initial weights (`init_from`); the loss is the same `model.loss` sum.
+
+One optimizer step (`train_step`):
+    fetch the step's micro-batches → count their target tokens and sum the count over all ranks
+    → for each micro-batch: forward → loss_sum × grad_divisor / global_count → backward
+    → the engine clips and steps, or skips when the gradient norm is non-finite (it is the same
+      norm on every rank, so every rank skips the same step).
+Dividing by the global count of the whole step makes accumulation and data parallelism exact:
+world 2 × accumulation 2 × micro-batch 2 gives the losses and weights of world 1 × micro-batch 8.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.shards import load_manifest, sha256_file
+from data_pipeline.stream import PackedStream
+from data_pipeline.tokenizer import Tokenizer
+from model.config import ModelConfig
+from model.decoder import Decoder
+from model.hf import load_hf, save_hf
+from model.loss import IGNORE_INDEX
+from training.checkpoint import TrainState, checkpoint_dir, find_latest, load_checkpoint, save_checkpoint
+from training.config import ConfigError, RunConfig, model_config, save_resolved
+from training.engine import Dist, all_reduce_sum, barrier, build_engine, init_distributed
+from training.metrics import Reporter, peak_flops, peak_memory_bytes, throughput
+from training.optim import lr_at
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    target_tokens: int
+    grad_norm: float
+    applied: bool
+    data_wait_s: float
+
+
+def train(
+    cfg: RunConfig,
+    data: Iterator[dict] | None = None,
+    model_hook: Callable[[Decoder], None] | None = None,
+    on_checkpoint: Callable[[Path, dict], None] | None = None,
+) -> dict:
+    """Run (or resume) a pretraining or SFT run to cfg.train.max_steps.
+
+    Args:
+        cfg: the checked run config.
+        data: this rank's micro-batches instead of the packed stream over cfg.data.train (it
+            must have state_dict/load_state_dict to be checkpointed).
+        model_hook: called with the built Decoder before the engine wraps it (freeze layers,
+            add hooks, ...).
+        on_checkpoint: called on every rank after each checkpoint with (folder, last record).
+    Returns:
+        a summary: losses and skipped steps of this attempt, final step, tokens, run_dir, export.
+    """
+    where = init_distributed(needs_group=cfg.engine != "single")
+    tokenizer = Tokenizer.load(Path(cfg.data.train) / "tokenizer")
+    model, model_cfg = build_model(cfg, tokenizer)
+    if model_hook is not None:
+        model_hook(model)
+    flops_per_token = model.num_flops_per_token(cfg.data.seq_len)
+    n_params = model.num_params()
+    engine = build_engine(model, cfg, where)
+    stream = data if data is not None else make_stream(cfg, where, cfg.data.train, tokenizer)
+    state = _resume(cfg, engine, stream, where)
+    report = Reporter(cfg.run_dir, where.rank, cfg.train.max_steps, start_step=state.step)
+    if where.is_main:
+        save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
+        report.truncate_after(state.step)
+    report.print(_announce(cfg, where, n_params, state))
+    meta = {"engine": cfg.engine, "model": model_cfg.__dict__, "tokenizer_sha256": tokenizer.sha256}
+    tokens_per_step = cfg.batch_arithmetic(where.world_size)["tokens_per_step"]
+    peak, losses, skipped, bad_in_a_row, record = peak_flops(where.device), [], [], 0, {}
+
+    while state.step < cfg.train.max_steps:
+        started = time.perf_counter()
+        lr = _lr(cfg, state.step + 1)
+        result = train_step(engine, stream, cfg, where, lr)
+        state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
+        seconds = time.perf_counter() - started
+        bad_in_a_row = 0 if result.applied else bad_in_a_row + 1
+        if not result.applied:
+            state.skipped_steps += 1
+            skipped.append(state.step)
+            report.print(f"step {state.step}: non-finite loss or gradient norm on some rank; step skipped on all")
+        losses.append(result.loss)
+        record = {
+            "step": state.step,
+            "loss": result.loss,
+            "grad_norm": result.grad_norm,
+            "lr": lr,
+            "tokens": state.tokens,
+            "target_tokens": result.target_tokens,
+            **throughput(tokens_per_step, seconds, flops_per_token, where.world_size, peak),
+            "peak_mem_bytes": peak_memory_bytes(where.device),
+            "data_wait_frac": result.data_wait_s / seconds,
+            "skipped": not result.applied,
+        }
+        stop = _evaluate_if_due(engine, cfg, where, tokenizer, state, record, report)
+        report.log_step(record)
+        if bad_in_a_row >= cfg.train.max_bad_steps:
+            report.close()
+            last = find_latest(cfg.run_dir)
+            raise TrainingError(
+                f"{bad_in_a_row} non-finite steps in a row (last at step {state.step}): stopping; the last good "
+                f"checkpoint is {last or 'none (no checkpoint was written yet)'}. Lower train.lr or check the data."
+            )
+        if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.max_steps or stop:
+            folder = save_checkpoint(
+                engine, checkpoint_dir(cfg.run_dir), state, stream.state_dict(), where, meta, cfg.train.keep_checkpoints
+            )
+            if on_checkpoint is not None:
+                on_checkpoint(folder, record)
+        if stop:
+            report.print(f"step {state.step}: no better validation loss in {cfg.train.patience} evaluations; stopping")
+            break
+
+    export = export_hf(engine, model_cfg, Path(cfg.run_dir) / "hf", cfg, where) if cfg.export_hf else None
+    report.print(f"done: step {state.step}, {state.tokens:,} tokens, {state.skipped_steps} skipped step(s)")
+    report.close()
+    return {
+        "losses": losses,
+        "skipped_steps": skipped,
+        "step": state.step,
+        "tokens": state.tokens,
+        "resumes": state.resumes,
+        "run_dir": cfg.run_dir,
+        "export": str(export) if export else None,
+        "last_record": record,
+    }
+
+
+def train_step(engine, batches: Iterator[dict], cfg: RunConfig, where: Dist, lr: float) -> StepResult:
+    """One optimizer step over `cfg.train.grad_accum` micro-batches of this rank (see module doc)."""
+    wait = time.perf_counter()
+    micro = [_to_device(next(batches), where.device) for _ in range(cfg.train.grad_accum)]
+    wait = time.perf_counter() - wait
+    local_count = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)
+    (global_count,) = all_reduce_sum([local_count], where.device)
+    scale = engine.grad_divisor / max(global_count, 1.0)
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=where.device)
+    for i, m in enumerate(micro):
+        with engine.forward_context():
+            s, _ = engine.model(m["tokens"], m["position_ids"], m["doc_ids"], labels=m["labels"], z_loss=cfg.train.z_loss)
+        engine.backward(s * scale, last=i == len(micro) - 1)
+        loss_sum += s.detach()
+    applied, grad_norm = engine.step(lr)
+    (total,) = all_reduce_sum([float(loss_sum)], where.device)
+    return StepResult(total / max(global_count, 1.0), int(global_count), grad_norm, applied, wait)
+
+
+@torch.no_grad()
+def evaluate(engine, cfg: RunConfig, where: Dist, tokenizer: Tokenizer) -> dict:
+    """Mean loss and perplexity over the validation split (cfg.eval_batches per rank, or all)."""
+    stream = make_stream(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1)
+    engine.model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=where.device)
+    count = 0
+    for i, batch in enumerate(stream):
+        if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+            break
+        m = _to_device(batch, where.device)
+        with engine.forward_context():
+            s, n = engine.model(m["tokens"], m["position_ids"], m["doc_ids"], labels=m["labels"])
+        loss_sum += s.double()
+        count += int(n)
+    engine.model.train()
+    stream.close()
+    total, n = all_reduce_sum([float(loss_sum), count], where.device)
+    loss = total / max(n, 1.0)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(n)}
+
+
+def _evaluate_if_due(engine, cfg, where, tokenizer, state: TrainState, record: dict, report: Reporter) -> bool:
+    """Evaluate every eval_every steps, track the best validation loss; True when patience ran out."""
+    if not cfg.train.eval_every or state.step % cfg.train.eval_every:
+        return False
+    scores = evaluate(engine, cfg, where, tokenizer)
+    record.update(scores)
+    report.print(f"step {state.step}: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
+    if state.best_val_loss is None or scores["val_loss"] < state.best_val_loss:
+        state.best_val_loss, state.evals_since_best = scores["val_loss"], 0
+    else:
+        state.evals_since_best += 1
+    return bool(cfg.train.patience) and state.evals_since_best >= cfg.train.patience
+
+
+def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> tuple[Decoder, ModelConfig]:
+    """The initial fp32 Decoder on CPU: from init_from, or the preset initialised with train.seed.
+
+    Every rank builds the same weights (same seed), so FSDP and ZeRO shard identical copies.
+    """
+    if cfg.init_from is not None:
+        model, model_cfg = load_hf(cfg.init_from, dtype=torch.float32)
+        source = Path(cfg.init_from) / "tokenizer.model"
+        if source.is_file() and sha256_file(source) != tokenizer.sha256:
+            raise ConfigError(
+                f"init_from={cfg.init_from} was trained with another tokenizer than the one of "
+                f"data.train={cfg.data.train}: prepare the data with --tokenizer {source}"
+            )
+    else:
+        model_cfg = model_config(cfg, tokenizer.vocab_size)
+        torch.manual_seed(cfg.train.seed)
+        model = Decoder(model_cfg)
+        model.init_weights()
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"the model's vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's max_seq_len={model_cfg.max_seq_len}")
+    return model, model_cfg
+
+
+def make_stream(
+    cfg: RunConfig, where: Dist, folder: str, tokenizer: Tokenizer, shuffle: bool = True, epochs: int | None = None
+) -> PackedStream:
+    """This rank's packed stream over a shard folder, checked against the tokenizer."""
+    return PackedStream(
+        folder,
+        seq_len=cfg.data.seq_len,
+        batch_size=cfg.train.micro_batch,
+        rank=where.rank,
+        world_size=where.world_size,
+        seed=cfg.train.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer if shuffle else 0,
+        on_error=cfg.data.on_error,
+        tokenizer_sha256=tokenizer.sha256,
+        epochs=epochs,
+        pad_id=tokenizer.pad_id,
+    )
+
+
+def export_hf(engine, model_cfg: ModelConfig, out: Path, cfg: RunConfig, where: Dist) -> Path:
+    """A consolidated Hugging Face export with the tokenizer beside it (a collective)."""
+    state = engine.full_state_dict()
+    if where.is_main:
+        save_hf(None, model_cfg, out, state_dict=state)
+        for file in (Path(cfg.data.train) / "tokenizer").iterdir():
+            shutil.copyfile(file, out / file.name)
+    barrier()
+    return out
+
+
+def _resume(cfg: RunConfig, engine, stream, where: Dist) -> TrainState:
+    folder = None if cfg.resume == "never" else find_latest(cfg.run_dir) if cfg.resume == "auto" else Path(cfg.resume)
+    if folder is None:
+        return TrainState()
+    state, stream_state = load_checkpoint(engine, folder, where, cfg.engine)
+    stream.load_state_dict(stream_state)
+    state.resumes += 1
+    if where.is_main:
+        print(f"resumed from {folder} at step {state.step}", flush=True)
+    return state
+
+
+def _lr(cfg: RunConfig, step: int) -> float:
+    t = cfg.train
+    return lr_at(
+        step,
+        lr=t.lr,
+        max_steps=t.max_steps,
+        warmup_steps=t.warmup_steps,
+        schedule=t.schedule,
+        min_lr_ratio=t.min_lr_ratio,
+        decay_frac=t.decay_frac,
+    )
+
+
+def _announce(cfg: RunConfig, where: Dist, n_params: int, state: TrainState) -> str:
+    t, arithmetic = cfg.train, cfg.batch_arithmetic(where.world_size)
+    return (
+        f"{cfg.engine} engine on {where.world_size} × {where.device.type}, {t.precision}, {n_params / 1e6:.2f}M "
+        f"parameters\nglobal batch {arithmetic['global_batch']} rows = micro batch {t.micro_batch} × accumulation "
+        f"{t.grad_accum} × {where.world_size} rank(s); {arithmetic['tokens_per_step']:,} tokens per step; "
+        f"steps {state.step + 1}..{t.max_steps}"
+    )
+
+
+def _to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
