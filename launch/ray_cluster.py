@@ -11,7 +11,7 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     Args:
         address: a cluster address (`auto`, `ray://host:10001`, `host:6379`); None starts a local
             Ray on this machine, bound to 127.0.0.1 with no dashboard.
-        **kwargs: passed to `ray.init`.
+        **kwargs: passed to `ray.init` (workers' output stays off the driver unless log_to_driver=True).
     """
     if address is None:
         # Ray swaps a 127.0.0.1 node address for the machine's outward IP unless cluster mode is
@@ -21,4 +21,4 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         kwargs = {"include_dashboard": False, **kwargs}
     import ray
 
-    ray.init(address=address, log_to_driver=False, configure_logging=False, **kwargs)
+    ray.init(address=address, **{"log_to_driver": False, "configure_logging": False, **kwargs})

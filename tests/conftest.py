@@ -19,3 +19,11 @@ def shared_data() -> Path:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="session")
+def training_data(shared_data, tmp_path_factory) -> dict[str, Path]:
+    """Real pretraining and SFT shards (with their tokenizer) for the training tests."""
+    from tests.training_data import build
+
+    return build(shared_data, tmp_path_factory.mktemp("training_data"))

@@ -59,6 +59,9 @@ class DataSection:
 class TrainSection:
     max_steps: int = 200
     """Optimizer steps of the run."""
+    exit_at_step: int = 0
+    """Stop this invocation after this step, with a checkpoint (0: run to max_steps); a resume
+    continues to max_steps on the same schedule (e.g. to fit a cluster job's time limit)."""
     micro_batch: int = 8
     """Rows per forward/backward on one rank."""
     grad_accum: int = 1
@@ -288,7 +291,7 @@ def check(cfg: RunConfig) -> None:
     for key in ("max_steps", "micro_batch", "grad_accum", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be at least 1")
-    for key in ("lr", "grad_clip", "weight_decay", "warmup_steps", "eval_every", "eval_batches", "patience"):
+    for key in ("lr", "grad_clip", "weight_decay", "warmup_steps", "eval_every", "eval_batches", "patience", "exit_at_step"):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must not be negative")
     if cfg.data.seq_len < 2:
@@ -409,3 +412,36 @@ def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> None:
     data = asdict(cfg)
     data["train"]["betas"] = list(cfg.train.betas)
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def parse_cli(argv: list[str] | None, doc: str, default_config: str | None = None) -> RunConfig:
+    """The launchers' command line: `--config FILE` (repeatable) then `key=value` overrides.
+
+    Args:
+        argv: arguments (default sys.argv[1:]).
+        doc: the launcher's module docstring (its first paragraph is the usage line).
+        default_config: a run config read first when no .yaml is given (e.g. pretrain/tiny.yaml).
+    Returns:
+        the checked RunConfig; a bad config exits with status 2 and one message naming the key.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a .yaml run config or a .json DeepSpeed config (repeatable; bare names are looked up in configs/)",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=3e-4")
+    # the deepspeed launcher passes --local_rank; the rank comes from the environment instead
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    files = list(args.config)
+    if default_config and not any(Path(f).suffix in (".yaml", ".yml") for f in files):
+        files.insert(0, default_config)
+    try:
+        return load_config(files, args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))

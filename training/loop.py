@@ -121,7 +121,8 @@ def train(
                 f"{bad_in_a_row} non-finite steps in a row (last at step {state.step}): stopping; the last good "
                 f"checkpoint is {last or 'none (no checkpoint was written yet)'}. Lower train.lr or check the data."
             )
-        if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.max_steps or stop:
+        exit_now = state.step == cfg.train.exit_at_step
+        if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.max_steps or stop or exit_now:
             folder = save_checkpoint(
                 engine, checkpoint_dir(cfg.run_dir), state, stream.state_dict(), where, meta, cfg.train.keep_checkpoints
             )
@@ -130,8 +131,12 @@ def train(
         if stop:
             report.print(f"step {state.step}: no better validation loss in {cfg.train.patience} evaluations; stopping")
             break
+        if exit_now:
+            report.print(f"step {state.step}: exit_at_step reached; resume=auto continues to {cfg.train.max_steps}")
+            break
 
-    export = export_hf(engine, model_cfg, Path(cfg.run_dir) / "hf", cfg, where) if cfg.export_hf else None
+    finished = state.step == cfg.train.max_steps or stop
+    export = export_hf(engine, model_cfg, Path(cfg.run_dir) / "hf", cfg, where) if cfg.export_hf and finished else None
     report.print(f"done: step {state.step}, {state.tokens:,} tokens, {state.skipped_steps} skipped step(s)")
     report.close()
     return {

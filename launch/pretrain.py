@@ -1,0 +1,27 @@
+"""ray job submit -- python launch/pretrain.py [--config configs/pretrain/tiny.yaml] [--config zero2.json] [key=value ...]
+
+Pretrain the decoder as a Ray Train job: Ray starts ray.num_workers workers (GPUs where the
+cluster has them, else CPU processes), each runs the training loop on the shards the stream
+assigns its rank, and a dead worker restarts the group from the newest checkpoint. Run plainly
+(`python launch/pretrain.py ...`) it starts a local Ray on 127.0.0.1. With no arguments it
+pretrains configs/pretrain/tiny.yaml. The engine is fsdp unless a DeepSpeed JSON is given.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from training.config import CONFIG_DIR, parse_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(argv, __doc__, default_config=str(CONFIG_DIR / "pretrain" / "tiny.yaml"))
+    from training.ray_job import run
+
+    state = run(cfg)
+    print(f"pretrain: finished at step {state.get('step')}, {state.get('tokens', 0):,} tokens; export in {cfg.run_dir}/hf")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""deepspeed launch/sft.py --config zero3.json [--config configs/sft/tiny.yaml] [init_from=DIR] [key=value ...]
+
+Supervised fine-tuning (chat / role-play) under the deepspeed launcher; torchrun works too
+(`torchrun --nproc-per-node 2 launch/sft.py --config configs/fsdp.yaml ...`), and a plain
+`python launch/sft.py` runs one process. Starts from a pretraining export (init_from), trains on
+SFT shards whose labels cover only the assistant turns, evaluates data.val every
+train.eval_every steps (loss, perplexity) and stops early after train.patience evaluations
+without improvement. Reads configs/sft/tiny.yaml when no .yaml is given.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
+
+from training.config import CONFIG_DIR, parse_cli
+from training.loop import train
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(argv, __doc__, default_config=str(CONFIG_DIR / "sft" / "tiny.yaml"))
+    try:
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
