@@ -1,4 +1,4 @@
-"""ray job submit -- python launch/pretrain.py [--config configs/pretrain/tiny.yaml] [--config zero2.json] [key=value ...]
+"""ray job submit -- python launch/pretrain.py [--config configs/pretrain/tiny.yaml] [--config zero2.json] [k=v ...]
 
 Pretrain the decoder as a Ray Train job: Ray starts ray.num_workers workers (GPUs where the
 cluster has them, else CPU processes), each runs the training loop on the shards the stream
@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     from training.ray_job import run
 
     state = run(cfg)
-    print(f"pretrain: finished at step {state.get('step')}, {state.get('tokens', 0):,} tokens; export in {cfg.run_dir}/hf")
+    print(
+        f"pretrain: finished at step {state.get('step')}, {state.get('tokens', 0):,} tokens; export in {cfg.run_dir}/hf"
+    )
     return 0
 
 

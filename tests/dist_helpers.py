@@ -63,7 +63,9 @@ def _worker(rank: int, world: int, port: int, cfg: RunConfig, batches, hook, out
 def run_processes(cfg: RunConfig, world: int, out: Path, batches: list[dict] | None = None, hook=None) -> list[dict]:
     """Run `loop.train(cfg)` on `world` spawned gloo processes; return each rank's results."""
     out.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_worker, args=(world, _free_port(), cfg, batches, hook, str(out)), nprocs=world, start_method="spawn")
+    mp.start_processes(
+        _worker, args=(world, _free_port(), cfg, batches, hook, str(out)), nprocs=world, start_method="spawn"
+    )
     results = []
     for rank in range(world):
         with open(out / f"rank{rank}.pkl", "rb") as f:

@@ -227,7 +227,9 @@ def test_ray_pretrain_survives_a_killed_worker(training_data, tmp_path):
         deadline = time.time() + 300
         while killed is None and time.time() < deadline and job.poll() is None:
             if _last_step(run_dir) >= 12:
-                workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+                workers = [
+                    p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+                ]
                 if workers:
                     killed = workers[-1].pid
                     os.kill(killed, signal.SIGKILL)

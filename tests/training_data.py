@@ -33,11 +33,16 @@ def build(shared: Path, out: Path) -> dict[str, Path]:
     tok = train_tokenizer(texts, VOCAB, out / "tokenizer")
     paths = {"pretrain": out / "pretrain", "sft": out / "sft", "sft_val": out / "sft_val"}
     write_outputs(
-        (encode_document(t, tok) for t in texts), tok, PrepareOptions("pretrain", [], str(paths["pretrain"]), shard_bytes=SHARD_BYTES), DropReport()
+        (encode_document(t, tok) for t in texts),
+        tok,
+        PrepareOptions("pretrain", [], str(paths["pretrain"]), shard_bytes=SHARD_BYTES),
+        DropReport(),
     )
     convs = list(itertools.islice(read_conversations(shared / "sft" / "rolebench_en_train.jsonl", "rolebench"), 600))
     samples = [encode_conversation(c.messages, tok, max_len=SFT_LEN)[0] for c in convs]
     samples = [s for s in samples if s is not None]
     for name, part in (("sft", samples[:-80]), ("sft_val", samples[-80:])):
-        write_outputs(part, tok, PrepareOptions("sft", [], str(paths[name]), shard_bytes=SHARD_BYTES // 4), DropReport())
+        write_outputs(
+            part, tok, PrepareOptions("sft", [], str(paths[name]), shard_bytes=SHARD_BYTES // 4), DropReport()
+        )
     return paths

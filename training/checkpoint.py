@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.engine import Dist, barrier
+from training.engine import Dist, barrier, single_process_dcp
 
 META = "meta.json"
 
@@ -60,7 +60,9 @@ def find_latest(run_dir: str | os.PathLike) -> Path | None:
     return max(complete, key=lambda f: int(f.name.removeprefix("step_")), default=None)
 
 
-def save_checkpoint(engine, folder_root: Path, state: TrainState, stream_state: dict, where: Dist, meta: dict, keep: int) -> Path:
+def save_checkpoint(
+    engine, folder_root: Path, state: TrainState, stream_state: dict, where: Dist, meta: dict, keep: int
+) -> Path:
     """Write one checkpoint atomically (a collective: every rank calls it).
 
     Args:
@@ -127,7 +129,9 @@ def _write_synced(path: Path, text: str) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
-    complete = sorted((f for f in root.glob("step_*") if (f / META).is_file() and f.suffix != ".tmp"), key=lambda f: f.name)
+    complete = sorted(
+        (f for f in root.glob("step_*") if (f / META).is_file() and f.suffix != ".tmp"), key=lambda f: f.name
+    )
     for old in complete[:-keep]:
         shutil.rmtree(old)
     for stale in root.glob("step_*.tmp"):  # left by a crash; the rename above has finished ours
@@ -147,3 +151,47 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def write_export(state_dict: dict[str, torch.Tensor], model_cfg, out: Path, tokenizer_dir: Path) -> Path:
+    """A Hugging Face folder: config.json + model.safetensors (model/hf.py) + the tokenizer files."""
+    from model.hf import save_hf
+
+    save_hf(None, model_cfg, out, state_dict=state_dict)
+    for file in Path(tokenizer_dir).iterdir():
+        if file.is_file():
+            shutil.copyfile(file, Path(out) / file.name)
+    return Path(out)
+
+
+def load_model_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The full fp32 model weights of a checkpoint, read in one process without its engine.
+
+    Args:
+        folder: a complete checkpoint folder (step_XXXXXXXX).
+    Returns:
+        a state dict with the Decoder's parameter names.
+    """
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if meta["engine"] != "deepspeed":
+        import torch.distributed.checkpoint as dcp
+
+        from model.config import ModelConfig
+        from model.decoder import Decoder
+
+        with torch.device("meta"):
+            shapes = Decoder(ModelConfig(**meta["model"])).state_dict()
+        state = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in shapes.items()}
+        with single_process_dcp():
+            dcp.load({"model": state}, checkpoint_id=str(folder / "engine"))
+        return state
+    zero_files = list((folder / "engine").glob("*zero_pp_rank_*optim_states.pt"))
+    stage = meta.get("zero_stage", 0)
+    if zero_files and stage >= 2:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="engine")
+    # ZeRO 0/1 keep whole weights in the model-states file (in the training dtype)
+    module = torch.load(folder / "engine" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return {k: v.float() for k, v in module.items()}

@@ -291,7 +291,16 @@ def check(cfg: RunConfig) -> None:
     for key in ("max_steps", "micro_batch", "grad_accum", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
         if getattr(cfg.train, key) < 1:
             raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be at least 1")
-    for key in ("lr", "grad_clip", "weight_decay", "warmup_steps", "eval_every", "eval_batches", "patience", "exit_at_step"):
+    for key in (
+        "lr",
+        "grad_clip",
+        "weight_decay",
+        "warmup_steps",
+        "eval_every",
+        "eval_batches",
+        "patience",
+        "exit_at_step",
+    ):
         if getattr(cfg.train, key) < 0:
             raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must not be negative")
     if cfg.data.seq_len < 2:

@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,7 +190,8 @@ class TorchEngine:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+        with single_process_dcp():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
 
     def load(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -197,7 +199,8 @@ class TorchEngine:
 
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(folder))
+        with single_process_dcp():
+            dcp.load(state, checkpoint_id=str(folder))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -213,6 +216,15 @@ class TorchEngine:
 
     def load_extra_state(self, state: dict) -> None:
         self.scaler.load_state_dict(state["loss_scaler"])
+
+
+@contextlib.contextmanager
+def single_process_dcp():
+    """Silence DCP's warning that it runs without a process group: the single engine and
+    launch/export_hf.py mean it to."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
 
 
 class DeepSpeedEngine:

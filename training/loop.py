@@ -15,23 +15,29 @@ world 2 × accumulation 2 × micro-batch 2 gives the losses and weights of world
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data_pipeline.shards import load_manifest, sha256_file
+from data_pipeline.shards import sha256_file
 from data_pipeline.stream import PackedStream
 from data_pipeline.tokenizer import Tokenizer
 from model.config import ModelConfig
 from model.decoder import Decoder
-from model.hf import load_hf, save_hf
+from model.hf import load_hf
 from model.loss import IGNORE_INDEX
-from training.checkpoint import TrainState, checkpoint_dir, find_latest, load_checkpoint, save_checkpoint
+from training.checkpoint import (
+    TrainState,
+    checkpoint_dir,
+    find_latest,
+    load_checkpoint,
+    save_checkpoint,
+    write_export,
+)
 from training.config import ConfigError, RunConfig, model_config, save_resolved
 from training.engine import Dist, all_reduce_sum, barrier, build_engine, init_distributed
 from training.metrics import Reporter, peak_flops, peak_memory_bytes, throughput
@@ -84,7 +90,13 @@ def train(
         save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
         report.truncate_after(state.step)
     report.print(_announce(cfg, where, n_params, state))
-    meta = {"engine": cfg.engine, "model": model_cfg.__dict__, "tokenizer_sha256": tokenizer.sha256}
+    meta = {
+        "engine": cfg.engine,
+        "zero_stage": getattr(engine, "stage", None),
+        "model": asdict(model_cfg),
+        "tokenizer_dir": str((Path(cfg.data.train) / "tokenizer").resolve()),
+        "tokenizer_sha256": tokenizer.sha256,
+    }
     tokens_per_step = cfg.batch_arithmetic(where.world_size)["tokens_per_step"]
     peak, losses, skipped, bad_in_a_row, record = peak_flops(where.device), [], [], 0, {}
 
@@ -163,7 +175,9 @@ def train_step(engine, batches: Iterator[dict], cfg: RunConfig, where: Dist, lr:
     loss_sum = torch.zeros((), dtype=torch.float64, device=where.device)
     for i, m in enumerate(micro):
         with engine.forward_context():
-            s, _ = engine.model(m["tokens"], m["position_ids"], m["doc_ids"], labels=m["labels"], z_loss=cfg.train.z_loss)
+            s, _ = engine.model(
+                m["tokens"], m["position_ids"], m["doc_ids"], labels=m["labels"], z_loss=cfg.train.z_loss
+            )
         engine.backward(s * scale, last=i == len(micro) - 1)
         loss_sum += s.detach()
     applied, grad_norm = engine.step(lr)
@@ -226,9 +240,13 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> tuple[Decoder, ModelCon
         model = Decoder(model_cfg)
         model.init_weights()
     if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"the model's vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}")
+        raise ConfigError(
+            f"the model's vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
+        )
     if cfg.data.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is longer than the model's max_seq_len={model_cfg.max_seq_len}")
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is longer than the model's max_seq_len={model_cfg.max_seq_len}"
+        )
     return model, model_cfg
 
 
@@ -255,9 +273,7 @@ def export_hf(engine, model_cfg: ModelConfig, out: Path, cfg: RunConfig, where: 
     """A consolidated Hugging Face export with the tokenizer beside it (a collective)."""
     state = engine.full_state_dict()
     if where.is_main:
-        save_hf(None, model_cfg, out, state_dict=state)
-        for file in (Path(cfg.data.train) / "tokenizer").iterdir():
-            shutil.copyfile(file, out / file.name)
+        write_export(state, model_cfg, out, Path(cfg.data.train) / "tokenizer")
     barrier()
     return out
 
