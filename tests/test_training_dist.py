@@ -197,6 +197,11 @@ def test_exact_resume_through_the_launcher(engine, training_data, tmp_path):
     assert read_meta(find_latest(resumed))["state"]["resumes"] == 1
     for name, tensor in exported(straight).items():
         torch.testing.assert_close(exported(resumed)[name], tensor, rtol=0, atol=1e-6, msg=name)
+    # launch/export_hf.py reads the engine's checkpoint files in one process: the same weights
+    cmd = [sys.executable, "launch/export_hf.py", str(straight), "--out", str(tmp_path / "exported")]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    offline = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    assert all(torch.equal(offline[name], tensor) for name, tensor in exported(straight).items())
     val = [r for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
     assert [r["step"] for r in val] == [10, 20] and all(math.isfinite(r["val_ppl"]) for r in val)
 

@@ -1,0 +1,233 @@
+"""The run config, the single-process loop, checkpoints and exports (in one process, CPU).
+
+The multi-process behaviour (exact accumulation over ranks, NaN skips on every rank, exact resume
+through the launchers, Ray restarts) is in test_training_dist.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.hf import load_hf
+from tests.conftest import ROOT
+from tests.training_data import TEST_MODEL
+from training.checkpoint import find_latest, load_model_weights, read_meta
+from training.config import ConfigError, RunConfig, deepspeed_config, find_config_file, load_config, parse_cli
+from training.engine import LossScaler, TorchEngine, init_distributed
+from training.loop import TrainingError, build_model, train
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+def data_overrides(data: dict, kind: str = "pretrain") -> list[str]:
+    return [f"data.train={data[kind]}", "data.seq_len=128", "model.overrides=" + json.dumps(TEST_MODEL)]
+
+
+def test_overrides_yaml_and_types(training_data, tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("train:\n  lr: 3e-4\n  max_steps: 7\nmodel:\n  preset: tiny\n")
+    cfg = load_config([str(run)], [*data_overrides(training_data), "train.micro_batch=3", "train.betas=[0.9, 0.99]"])
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)  # YAML reads 3e-4 as a string
+    assert cfg.train.max_steps == 7 and cfg.train.micro_batch == 3 and cfg.train.betas == (0.9, 0.99)
+    assert cfg.model.overrides["dim"] == 64 and cfg.engine == "single"
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("train.lrr=1", "'train.lrr'"),
+        ("trian.lr=1", "'trian'"),
+        ("train.max_steps=1.5", "train.max_steps=1.5"),
+        ("train.precision=fp8", "train.precision='fp8'"),
+        ("engine=megatron", "engine='megatron'"),
+        ("train.max_steps=0", "train.max_steps=0"),
+        ("model.preset=huge", "model.preset='huge'"),
+        ("model.overrides.depth=3", "model.overrides"),
+        ("train=3", "train is a section"),
+        ("train.eval_every=5", "data.val"),
+        ("resume=/no/such/dir", "resume="),
+    ],
+)
+def test_bad_keys_and_values_are_named(override, named, training_data):
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace(".", r"\.")):
+        load_config([], [*data_overrides(training_data), override])
+
+
+def test_missing_data_and_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.train=.*no manifest\.json"):
+        load_config([], [f"data.train={tmp_path}"])
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(["nope.yaml"], [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match=str(bad)):
+        load_config([str(bad)], [])
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  warmup: 3\n")
+    with pytest.raises(ConfigError, match=rf"{unknown}: unknown key 'train\.warmup'"):
+        load_config([str(unknown)], [])
+
+
+def test_deepspeed_json_is_filled_from_the_run_config_or_must_agree(training_data, tmp_path):
+    assert find_config_file("zero3.json") == ROOT / "configs" / "zero3.json"
+    cfg = load_config(["zero3.json"], [*data_overrides(training_data), "train.micro_batch=2", "train.grad_accum=4"])
+    assert cfg.engine == "deepspeed"
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 4
+    assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == cfg.train.grad_clip
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
+    cfg = load_config([str(fixed)], [*data_overrides(training_data), "train.micro_batch=2", "train.grad_accum=4"])
+    with pytest.raises(ConfigError, match=r"train_batch_size=32 disagrees with .*world size 2=16"):
+        deepspeed_config(cfg, world_size=2)
+    owned = tmp_path / "owned.json"
+    owned.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match=r"deepspeed\.optimizer"):
+        load_config([str(owned)], data_overrides(training_data))
+    with pytest.raises(ConfigError, match=r"bf16\.enabled=True disagrees with train\.precision=fp16"):
+        fp16 = tmp_path / "bf16.json"
+        fp16.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+        load_config([str(fp16)], [*data_overrides(training_data), "train.precision=fp16"])
+
+
+@pytest.mark.parametrize("launcher", ["launch/pretrain.py", "launch/sft.py", "launch/export_hf.py"])
+def test_launchers_print_help(launcher):
+    done = subprocess.run([sys.executable, launcher, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "usage:" in done.stdout
+    assert done.stdout.count("python launch/") + done.stdout.count("deepspeed launch/") >= 1  # the command line
+
+
+def test_a_bad_config_fails_before_any_worker_starts(training_data):
+    cmd = [sys.executable, "launch/pretrain.py", *data_overrides(training_data), "train.nope=1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "unknown key 'train.nope'" in done.stderr
+    assert "ray" not in done.stderr.lower().replace("array", "")  # Ray never started
+
+
+def test_parse_cli_accepts_the_deepspeed_launchers_local_rank(training_data):
+    cfg = parse_cli(["--local_rank=1", "--config", "zero2.json", *data_overrides(training_data)], "doc")
+    assert cfg.engine == "deepspeed" and cfg.deepspeed["zero_optimization"]["stage"] == 2
+
+
+# --- the single-process loop -------------------------------------------------------------------------
+
+
+def single_cfg(run_dir: Path, data: dict, kind: str = "pretrain", **train) -> RunConfig:
+    cfg = load_config([], [f"run_dir={run_dir}", *data_overrides(data, kind)])
+    cfg.train.micro_batch, cfg.train.warmup_steps, cfg.train.precision = 4, 2, "fp32"
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def test_single_run_writes_metrics_checkpoints_and_a_loadable_export(training_data, tmp_path):
+    cfg = single_cfg(tmp_path / "run", training_data, max_steps=6, checkpoint_every=2, keep_checkpoints=2)
+    summary = train(cfg)
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for key in ("loss", "grad_norm", "lr", "tokens", "tokens_per_s", "tflops", "peak_mem_bytes", "data_wait_frac"):
+        assert all(r[key] is not None for r in records), key
+    assert all("mfu" in r for r in records) and records[-1]["tokens"] == 6 * 4 * 128
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    assert load_config([str(run / "config.yaml")], []).train.max_steps == 6  # the resolved config reloads
+
+    # the export loads in transformers and gives the loop's model's logits
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
+    ours, _ = load_hf(run / "hf")
+    tokens = torch.randint(0, 1000, (2, 16))
+    torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=1e-5, atol=1e-5)
+    assert (run / "hf" / "tokenizer.model").is_file()
+    # launch/export_hf.py writes the same weights from the last checkpoint, without the engine
+    out = tmp_path / "exported"
+    subprocess.run([sys.executable, "launch/export_hf.py", str(run), "--out", str(out)], cwd=ROOT, check=True)
+    a, b = load_file(str(run / "hf" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert summary["step"] == 6 and summary["export"] == str(run / "hf")
+
+
+def test_a_resumed_optimizer_has_its_moments_back(training_data, tmp_path):
+    cfg = single_cfg(tmp_path / "run", training_data, max_steps=3, checkpoint_every=3)
+    train(cfg)
+    folder = find_latest(cfg.run_dir)
+    where = init_distributed(needs_group=False)
+    fresh = TorchEngine(build_model(cfg, _tokenizer(cfg))[0], cfg, where)
+    assert not fresh.optimizer.state  # no moments before loading
+    fresh.load(folder / "engine")
+    moments = [s["exp_avg_sq"] for s in fresh.optimizer.state.values()]
+    assert len(moments) == len(list(fresh.model.parameters())) and all(m.abs().sum() > 0 for m in moments)
+    assert all(int(s["step"]) == 3 for s in fresh.optimizer.state.values())
+    # the weights are the checkpoint's, not the fresh init
+    saved = load_model_weights(folder)
+    for name, param in fresh.model.named_parameters():
+        torch.testing.assert_close(param.detach(), saved[name], rtol=0, atol=0)
+
+
+def _tokenizer(cfg: RunConfig):
+    from data_pipeline.tokenizer import Tokenizer
+
+    return Tokenizer.load(Path(cfg.data.train) / "tokenizer")
+
+
+def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(training_data, tmp_path):
+    cfg = single_cfg(tmp_path / "run", training_data, max_steps=20, checkpoint_every=2, max_bad_steps=3)
+    state = {"calls": 0}
+
+    def poison_after_step_4(model):
+        def hook(module, inputs, output):
+            state["calls"] += torch.is_grad_enabled()
+            return output * float("nan") if state["calls"] > 4 else output
+
+        model.norm.register_forward_hook(hook)
+
+    with pytest.raises(TrainingError, match=r"3 non-finite steps in a row \(last at step 7\).*step_00000006"):
+        train(cfg, model_hook=poison_after_step_4)
+    latest = find_latest(cfg.run_dir)
+    assert read_meta(latest)["state"]["step"] == 6 and read_meta(latest)["state"]["skipped_steps"] == 2
+    # skipped steps leave the weights alone: step 6's checkpoint holds step 4's weights
+    before, after = load_model_weights(latest.with_name("step_00000004")), load_model_weights(latest)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [False] * 4 + [True] * 3
+    assert all(r["loss"] is None for r in records[4:])  # NaN is written as null
+
+
+def test_sft_evaluates_and_stops_early_on_patience(training_data, tmp_path):
+    cfg = single_cfg(tmp_path / "run", training_data, kind="sft", max_steps=50, lr=0.0, eval_every=1, patience=2)
+    cfg.data.val, cfg.data.seq_len, cfg.train.eval_batches = str(training_data["sft_val"]), 256, 2
+    summary = train(cfg)  # lr 0: the validation loss never improves after the first evaluation
+    assert summary["step"] == 3
+    records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isclose(r["val_ppl"], math.exp(r["val_loss"]), rel_tol=1e-9) for r in records)
+    assert (Path(cfg.run_dir) / "hf" / "config.json").is_file()
+
+
+def test_bf16_and_fp16_single_runs_train(training_data, tmp_path):
+    for precision in ("bf16", "fp16"):
+        cfg = single_cfg(tmp_path / precision, training_data, max_steps=8, checkpoint_every=8, lr=3e-3)
+        cfg.train.precision, cfg.export_hf = precision, False
+        losses = train(cfg)["losses"]
+        assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], precision
+
+
+def test_loss_scaler_halves_on_overflow_and_grows_after_a_window():
+    scaler = LossScaler(True, scale=1024.0, window=2)
+    scaler.update(False)
+    assert scaler.scale == 512.0
+    scaler.update(True)
+    scaler.update(True)
+    assert scaler.scale == 1024.0
+    assert LossScaler(False).scale == 1.0
