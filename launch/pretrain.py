@@ -4,7 +4,8 @@ Pretrain the decoder as a Ray Train job: Ray starts ray.num_workers workers (GPU
 cluster has them, else CPU processes), each runs the training loop on the shards the stream
 assigns its rank, and a dead worker restarts the group from the newest checkpoint. Run plainly
 (`python launch/pretrain.py ...`) it starts a local Ray on 127.0.0.1. With no arguments it
-pretrains configs/pretrain/tiny.yaml. The engine is fsdp unless a DeepSpeed JSON is given.
+pretrains configs/pretrain/tiny.yaml, which is read first: every --config
+and override is layered on top of it. The engine is fsdp unless a DeepSpeed JSON is given.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Supervised fine-tuning (chat / role-play) under the deepspeed launcher; torchrun
 `python launch/sft.py` runs one process. Starts from a pretraining export (init_from), trains on
 SFT shards whose labels cover only the assistant turns, evaluates data.val every
 train.eval_every steps (loss, perplexity) and stops early after train.patience evaluations
-without improvement. Reads configs/sft/tiny.yaml when no .yaml is given.
+without improvement. configs/sft/tiny.yaml is read first; every --config and override is
+layered on top of it.
 """
 
 from __future__ import annotations

@@ -231,3 +231,19 @@ def test_loss_scaler_halves_on_overflow_and_grows_after_a_window():
     scaler.update(True)
     assert scaler.scale == 1024.0
     assert LossScaler(False).scale == 1.0
+
+
+def test_activation_checkpointing_gives_the_same_losses(training_data, tmp_path):
+    runs = []
+    for checkpointing in (False, True):
+        cfg = single_cfg(tmp_path / str(checkpointing), training_data, max_steps=3, checkpoint_every=3)
+        cfg.train.activation_checkpointing, cfg.export_hf = checkpointing, False
+        runs.append(train(cfg)["losses"])
+    assert runs[0] == pytest.approx(runs[1], abs=1e-6)
+
+
+def test_the_launchers_defaults_come_first_and_files_layer_on_top(training_data):
+    args = ["--config", "configs/fsdp.yaml", *data_overrides(training_data, "sft"), "init_from=null"]
+    cfg = parse_cli([*args, f"data.val={training_data['sft_val']}"], "doc", "sft/tiny.yaml")
+    assert cfg.engine == "fsdp"  # from the fragment
+    assert cfg.train.lr == 1e-3 and cfg.data.shuffle_buffer == 200  # from the default sft config

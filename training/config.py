@@ -429,7 +429,7 @@ def parse_cli(argv: list[str] | None, doc: str, default_config: str | None = Non
     Args:
         argv: arguments (default sys.argv[1:]).
         doc: the launcher's module docstring (its first paragraph is the usage line).
-        default_config: a run config read first when no .yaml is given (e.g. pretrain/tiny.yaml).
+        default_config: the launcher's run config, read before every --config (e.g. pretrain/tiny.yaml).
     Returns:
         the checked RunConfig; a bad config exits with status 2 and one message naming the key.
     """
@@ -447,9 +447,9 @@ def parse_cli(argv: list[str] | None, doc: str, default_config: str | None = Non
     # the deepspeed launcher passes --local_rank; the rank comes from the environment instead
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    files = list(args.config)
-    if default_config and not any(Path(f).suffix in (".yaml", ".yml") for f in files):
-        files.insert(0, default_config)
+    # The launcher's defaults come first and every file is layered on top, so that a fragment
+    # such as configs/fsdp.yaml changes the engine and nothing else.
+    files = ([default_config] if default_config else []) + list(args.config)
     try:
         return load_config(files, args.overrides)
     except ConfigError as e:

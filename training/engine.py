@@ -70,7 +70,13 @@ def init_distributed(needs_group: bool) -> Dist:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(minutes=30),
+            device_id=device if device.type == "cuda" else None,  # binds NCCL to this rank's GPU
+        )
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return Dist(rank, world, local_rank, device)
