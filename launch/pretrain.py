@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import sys
 
-from training.config import CONFIG_DIR, parse_cli
+from training.config import CONFIG_DIR, ConfigError, parse_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(argv, __doc__, default_config=str(CONFIG_DIR / "pretrain" / "tiny.yaml"))
     from training.ray_job import run
 
-    state = run(cfg)
+    try:
+        state = run(cfg)
+    except ConfigError as error:
+        print(f"pretrain: error: {error}", file=sys.stderr)
+        return 2
     print(
         f"pretrain: finished at step {state.get('step')}, {state.get('tokens', 0):,} tokens; export in {cfg.run_dir}/hf"
     )

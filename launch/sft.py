@@ -15,14 +15,18 @@ import sys
 
 import torch.distributed as dist
 
-from training.config import CONFIG_DIR, parse_cli
-from training.loop import train
+from data_pipeline.records import DataError
+from training.config import CONFIG_DIR, ConfigError, parse_cli
+from training.loop import TrainingError, train
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(argv, __doc__, default_config=str(CONFIG_DIR / "sft" / "tiny.yaml"))
     try:
         train(cfg)
+    except (ConfigError, DataError, TrainingError) as error:
+        print(f"sft: error: {error}", file=sys.stderr)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -14,13 +14,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 from training.checkpoint import find_latest, read_meta
-from training.config import RunConfig, merge
+from training.config import RunConfig, deepspeed_config, merge
 
 
 def run(cfg: RunConfig) -> dict:
     """Run the job on the cluster (cfg.ray.address, $RAY_ADDRESS under `ray job submit`) or on a
     local Ray started here; returns the counters of the final checkpoint (step, tokens, ...)."""
     from launch.ray_cluster import init_ray
+
+    if cfg.deepspeed is not None:
+        deepspeed_config(cfg, world_size=cfg.ray.num_workers)  # batch fields checked before any worker starts
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     # Ray Train's state API needs the dashboard; it listens on 127.0.0.1 only.
