@@ -158,6 +158,17 @@ def test_single_run_writes_metrics_checkpoints_and_a_loadable_export(training_da
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert summary["step"] == 6 and summary["export"] == str(run / "hf")
 
+    # SFT starts from the export: the model is the exported one, and SFT trains from it
+    sft = single_cfg(tmp_path / "sft", training_data, kind="sft", max_steps=2, checkpoint_every=2)
+    sft.init_from, sft.data.seq_len = str(run / "hf"), 256
+    model, _ = build_model(sft, _tokenizer(sft))
+    assert all(torch.equal(p, ours.state_dict()[name]) for name, p in model.state_dict().items())
+    assert all(math.isfinite(x) for x in train(sft)["losses"])
+    # ... but not with data tokenized by another tokenizer
+    (run / "hf" / "tokenizer.model").write_bytes(b"another tokenizer")
+    with pytest.raises(ConfigError, match=r"init_from=.*another tokenizer than the one of data\.train"):
+        build_model(sft, _tokenizer(sft))
+
 
 def test_a_resumed_optimizer_has_its_moments_back(training_data, tmp_path):
     cfg = single_cfg(tmp_path / "run", training_data, max_steps=3, checkpoint_every=3)

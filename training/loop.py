@@ -90,15 +90,9 @@ def train(
         save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
         report.truncate_after(state.step)
     report.print(_announce(cfg, where, n_params, state))
-    meta = {
-        "engine": cfg.engine,
-        "zero_stage": getattr(engine, "stage", None),
-        "model": asdict(model_cfg),
-        "tokenizer_dir": str((Path(cfg.data.train) / "tokenizer").resolve()),
-        "tokenizer_sha256": tokenizer.sha256,
-    }
+    meta = _checkpoint_meta(cfg, engine, model_cfg, tokenizer)
     tokens_per_step = cfg.batch_arithmetic(where.world_size)["tokens_per_step"]
-    peak, losses, skipped, bad_in_a_row, record = peak_flops(where.device), [], [], 0, {}
+    peak, losses, skipped, bad_in_a_row, record, stop = peak_flops(where.device), [], [], 0, {}, False
 
     while state.step < cfg.train.max_steps:
         started = time.perf_counter()
@@ -276,6 +270,17 @@ def export_hf(engine, model_cfg: ModelConfig, out: Path, cfg: RunConfig, where: 
         write_export(state, model_cfg, out, Path(cfg.data.train) / "tokenizer")
     barrier()
     return out
+
+
+def _checkpoint_meta(cfg: RunConfig, engine, model_cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
+    """What a checkpoint records beside the counters: enough for launch/export_hf.py to read it."""
+    return {
+        "engine": cfg.engine,
+        "zero_stage": getattr(engine, "stage", None),
+        "model": asdict(model_cfg),
+        "tokenizer_dir": str((Path(cfg.data.train) / "tokenizer").resolve()),
+        "tokenizer_sha256": tokenizer.sha256,
+    }
 
 
 def _resume(cfg: RunConfig, engine, stream, where: Dist) -> TrainState:
