@@ -11,6 +11,7 @@ and override is layered on top of it. The engine is fsdp unless a DeepSpeed JSON
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from training.config import CONFIG_DIR, ConfigError, parse_cli
 
@@ -24,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"pretrain: error: {error}", file=sys.stderr)
         return 2
-    print(
-        f"pretrain: finished at step {state.get('step')}, {state.get('tokens', 0):,} tokens; export in {cfg.run_dir}/hf"
-    )
+    export = Path(cfg.run_dir) / "hf"
+    where = f"export in {export}" if (export / "config.json").is_file() else f"checkpoints in {cfg.run_dir}"
+    print(f"pretrain: stopped at step {state.get('step')}, {state.get('tokens', 0):,} tokens; {where}")
     return 0
 
 

@@ -66,6 +66,8 @@ def test_missing_data_and_files_are_named(tmp_path):
         load_config([], [f"data.train={tmp_path}"])
     with pytest.raises(ConfigError, match="no such file"):
         load_config(["nope.yaml"], [])
+    with pytest.raises(ConfigError, match="ambiguous, it could be configs/models/tiny.yaml, configs/pretrain/tiny"):
+        load_config(["tiny.yaml"], [])
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match=str(bad)):
@@ -258,3 +260,36 @@ def test_the_launchers_defaults_come_first_and_files_layer_on_top(training_data)
     cfg = parse_cli([*args, f"data.val={training_data['sft_val']}"], "doc", "sft/tiny.yaml")
     assert cfg.engine == "fsdp"  # from the fragment
     assert cfg.train.lr == 1e-3 and cfg.data.shuffle_buffer == 200  # from the default sft config
+
+
+def test_a_run_dir_with_newer_checkpoints_is_not_mixed_with(training_data, tmp_path):
+    cfg = single_cfg(tmp_path / "run", training_data, max_steps=4, checkpoint_every=2)
+    cfg.export_hf = False
+    train(cfg)
+    cfg.resume = "never"
+    with pytest.raises(ConfigError, match=r"already holds step_00000004, newer than the start \(step 0\)"):
+        train(cfg)
+    cfg.resume = str(Path(cfg.run_dir) / "checkpoints" / "step_00000002")
+    with pytest.raises(ConfigError, match=r"newer than the start \(step 2\)"):
+        train(cfg)
+    other = single_cfg(tmp_path / "run", training_data, max_steps=6, checkpoint_every=2)
+    other.model.overrides = {**TEST_MODEL, "n_layers": 3}
+    with pytest.raises(ConfigError, match="model shape or tokenizer differs"):
+        train(other)
+
+
+def test_engine_single_refuses_several_processes_and_deepspeed_refuses_compile(training_data, monkeypatch):
+    with pytest.raises(ConfigError, match="train.compile=true"):
+        load_config(["zero3.json"], [*data_overrides(training_data), "train.compile=true"])
+    with pytest.raises(ConfigError, match=r"stage=0 with train\.precision=fp16"):
+        cfg = load_config(["zero2.json"], [*data_overrides(training_data), "train.precision=fp16"])
+        cfg.deepspeed["zero_optimization"]["stage"] = 0
+        deepspeed_config(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="not a valid float"):
+        load_config([], [*data_overrides(training_data), "train.lr=nan"])
+    from training.engine import Dist
+
+    cfg = load_config([], data_overrides(training_data))
+    model, _ = build_model(cfg, _tokenizer(cfg))
+    with pytest.raises(ConfigError, match="engine=single runs one process, but 2 were started"):
+        TorchEngine(model, cfg, Dist(0, 2, 0, torch.device("cpu")))

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.config import ConfigError
 from training.engine import Dist, barrier, single_process_dcp
 
 META = "meta.json"
@@ -40,6 +41,7 @@ class TrainState:
     resumes: int = 0
     best_val_loss: float | None = None
     evals_since_best: int = 0
+    stopped_early: bool = False
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -101,12 +103,12 @@ def load_checkpoint(engine, folder: Path, where: Dist, engine_name: str) -> tupl
     """Restore model, optimizer, RNG states and counters; return (state, this rank's stream state).
 
     Raises:
-        ValueError: the checkpoint was written by another engine or number of ranks (the data
+        ConfigError: the checkpoint was written by another engine or number of ranks (the data
             streams are per rank, so a resume needs the same world size).
     """
     meta = json.loads((folder / META).read_text())
     if meta["world_size"] != where.world_size or meta["engine"] != engine_name:
-        raise ValueError(
+        raise ConfigError(
             f"{folder}: written by {meta['world_size']} rank(s) of engine {meta['engine']}, resumed with "
             f"{where.world_size} of {engine_name}: resume with the same engine and number of ranks"
         )
@@ -187,11 +189,11 @@ def load_model_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
             dcp.load({"model": state}, checkpoint_id=str(folder / "engine"))
         return state
     zero_files = list((folder / "engine").glob("*zero_pp_rank_*optim_states.pt"))
-    stage = meta.get("zero_stage", 0)
-    if zero_files and stage >= 2:
+    stage = meta.get("zero_stage") or 0
+    if zero_files and stage >= 1:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="engine")
-    # ZeRO 0/1 keep whole weights in the model-states file (in the training dtype)
+    # ZeRO-0 keeps whole weights in the model-states file (in the training dtype)
     module = torch.load(folder / "engine" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     return {k: v.float() for k, v in module.items()}

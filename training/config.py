@@ -13,6 +13,7 @@ DeepSpeed JSON (`deepspeed`, checked against the run config by `deepspeed_config
 from __future__ import annotations
 
 import json
+import math
 import os
 import types
 import typing
@@ -191,9 +192,14 @@ def find_config_file(name: str) -> Path:
     if path.is_file():
         return path
     if not path.is_absolute():
-        for candidate in [CONFIG_DIR / name, *sorted(CONFIG_DIR.glob(f"*/{name}"))]:
-            if candidate.is_file():
-                return candidate
+        if (CONFIG_DIR / name).is_file():
+            return CONFIG_DIR / name
+        matches = sorted(p for p in CONFIG_DIR.glob(f"*/{name}") if p.is_file())
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            names = ", ".join(str(m.relative_to(CONFIG_DIR.parent)) for m in matches)
+            raise ConfigError(f"--config {name}: ambiguous, it could be {names}; give the path")
     raise ConfigError(f"--config {name}: no such file (also looked in {CONFIG_DIR})")
 
 
@@ -262,9 +268,11 @@ def _coerce(value, hint, key: str, source: str):
             return value
         if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 continue
+            if math.isfinite(number):
+                return number
         if kind is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         if kind is dict and isinstance(value, dict):
@@ -318,6 +326,8 @@ def check(cfg: RunConfig) -> None:
         _check_data("data.val", cfg.data.val)
     if (cfg.train.eval_every or cfg.train.patience) and cfg.data.val is None:
         raise ConfigError("train.eval_every / train.patience need data.val (a validation shard folder)")
+    if cfg.engine == "deepspeed" and cfg.train.compile:
+        raise ConfigError("train.compile=true is supported with the single and fsdp engines, not deepspeed")
     if cfg.model.preset not in preset_names():
         raise ConfigError(f"model.preset={cfg.model.preset!r}; choose one of {', '.join(preset_names())}")
     model_config(cfg, vocab_size=None)
@@ -401,10 +411,12 @@ def deepspeed_config(cfg: RunConfig, world_size: int | None) -> dict:
     if cfg.train.precision == "fp16":
         ds["fp16"].setdefault("loss_scale", 0)  # 0: dynamic loss scaling
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage == 0 and cfg.train.precision == "fp32":
-        # DeepSpeed then steps the client optimizer directly, without the non-finite check every
-        # other setting has, so a NaN step could not be skipped.
-        raise ConfigError("deepspeed.zero_optimization.stage=0 with train.precision=fp32: use stage >= 1 or fsdp")
+    if stage == 0 and cfg.train.precision != "bf16":
+        # fp32: DeepSpeed steps the client optimizer directly, without the non-finite check every
+        # other setting has; fp16: its FP16_Optimizer unscales a loss that backward never scaled.
+        raise ConfigError(
+            f"deepspeed.zero_optimization.stage=0 with train.precision={cfg.train.precision}: use stage >= 1 or fsdp"
+        )
     ds.setdefault("steps_per_print", 1 << 30)  # the loop reports; keep DeepSpeed's own log quiet
     return ds
 

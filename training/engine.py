@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from model.decoder import Decoder
-from training.config import RunConfig, deepspeed_config
+from training.config import ConfigError, RunConfig, deepspeed_config
 from training.optim import build_optimizer, param_groups, set_lr
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -60,7 +60,9 @@ def init_distributed(needs_group: bool) -> Dist:
     """
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    # A group made before us over gloo (Ray Train's CPU workers, even on a GPU node) means CPU.
+    on_gloo = dist.is_initialized() and dist.get_backend() == "gloo"
+    if torch.cuda.is_available() and not on_gloo:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
@@ -154,6 +156,11 @@ class TorchEngine:
     autocast (single) or FSDP's MixedPrecisionPolicy, fp16 with `LossScaler`."""
 
     def __init__(self, model: Decoder, cfg: RunConfig, where: Dist):
+        if cfg.engine == "single" and where.world_size > 1:
+            raise ConfigError(
+                f"engine=single runs one process, but {where.world_size} were started: add "
+                "--config configs/fsdp.yaml or a DeepSpeed JSON (--config zero3.json)"
+            )
         self.cfg, self.where = cfg, where
         self.model = parallelize(model, cfg, where)
         t = cfg.train

@@ -35,6 +35,7 @@ from training.checkpoint import (
     checkpoint_dir,
     find_latest,
     load_checkpoint,
+    read_meta,
     save_checkpoint,
     write_export,
 )
@@ -84,7 +85,9 @@ def train(
     n_params = model.num_params()
     engine = build_engine(model, cfg, where)
     stream = data if data is not None else make_stream(cfg, where, cfg.data.train, tokenizer)
-    state = _resume(cfg, engine, stream, where)
+    if cfg.data.val is not None:  # a bad validation split fails now, not after hours of training
+        make_stream(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1).close()
+    state = _resume(cfg, engine, stream, where, model_cfg, tokenizer)
     report = Reporter(cfg.run_dir, where.rank, cfg.train.max_steps, start_step=state.step)
     if where.is_main:
         save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
@@ -92,19 +95,22 @@ def train(
     report.print(_announce(cfg, where, n_params, state))
     meta = _checkpoint_meta(cfg, engine, model_cfg, tokenizer)
     tokens_per_step = cfg.batch_arithmetic(where.world_size)["tokens_per_step"]
-    peak, losses, skipped, bad_in_a_row, record, stop = peak_flops(where.device), [], [], 0, {}, False
+    peak, losses, skipped, bad_in_a_row, record = peak_flops(where.device), [], [], 0, {}
 
-    while state.step < cfg.train.max_steps:
+    while state.step < cfg.train.max_steps and not state.stopped_early:
         started = time.perf_counter()
         lr = _lr(cfg, state.step + 1)
         result = train_step(engine, stream, cfg, where, lr)
         state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
         seconds = time.perf_counter() - started
-        bad_in_a_row = 0 if result.applied else bad_in_a_row + 1
+        # fp16 overflows while the loss scale settles are expected; they do not count as bad
+        bad = not result.applied and result.target_tokens > 0
+        bad = bad and (cfg.train.precision != "fp16" or not math.isfinite(result.loss))
+        bad_in_a_row = bad_in_a_row + 1 if bad else 0
         if not result.applied:
             state.skipped_steps += 1
             skipped.append(state.step)
-            report.print(f"step {state.step}: non-finite loss or gradient norm on some rank; step skipped on all")
+            report.print(f"step {state.step}: non-finite loss or gradient norm, or no targets; skipped on all ranks")
         losses.append(result.loss)
         record = {
             "step": state.step,
@@ -118,30 +124,30 @@ def train(
             "data_wait_frac": result.data_wait_s / seconds,
             "skipped": not result.applied,
         }
-        stop = _evaluate_if_due(engine, cfg, where, tokenizer, state, record, report)
+        state.stopped_early = _evaluate_if_due(engine, cfg, where, tokenizer, state, record, report)
         report.log_step(record)
         if bad_in_a_row >= cfg.train.max_bad_steps:
             report.close()
-            last = find_latest(cfg.run_dir)
+            good = find_latest(cfg.run_dir)
             raise TrainingError(
                 f"{bad_in_a_row} non-finite steps in a row (last at step {state.step}): stopping; the last good "
-                f"checkpoint is {last or 'none (no checkpoint was written yet)'}. Lower train.lr or check the data."
+                f"checkpoint is {good or 'none (no checkpoint was written yet)'}. Lower train.lr or check the data."
             )
         exit_now = state.step == cfg.train.exit_at_step
-        if state.step % cfg.train.checkpoint_every == 0 or state.step == cfg.train.max_steps or stop or exit_now:
+        final = state.step == cfg.train.max_steps or state.stopped_early or exit_now
+        if state.step % cfg.train.checkpoint_every == 0 or final:
             folder = save_checkpoint(
                 engine, checkpoint_dir(cfg.run_dir), state, stream.state_dict(), where, meta, cfg.train.keep_checkpoints
             )
             if on_checkpoint is not None:
                 on_checkpoint(folder, record)
-        if stop:
+        if state.stopped_early:
             report.print(f"step {state.step}: no better validation loss in {cfg.train.patience} evaluations; stopping")
-            break
         if exit_now:
             report.print(f"step {state.step}: exit_at_step reached; resume=auto continues to {cfg.train.max_steps}")
             break
 
-    finished = state.step == cfg.train.max_steps or stop
+    finished = state.step == cfg.train.max_steps or state.stopped_early
     export = export_hf(engine, model_cfg, Path(cfg.run_dir) / "hf", cfg, where) if cfg.export_hf and finished else None
     report.print(f"done: step {state.step}, {state.tokens:,} tokens, {state.skipped_steps} skipped step(s)")
     report.close()
@@ -164,6 +170,8 @@ def train_step(engine, batches: Iterator[dict], cfg: RunConfig, where: Dist, lr:
     wait = time.perf_counter() - wait
     local_count = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)
     (global_count,) = all_reduce_sum([local_count], where.device)
+    if global_count == 0:  # only padding on every rank (corrupt shards skipped): nothing to learn
+        return StepResult(math.nan, 0, math.nan, False, wait)
     scale = engine.grad_divisor / max(global_count, 1.0)
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=where.device)
@@ -197,8 +205,8 @@ def evaluate(engine, cfg: RunConfig, where: Dist, tokenizer: Tokenizer) -> dict:
     engine.model.train()
     stream.close()
     total, n = all_reduce_sum([float(loss_sum), count], where.device)
-    loss = total / max(n, 1.0)
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(n)}
+    loss = total / n if n else math.nan
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)) if n else math.nan, "val_tokens": int(n)}
 
 
 def _evaluate_if_due(engine, cfg, where, tokenizer, state: TrainState, record: dict, report: Reporter) -> bool:
@@ -283,10 +291,25 @@ def _checkpoint_meta(cfg: RunConfig, engine, model_cfg: ModelConfig, tokenizer: 
     }
 
 
-def _resume(cfg: RunConfig, engine, stream, where: Dist) -> TrainState:
+def _resume(cfg: RunConfig, engine, stream, where: Dist, model_cfg: ModelConfig, tokenizer: Tokenizer) -> TrainState:
+    """Load the checkpoint that `resume` names (none for a fresh start), after checking that it
+    fits this run and that run_dir holds nothing newer that this run would mix with."""
     folder = None if cfg.resume == "never" else find_latest(cfg.run_dir) if cfg.resume == "auto" else Path(cfg.resume)
+    start = read_meta(folder)["state"]["step"] if folder else 0
+    newer = find_latest(cfg.run_dir)
+    if newer is not None and read_meta(newer)["state"]["step"] > start:
+        raise ConfigError(
+            f"run_dir={cfg.run_dir} already holds {newer.name}, newer than the start (step {start}); resume=auto "
+            "continues it, or use another run_dir"
+        )
     if folder is None:
         return TrainState()
+    meta = read_meta(folder)
+    if meta["model"] != asdict(model_cfg) or meta["tokenizer_sha256"] != tokenizer.sha256:
+        raise ConfigError(
+            f"resume={folder}: its model shape or tokenizer differs from this run's (model.*, data.train); "
+            "resume with the same model and data, or use another run_dir"
+        )
     state, stream_state = load_checkpoint(engine, folder, where, cfg.engine)
     stream.load_state_dict(stream_state)
     state.resumes += 1
