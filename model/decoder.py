@@ -1,7 +1,8 @@
 """A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
 
-Reads top to bottom: norm → rotary helpers → attention mask → attention → feed-forward → block →
-decoder. Pure PyTorch; parallelism is applied from outside (training/engine.py).
+Reads top to bottom: norm → rotary helpers → attention mask → KV cache → attention →
+feed-forward → block → decoder. Pure PyTorch; parallelism is applied from outside
+(training/engine.py).
 """
 
 from __future__ import annotations
@@ -95,6 +96,57 @@ def _flex_attention(q, k, v, block_mask):
     return _compiled_flex(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
+# --- KV cache for generation --------------------------------------------------------------
+
+
+class LayerCache:
+    """One layer's keys and values so far, in preallocated (B, n_kv_heads, max_len, head_dim)
+    buffers, so each decoding step writes one slice instead of concatenating."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new k, v (B, n_kv_heads, T, head_dim) at `length`; return the whole buffers.
+
+        Attention runs over all max_len slots, the unwritten ones masked out (they hold zeros,
+        not garbage, as a masked NaN would still poison the output): every decoding step then
+        has the same shapes, so attention kernels and their plans (cuDNN builds one per shape)
+        are reused instead of rebuilt for each new length.
+        """
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; {end} requested (make a larger cache)")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        self.length = end
+        return self.k, self.v
+
+
+class KVCache:
+    """Every layer's cache; made by `Decoder.new_cache` and passed to `Decoder.forward(cache=...)`."""
+
+    def __init__(self, layers: list[LayerCache]):
+        self.layers = layers
+
+    @property
+    def length(self) -> int:
+        """Positions filled so far (the same in every layer between forward calls)."""
+        return self.layers[0].length
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].k.shape[2]
+
+
+def cached_causal_mask(past: int, T: int, max_len: int, device) -> torch.Tensor:
+    """Boolean mask (1, 1, T, max_len) over the cache: new query t (at position past + t) sees
+    the cached keys and the new keys up to itself, and no unwritten slot."""
+    query_pos = torch.arange(past, past + T, device=device)[:, None]
+    return (torch.arange(max_len, device=device) <= query_pos)[None, None]
+
+
 # --- blocks -------------------------------------------------------------------------------
 
 
@@ -107,7 +159,7 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, q_out + 2 * kv_out, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_out, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache: LayerCache | None = None):
         B, T, _ = x.shape
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split((q_out, kv_out, kv_out), dim=-1)
@@ -115,6 +167,8 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, head_dim)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, n_kv_heads, max_len, head_dim)
         if mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         elif isinstance(mask, torch.Tensor):
@@ -144,8 +198,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, cache: LayerCache | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -189,6 +243,22 @@ class Decoder(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
+        """An empty KV cache for incremental decoding.
+
+        Args:
+            batch: sequences decoded together.
+            max_len: most positions it holds (prompt plus generated tokens).
+            device, dtype: of the buffers; default those of the model's weights.
+        Returns:
+            a KVCache to pass to `forward(..., cache=cache)`.
+        """
+        weight = self.tok_embeddings.weight
+        cfg = self.cfg
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        kw = dict(device=device or weight.device, dtype=dtype or weight.dtype)
+        return KVCache([LayerCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in range(cfg.n_layers)])
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -197,6 +267,7 @@ class Decoder(nn.Module):
         return_hidden: bool = False,
         labels: torch.Tensor | None = None,
         z_loss: float = 0.0,
+        cache: KVCache | None = None,
     ):
         """Run the decoder.
 
@@ -211,14 +282,18 @@ class Decoder(nn.Module):
                 returns `(loss_sum, n_target_tokens)` from the chunked loss, computed here so
                 that a sharded output weight (ZeRO-3, FSDP) is gathered when it is used.
             z_loss: weight of the z-loss term, with `labels` only.
+            cache: for generation: `tokens` are only the new tokens, which attend to every
+                cached key and causally to each other; their keys and values are appended.
+                Positions then default to continue from the cache's length. Not with doc_ids.
         Returns:
             logits (B, T, vocab_size), hidden states, or (loss_sum, n_target_tokens).
         """
+        past = 0 if cache is None else cache.length
         if position_ids is None:
             position_ids = (
                 positions_from_doc_ids(doc_ids)
                 if doc_ids is not None
-                else torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+                else torch.arange(past, past + tokens.shape[1], device=tokens.device).expand_as(tokens)
             )
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         # Frequencies are recomputed in fp32 on every call rather than kept in a buffer, which
@@ -227,12 +302,17 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(position_ids, inv_freq, h.dtype)
         mask = None
         if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids and a KV cache cannot be combined")
             mask = _flex_block_mask(doc_ids) if h.is_cuda else document_causal_mask(doc_ids)
-        for layer in self.layers:
+        if cache is not None:
+            mask = cached_causal_mask(past, tokens.shape[1], cache.max_len, h.device)
+        layer_caches = [None] * len(self.layers) if cache is None else cache.layers
+        for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
             if self.checkpoint_layers and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, mask, layer_cache, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask)
+                h = layer(h, cos, sin, mask, layer_cache)
         h = self.norm(h)
         if labels is not None:
             return chunked_causal_lm_loss(h, self.output_weight, labels, z_loss=z_loss)

@@ -197,3 +197,46 @@ def load_model_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     # ZeRO-0 keeps whole weights in the model-states file (in the training dtype)
     module = torch.load(folder / "engine" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     return {k: v.float() for k, v in module.items()}
+
+
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A trained model and its tokenizer from a Hugging Face export, a checkpoint or a run dir.
+
+    Args:
+        path: an HF folder (config.json + weights + tokenizer files), a step_XXXXXXXX checkpoint,
+            or a run directory (its hf/ export if finished, else its newest checkpoint).
+        device: where the weights go.
+        dtype: their dtype.
+    Returns:
+        (Decoder in eval mode, ModelConfig, Tokenizer).
+    Raises:
+        FileNotFoundError: nothing loadable at `path` (the message names it).
+        ValueError: the checkpoint's tokenizer folder holds another tokenizer than it trained with.
+    """
+    from data_pipeline.tokenizer import Tokenizer
+    from model.config import ModelConfig
+    from model.decoder import Decoder
+    from model.hf import load_hf
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model folder")
+    if (path / "hf" / "config.json").is_file():
+        path = path / "hf"
+    if (path / "config.json").is_file():
+        model, model_cfg = load_hf(path, device=device, dtype=dtype)
+        return model.eval(), model_cfg, Tokenizer.load(path)
+    folder = path if (path / META).is_file() else find_latest(path)
+    if folder is None:
+        raise FileNotFoundError(
+            f"{path}: not a Hugging Face export (config.json), a checkpoint or a run directory with one"
+        )
+    meta = read_meta(folder)
+    tok = Tokenizer.load(meta["tokenizer_dir"])
+    if meta.get("tokenizer_sha256") not in (None, tok.sha256):
+        raise ValueError(f"{meta['tokenizer_dir']}: not the tokenizer checkpoint {folder} was trained with")
+    model_cfg = ModelConfig(**meta["model"])
+    with torch.device("meta"):
+        model = Decoder(model_cfg)
+    model.load_state_dict(load_model_weights(folder), assign=True)
+    return model.to(device, dtype).eval(), model_cfg, tok

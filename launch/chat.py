@@ -1,0 +1,173 @@
+"""python launch/chat.py MODEL [--character NAME --world FILE | --card FILE | --system TEXT] [--prompt TEXT] [--seed N]
+
+Talk to a model in the terminal, its answers streamed as they are generated. MODEL is a Hugging
+Face export folder (config.json, model.safetensors and the tokenizer files, as training and
+launch/export_hf.py write it), a training checkpoint folder, or a run directory (its newest
+checkpoint). The character card becomes the system message: a character of a world file
+({"characters": [{"name": ..., "card": ...}]}), a text file, or text given here. Each line typed
+is a user turn; the answer ends at <|im_end|>. The oldest exchanges are dropped when the
+conversation would not fit the model's context. With --prompt it answers once, prints only the
+answer and exits. Ctrl-D quits. Sampling: --temperature 0.7 --top-p 0.9 --max-tokens 200 by
+default; --temperature 0 is greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from data_pipeline.chat import encode_prompt
+from data_pipeline.records import DataError
+from data_pipeline.tokenizer import Tokenizer
+from model.decoder import Decoder
+from model.generate import generate
+from training.checkpoint import load_for_inference
+
+
+class ChatError(Exception):
+    """A bad input: reported in one line, exit code 2."""
+
+
+def read_card(args: argparse.Namespace) -> str | None:
+    """The system message from --character/--world, --card or --system (None: no system message)."""
+    if args.system is not None:
+        return args.system
+    if args.card is not None:
+        if not args.card.is_file():
+            raise ChatError(f"{args.card}: no such card file")
+        return args.card.read_text().strip()
+    if args.character is None:
+        return None
+    if not args.world.is_file():
+        raise ChatError(f"{args.world}: no such world file")
+    try:
+        characters = json.loads(args.world.read_text())["characters"]
+        cards = {c["name"].lower(): c["card"] for c in characters}
+        names = [c["name"] for c in characters]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ChatError(f'{args.world}: expected {{"characters": [{{"name": ..., "card": ...}}]}} ({e!r})') from e
+    if args.character.lower() not in cards:
+        raise ChatError(f"{args.world}: no character {args.character!r}; it has {', '.join(names)}")
+    return cards[args.character.lower()]
+
+
+def load_model(path: Path, device: torch.device) -> tuple[Decoder, Tokenizer]:
+    """The model (eval mode, bf16 on a GPU, fp32 on CPU) and its tokenizer from an HF export, a
+    checkpoint folder or a run directory."""
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        model, _, tok = load_for_inference(path, device, dtype)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise ChatError(str(e)) from e
+    return model, tok
+
+
+def build_prompt(
+    system: str | None, history: list[tuple[str, str]], user: str, tok: Tokenizer, max_seq_len: int, max_tokens: int
+) -> tuple[list[int], int]:
+    """Prompt ids for the next answer, dropping the oldest exchanges until prompt + answer fit.
+
+    Args:
+        system: the card (None: no system message).
+        history: earlier (user, assistant) exchanges, oldest first.
+        user: the new user message.
+        tok: the tokenizer.
+        max_seq_len: the model's context.
+        max_tokens: room wanted for the answer; it gets less when even the shortest prompt
+            leaves less.
+    Returns:
+        (prompt ids, number of exchanges dropped from the start of history).
+    """
+    head = [{"role": "system", "content": system}] if system else []
+    for start in range(len(history) + 1):
+        turns = [{"role": r, "content": c} for u, a in history[start:] for r, c in (("user", u), ("assistant", a))]
+        ids = encode_prompt(head + turns + [{"role": "user", "content": user}], tok)
+        if len(ids) + max_tokens <= max_seq_len:
+            return ids, start
+    if len(ids) < max_seq_len:
+        return ids, len(history)
+    raise ChatError(f"the prompt is {len(ids)} tokens; the model's context is {max_seq_len}")
+
+
+def stream_answer(model: Decoder, tok: Tokenizer, prompt: list[int], args, generator) -> str:
+    """Generate and print the answer as it comes; return its text."""
+    max_new = min(args.max_tokens, model.cfg.max_seq_len - len(prompt))
+    stop = (tok.im_end_id, tok.eos_id)
+    ids: list[int] = []
+    shown = ""
+    settings = dict(temperature=args.temperature, top_p=args.top_p, stop_ids=stop, generator=generator)
+    for token in generate(model, prompt, max_new_tokens=max_new, **settings):
+        ids.append(token)
+        # Decode everything so far and print the new suffix: a character split over several
+        # byte tokens appears once it is whole (until then the text ends in U+FFFD).
+        text = tok.decode(ids)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown) :], end="", flush=True)
+            shown = text
+    text = tok.decode(ids)
+    print(text[len(shown) :], flush=True)
+    return text
+
+
+def chat_loop(model: Decoder, tok: Tokenizer, system: str | None, args, generator) -> None:
+    """Read user lines until end of input, answering each with the history kept."""
+    name = args.character or "assistant"
+    print(f"chat: {args.model} on {model.output_weight.device}; Ctrl-D quits", file=sys.stderr)
+    history: list[tuple[str, str]] = []
+    try:
+        while True:
+            user = input("you> ").strip()
+            if not user:
+                continue
+            try:
+                prompt, dropped = build_prompt(system, history, user, tok, model.cfg.max_seq_len, args.max_tokens)
+            except ChatError as error:
+                print(f"chat: {error}; say something shorter", file=sys.stderr)
+                continue
+            history = history[dropped:]
+            print(f"{name}> ", end="", flush=True)
+            history.append((user, stream_answer(model, tok, prompt, args, generator)))
+    except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C ends the chat
+        print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="HF export folder, checkpoint folder or run directory")
+    card = parser.add_mutually_exclusive_group()
+    card.add_argument("--character", help="a character's name in --world (any case)")
+    card.add_argument("--card", type=Path, help="a text file holding the character card")
+    card.add_argument("--system", help="the system message itself")
+    parser.add_argument("--world", type=Path, help="world.json holding the characters")
+    parser.add_argument("--prompt", help="answer this one message, print only the answer, exit")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy (default 0.7)")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
+    parser.add_argument("--max-tokens", type=int, default=200, help="longest answer in tokens (default 200)")
+    parser.add_argument("--seed", type=int, help="seed the sampling, for reproducible answers")
+    args = parser.parse_args(argv)
+    if (args.character is None) != (args.world is None):
+        parser.error("--character and --world go together")
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        system = read_card(args)
+        model, tok = load_model(args.model, device)
+        if args.prompt is not None:
+            prompt, _ = build_prompt(system, [], args.prompt, tok, model.cfg.max_seq_len, args.max_tokens)
+    except (ChatError, DataError) as error:
+        print(f"chat: error: {error}", file=sys.stderr)
+        return 2
+    generator = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
+    if args.prompt is not None:
+        stream_answer(model, tok, prompt, args, generator)
+    else:
+        chat_loop(model, tok, system, args, generator)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

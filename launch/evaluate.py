@@ -1,0 +1,88 @@
+"""python launch/evaluate.py CHECKPOINT [CHECKPOINT ...] --corpus DIR [--items F] [--judge rules|DIR] [--out eval.json]
+
+Evaluate trained models (HF exports, checkpoints or run directories): perplexity on held-out
+text, ROUGE-L against reference answers, persona-fact accuracy (split a) and lore accuracy
+(split b) on a corpus written by data_pipeline/synthetic.py (DIR/eval/facts.jsonl,
+DIR/eval/lore.jsonl, DIR/heldout.jsonl), and, with two or more checkpoints, a good/same/bad
+comparison of the last one against the first by a judge (the built-in rules, or a model given
+as an HF folder). --items adds any messages-format chat file (e.g. RoleBench's test split) for
+ROUGE-L. Prints a table and writes eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from training.evaluation import evaluate_checkpoint, gsb, model_judge, read_items, rule_judge
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", nargs="+", type=Path, help="HF exports, checkpoints or run directories")
+    parser.add_argument("--corpus", type=Path, help="a synthetic corpus folder (eval/ splits and heldout.jsonl)")
+    parser.add_argument("--items", type=Path, action="append", default=[], help="more evaluation chats (.jsonl)")
+    parser.add_argument("--judge", default="rules", help="'rules' or an HF folder of a judge model (GSB)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--limit", type=int, help="at most this many items per split")
+    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("eval.json"))
+    args = parser.parse_args(argv)
+    try:
+        splits, heldout = _splits(args)
+        runs = [evaluate_checkpoint(c, splits, heldout, args.max_new_tokens, args.device) for c in args.checkpoints]
+    except (OSError, ValueError) as error:
+        print(f"evaluate: error: {error}", file=sys.stderr)
+        return 2
+    rows, answers = [row for row, _ in runs], [ans for _, ans in runs]
+    result = {"checkpoints": rows}
+    if len(rows) > 1:
+        judge = rule_judge if args.judge == "rules" else model_judge(args.judge, args.device)
+        items = [i for name in splits for i in splits[name]]
+        flat = [[a for name in splits for a in ans[name]] for ans in answers]
+        result["gsb"] = {"baseline": rows[0]["checkpoint"], "candidate": rows[-1]["checkpoint"], "judge": args.judge}
+        result["gsb"] |= gsb(items, flat[0], flat[-1], judge)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    return 0
+
+
+def _splits(args) -> tuple[dict[str, list[dict]], list[str]]:
+    splits, heldout = {}, []
+    if args.corpus is not None:
+        for name in ("facts", "lore"):
+            splits[name] = read_items(args.corpus / "eval" / f"{name}.jsonl")
+        lines = (args.corpus / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
+        heldout = [json.loads(line)["text"] for line in lines if line.strip()]
+    for path in args.items:
+        splits[path.stem] = read_items(path)
+    if not splits:
+        raise ValueError("nothing to evaluate: give --corpus DIR and/or --items FILE")
+    return {k: v[: args.limit] for k, v in splits.items()}, heldout[: args.limit]
+
+
+def table(result: dict) -> str:
+    """The evaluation as a markdown table (also what the demo's report shows)."""
+    keys = [k for k in result["checkpoints"][0] if k != "checkpoint"]
+    lines = ["| checkpoint | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
+    for row in result["checkpoints"]:
+        cells = [f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys]
+        lines.append(f"| {row['checkpoint']} | " + " | ".join(cells) + " |")
+    if "gsb" in result:
+        g = result["gsb"]
+        lines.append(f"\nGSB ({g['judge']} judge), {g['candidate']} vs {g['baseline']}: ")
+        lines[-1] += f"good {g['good']}, same {g['same']}, bad {g['bad']}"
+    return "\n".join(lines)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

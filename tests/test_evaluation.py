@@ -1,0 +1,107 @@
+"""Evaluation metrics against references: ROUGE-L against a naive LCS and hand values, held-out
+perplexity against transformers' LlamaForCausalLM loss (fp32, rel 1e-5), GSB counting, item files."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipeline.chat import encode_document
+from data_pipeline.tokenizer import Tokenizer
+from model.config import preset
+from model.decoder import Decoder
+from tests.training_data import TEST_MODEL
+from training.checkpoint import load_for_inference, write_export
+from training.evaluation import answer, gsb, has_fact, perplexity, read_items, rouge_l, rule_judge, score
+
+
+def naive_lcs(a: list[str], b: list[str]) -> int:
+    """The longest common subsequence by trying every subsequence of the shorter side."""
+    short, long = (a, b) if len(a) <= len(b) else (b, a)
+    for size in range(len(short), 0, -1):
+        for pick in itertools.combinations(short, size):
+            it = iter(long)
+            if all(tok in it for tok in pick):
+                return size
+    return 0
+
+
+def test_rouge_l_hand_values_and_naive_lcs():
+    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    assert rouge_l("我爱北京", "我爱上海") == pytest.approx(0.5)  # CJK: one token per character
+    assert rouge_l("", "anything") == 0.0 and rouge_l("same words", "Same, words!") == 1.0
+    rng = random.Random(0)
+    for _ in range(50):
+        a = [rng.choice("abcd") for _ in range(rng.randint(1, 7))]
+        b = [rng.choice("abcd") for _ in range(rng.randint(1, 7))]
+        lcs = naive_lcs(a, b)
+        expected = 0.0 if lcs == 0 else 2 * lcs / (len(a) + len(b))  # F1 of P=lcs/|a|, R=lcs/|b|
+        assert rouge_l(" ".join(a), " ".join(b)) == pytest.approx(expected)
+
+
+def test_fact_match_and_scores():
+    assert has_fact("Hmph. I hail from  Emberfall, of course.", "emberfall")
+    assert not has_fact("I hail from Ember.", "Emberfall")
+    items = [{"reference": "I live in Emberfall.", "expected": "Emberfall"}, {"reference": "A lantern."}]
+    result = score(items, ["Emberfall is my home.", "A lantern."])
+    assert result["accuracy"] == 1.0 and 0 < result["rouge_l"] < 1
+
+
+def test_gsb_counts_from_the_second_models_side():
+    items = [{"reference": "I am from Emberfall.", "expected": "Emberfall"}] * 3
+    a = ["I am from Emberfall.", "No idea.", "I am from Emberfall."]
+    b = ["I am from Emberfall.", "I am from Emberfall.", "No idea."]
+    assert gsb(items, a, b, rule_judge) == {"good": 1, "same": 1, "bad": 1}
+
+
+def test_read_items_takes_items_or_chats_and_names_a_bad_line(tmp_path):
+    path = tmp_path / "eval.jsonl"
+    chat = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}
+    chat["messages"].append({"role": "assistant", "content": "the answer"})
+    item = {"messages": chat["messages"][:2], "reference": "r", "expected": "x"}
+    path.write_text(json.dumps(chat) + "\n" + json.dumps(item) + "\n{broken\n")
+    with pytest.raises(ValueError, match=rf"{path}:3"):
+        read_items(path)
+    path.write_text(json.dumps(chat) + "\n" + json.dumps(item) + "\n")
+    first, second = read_items(path)
+    assert first["reference"] == "the answer" and len(first["messages"]) == 2 and second == item
+
+
+@pytest.fixture(scope="module")
+def exported(training_data, tmp_path_factory) -> Path:
+    tok = Tokenizer.load(training_data["pretrain"] / "tokenizer")
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=tok.vocab_size, **TEST_MODEL)
+    model = Decoder(cfg)
+    model.init_weights()
+    out = tmp_path_factory.mktemp("export")
+    return write_export(model.state_dict(), cfg, out, training_data["pretrain"] / "tokenizer")
+
+
+def test_perplexity_equals_transformers_loss(exported):
+    from transformers import AutoModelForCausalLM
+
+    model, cfg, tok = load_for_inference(exported)
+    texts = ["To be, or not to be, that is the question.", "Now is the winter of our discontent."]
+    hf = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            sample = encode_document(text, tok)
+            ids = torch.tensor([[*sample.input_ids, sample.labels[-1]]], dtype=torch.long)  # bos + text + eos
+            n = ids.shape[1] - 1
+            total, count = total + float(hf(ids, labels=ids).loss) * n, count + n
+    assert perplexity(model, tok, texts, seq_len=cfg.max_seq_len) == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_answers_are_greedy_and_stop_at_the_end_of_turn(exported):
+    model, _, tok = load_for_inference(exported)
+    messages = [{"role": "system", "content": "You are Brakka."}, {"role": "user", "content": "Who are you?"}]
+    first, again = answer(model, tok, messages, max_new_tokens=8), answer(model, tok, messages, max_new_tokens=8)
+    assert first == again and "<|im_end|>" not in first

@@ -1,0 +1,226 @@
+"""Judging a trained model: held-out perplexity, role-play scores and good/same/bad comparisons.
+
+    perplexity       exp(mean next-token loss) over held-out documents (the training loss, on text
+                     the model never saw)
+    rouge_l          ROUGE-L F1 of the model's answer against the reference answer, over words
+                     (CJK text over characters), the metric RoleBench reports
+    persona_accuracy share of persona-fact questions (split a: facts in the character card, asked in
+                     wordings SFT never used) whose expected fact appears in the answer
+    lore_accuracy    the same on split b: facts only the pretraining lore stated, never an SFT answer
+                     of that character, so the answer must come from what pretraining learned
+    gsb              a pairwise comparison of two checkpoints' answers to the same prompts by a
+                     judge, counted as good (the second is better), same, or bad
+
+An evaluation item is `{"messages": [system card, user question], "reference": str}` with an
+optional `"expected"` fact string (data_pipeline/synthetic.py writes them); a plain messages-format
+chat (e.g. RoleBench through data_pipeline.formats) becomes one by taking its last assistant turn
+as the reference. Answers are greedy, so scores are reproducible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+
+from data_pipeline.chat import encode_document, encode_prompt
+from data_pipeline.tokenizer import Tokenizer
+from model.decoder import Decoder
+from model.generate import generate
+
+Judge = Callable[[dict, str], float]
+"""Scores one answer to one item; higher is better."""
+
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+_WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)
+
+
+# --- metrics on text ------------------------------------------------------------------------------
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """Lower-cased words; each CJK character is a token of its own (as RoleBench scores Chinese)."""
+    return _WORD.findall(text.lower())
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 (Lin, 2004) between two texts: from the longest common subsequence of tokens.
+
+    Args:
+        candidate: the model's answer.
+        reference: the reference answer.
+    Returns:
+        F1 in [0, 1]; 0 when either side has no tokens.
+    """
+    a, b = rouge_tokens(candidate), rouge_tokens(reference)
+    if not a or not b:
+        return 0.0
+    lcs = _lcs_length(a, b)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _lcs_length(a: list[str], b: list[str]) -> int:
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def has_fact(answer: str, expected: str) -> bool:
+    """The expected fact appears in the answer (case-insensitive, spaces normalised)."""
+    squeeze = lambda s: " ".join(s.lower().split())  # noqa: E731
+    return squeeze(expected) in squeeze(answer)
+
+
+# --- the model's side -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def perplexity(model: Decoder, tok: Tokenizer, texts: Iterable[str], seq_len: int) -> float:
+    """exp of the mean next-token loss over documents, each cut into windows of seq_len.
+
+    Args:
+        model: the decoder (eval mode).
+        tok: its tokenizer.
+        texts: held-out documents.
+        seq_len: the longest window (the model's training length).
+    Returns:
+        the perplexity (nan without any token).
+    """
+    device = next(model.parameters()).device
+    loss_sum, count = 0.0, 0
+    for text in texts:
+        sample = encode_document(text, tok)
+        for start in range(0, len(sample.input_ids), seq_len):
+            ids = torch.as_tensor(sample.input_ids[start : start + seq_len], dtype=torch.long, device=device)
+            labels = torch.as_tensor(sample.labels[start : start + seq_len], dtype=torch.long, device=device)
+            s, n = model(ids[None], labels=labels[None])
+            loss_sum, count = loss_sum + float(s), count + int(n)
+    return math.exp(loss_sum / count) if count else math.nan
+
+
+def answer(model: Decoder, tok: Tokenizer, messages: list[dict], max_new_tokens: int = 64) -> str:
+    """The model's greedy answer to a conversation that ends with a user turn."""
+    prompt = encode_prompt(messages, tok)
+    room = model.cfg.max_seq_len - max_new_tokens
+    ids = list(generate(model, prompt[-room:], max_new_tokens=max_new_tokens, stop_ids=(tok.im_end_id, tok.eos_id)))
+    return tok.decode(ids).strip()
+
+
+def score(items: list[dict], answers: list[str]) -> dict[str, float]:
+    """Mean ROUGE-L against the references and, where items carry one, fact accuracy."""
+    result = {"rouge_l": sum(rouge_l(a, i["reference"]) for i, a in zip(items, answers, strict=True)) / len(items)}
+    facts = [(i, a) for i, a in zip(items, answers, strict=True) if i.get("expected")]
+    if facts:
+        result["accuracy"] = sum(has_fact(a, i["expected"]) for i, a in facts) / len(facts)
+    return result
+
+
+# --- judges and GSB -------------------------------------------------------------------------------
+
+
+def rule_judge(item: dict, reply: str) -> float:
+    """The default judge: the fact right counts most, then closeness to the reference answer."""
+    fact = has_fact(reply, item["expected"]) if item.get("expected") else 0.0
+    return 2.0 * fact + rouge_l(reply, item["reference"])
+
+
+def model_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
+    """A judge model given as a Hugging Face folder: the mean log-probability it assigns to the
+    answer's tokens after the prompt (a likelihood judge; a stronger model judges better)."""
+    from training.checkpoint import load_for_inference
+
+    judge, _, tok = load_for_inference(path, device)
+
+    @torch.no_grad()
+    def scored(item: dict, reply: str) -> float:
+        prompt = encode_prompt(item["messages"], tok)
+        target = tok.encode(reply) + [tok.im_end_id]
+        ids = torch.tensor([prompt + target], device=device)
+        logprobs = torch.log_softmax(judge(ids[:, :-1]).float(), dim=-1)[0, len(prompt) - 1 :]
+        return float(logprobs.gather(-1, ids[0, len(prompt) :, None]).mean())
+
+    return scored
+
+
+def gsb(items: list[dict], answers_a: list[str], answers_b: list[str], judge: Judge, tie: float = 1e-6) -> dict:
+    """Good / same / bad counts of B's answers against A's on the same items, by `judge`.
+
+    Args:
+        items: the evaluation items.
+        answers_a, answers_b: the baseline's and the candidate's answers, in item order.
+        judge: scores one answer.
+        tie: score differences up to this count as "same".
+    Returns:
+        {"good": n, "same": n, "bad": n} from B's point of view.
+    """
+    counts = {"good": 0, "same": 0, "bad": 0}
+    for item, a, b in zip(items, answers_a, answers_b, strict=True):
+        diff = judge(item, b) - judge(item, a)
+        counts["good" if diff > tie else "bad" if diff < -tie else "same"] += 1
+    return counts
+
+
+def read_items(path: str | Path) -> list[dict]:
+    """Evaluation items from a .jsonl of items, or of messages-format chats (last assistant turn is
+    the reference, the turns before it the prompt)."""
+    items = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if "reference" not in row:
+                last = max(i for i, m in enumerate(row["messages"]) if m["role"] == "assistant")
+                row = {"messages": row["messages"][:last], "reference": row["messages"][last]["content"]}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}:{lineno}: not an evaluation item or a messages chat ({e})") from None
+        items.append(row)
+    return items
+
+
+# --- one checkpoint on a corpus's splits ------------------------------------------------------------
+
+
+def evaluate_checkpoint(
+    path: str | Path, splits: dict[str, list[dict]], heldout: list[str], max_new_tokens: int = 64, device: str = "cpu"
+) -> tuple[dict, dict[str, list[str]]]:
+    """Perplexity and role-play scores of one checkpoint.
+
+    Args:
+        path: an HF export, checkpoint or run directory.
+        splits: evaluation items by split name; "facts" gives persona_accuracy, "lore"
+            lore_accuracy, every split a ROUGE-L (rouge_l is the "facts" one when present).
+        heldout: documents for perplexity.
+        max_new_tokens: the longest answer.
+        device: where to run.
+    Returns:
+        (the eval.json row, the answers by split for GSB).
+    """
+    model, model_cfg, tok = _load(path, device)
+    row: dict = {"checkpoint": str(path), "perplexity": perplexity(model, tok, heldout, model_cfg.max_seq_len)}
+    answers = {}
+    for name, items in splits.items():
+        answers[name] = [answer(model, tok, item["messages"], max_new_tokens) for item in items]
+        scores = score(items, answers[name])
+        row[f"rouge_l_{name}"] = scores["rouge_l"]
+        if "accuracy" in scores:
+            row["persona_accuracy" if name == "facts" else f"{name}_accuracy"] = scores["accuracy"]
+    row["rouge_l"] = row.get("rouge_l_facts", next((v for k, v in row.items() if k.startswith("rouge_l_")), None))
+    return row, answers
+
+
+def _load(path, device):
+    from training.checkpoint import load_for_inference
+
+    return load_for_inference(path, device)
