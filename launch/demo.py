@@ -1,54 +1,219 @@
-"""make demo   (or: python launch/demo.py [--steps N])
+"""make demo   (or: python launch/demo.py [--out runs/demo] [--quick])
 
-The quick start. Until the end-to-end path lands (data preparation, the Ray pretraining job,
-DeepSpeed SFT, evaluation) this runs a short pretraining of the tiny model on a fixed set of
-random token sequences: the decoder and the one loss learn to reproduce them, so the printed
-loss falls from ln(vocab) towards zero.
+The quick start, end to end, on the embedded game-world corpus: generate the world
+(data_pipeline/synthetic.py) → prepare shards and train the tokenizer (launch/prepare_data.py,
+a Ray Data job) → pretrain the tiny model as a Ray Train job with 2 workers (launch/pretrain.py)
+→ fine-tune it on role-play chats under `deepspeed launch/sft.py --config zero3.json` (ZeRO-3,
+2 processes) → evaluate both exports (launch/evaluate.py) → write report.md, loss.png and
+eval.json → print a short dialogue with one character (launch/chat.py). Every stage runs the
+real entry point, as a user would type it; the commands are printed. Uses the GPUs when there
+are any. --quick runs the same path at a toy size (the CPU end-to-end test).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+# name: (characters, lore documents, chats per character, vocabulary, pretrain steps, SFT steps, shard MiB,
+#        micro batch)
+SIZES = {"full": (16, 2000, 160, 2048, 150, 200, 0.25, 8), "quick": (4, 200, 12, 512, 4, 4, 0.02, 1)}
 
-from model.config import preset
-from model.decoder import Decoder
 
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="a toy-sized run of the same path")
+    args = parser.parse_args(argv)
+    out = args.out.resolve()
+    characters, docs, chats, vocab, pretrain_steps, sft_steps, shard_mb, micro = SIZES[
+        "quick" if args.quick else "full"
+    ]
+    started = time.perf_counter()
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter
+    from data_pipeline.synthetic import write_corpus
+
+    corpus = out / "corpus"
+    paths = write_corpus(corpus, n_characters=characters, n_lore_docs=docs, n_chats_per_character=chats)
+    print(f"[demo] wrote the game-world corpus to {corpus}", flush=True)
+    data = out / "data"
+    prepare = [sys.executable, "launch/prepare_data.py"]
+    _run(
+        "tokenizer + pretraining shards",
+        [
+            *prepare,
+            "pretrain",
+            "--input",
+            paths["lore"],
+            "--out",
+            data / "pretrain",
+            "--vocab-size",
+            vocab,
+            "--shard-mb",
+            shard_mb,
+        ],
     )
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default 60)")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default 64)")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
-    args = parser.parse_args()
+    for name, part in (("sft_train", 0.4), ("sft_val", 0.04)):
+        folder = data / ("sft" if name == "sft_train" else "sft_val")
+        _run(
+            f"{name} shards",
+            [
+                *prepare,
+                "sft",
+                "--format",
+                "messages",
+                "--input",
+                paths[name],
+                "--out",
+                folder,
+                "--tokenizer",
+                data / "pretrain" / "tokenizer",
+                "--max-len",
+                "256",
+                "--shard-mb",
+                shard_mb * part,
+            ],
+        )
 
-    torch.manual_seed(0)
-    cfg = preset("tiny", vocab_size=512)
-    model = Decoder(cfg)
-    model.init_weights()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95))
-    data = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1))
-    tokens, labels = data[:, :-1], data[:, 1:]  # labels aligned: labels[t] is the target of t
-    n_params, init_loss = model.num_params() / 1e6, math.log(cfg.vocab_size)
-    print(f"tiny decoder: {n_params:.2f}M parameters; loss at init ≈ ln(V) = {init_loss:.2f}")
+    gpus = _gpus()
+    workers = min(gpus, 2) if gpus else 2
+    precision = "bf16" if gpus else "fp32"  # bf16 on CPU goes through slow autocast kernels
+    pretrain = out / "pretrain"
+    _run(
+        "pretraining (Ray Train, FSDP2)",
+        [
+            sys.executable,
+            "launch/pretrain.py",
+            "--config",
+            "configs/pretrain/demo.yaml",
+            f"run_dir={pretrain}",
+            f"data.train={data / 'pretrain'}",
+            f"train.max_steps={pretrain_steps}",
+            f"train.micro_batch={micro}",
+            f"train.precision={precision}",
+            f"ray.num_workers={workers}",
+        ],
+    )
+    sft = out / "sft"
+    launcher = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(workers),
+        "--master_port",
+        str(_free_port()),
+    ]
+    _run(
+        "SFT (deepspeed launcher, ZeRO-3)",
+        [
+            *launcher,
+            "launch/sft.py",
+            "--config",
+            "zero3.json",
+            "--config",
+            "configs/sft/demo.yaml",
+            f"run_dir={sft}",
+            f"init_from={pretrain / 'hf'}",
+            f"data.train={data / 'sft'}",
+            f"data.val={data / 'sft_val'}",
+            f"train.max_steps={sft_steps}",
+            f"train.micro_batch={micro}",
+            f"train.precision={precision}",
+            f"train.eval_every={max(sft_steps // 4, 1)}",
+        ],
+        env={"DS_ACCELERATOR": "cpu"} if not gpus else {},
+    )
+    limit = ["--limit", "8"] if args.quick else []
+    _run(
+        "evaluation",
+        [
+            sys.executable,
+            "launch/evaluate.py",
+            pretrain / "hf",
+            sft / "hf",
+            "--corpus",
+            corpus,
+            "--out",
+            out / "eval.json",
+            *limit,
+        ],
+    )
 
-    start = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        loss_sum, n_tokens = model(tokens, labels=labels)
-        loss = loss_sum / n_tokens
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 10 == 0 or step == 1:
-            rate = step * tokens.numel() / (time.perf_counter() - start)
-            print(f"step {step:4d}  loss {loss.item():.4f}  tokens/s {rate:,.0f}")
+    dialogue = _dialogue(sft / "hf", paths)
+    from launch.evaluate import table
+    from training.report import write_report
+
+    report = write_report(
+        out, {"pretraining": pretrain, "SFT": sft}, table(json.loads((out / "eval.json").read_text())), dialogue
+    )
+    print(
+        f"\n{dialogue}\n\n[demo] done in {time.perf_counter() - started:.0f} s: {report}, {out / 'loss.png'}, "
+        f"{out / 'eval.json'}, exports in {pretrain / 'hf'} and {sft / 'hf'}"
+    )
+    return 0
+
+
+def _dialogue(model: Path, paths: dict[str, Path]) -> str:
+    """Two questions to the first character, answered by the fine-tuned model through chat.py."""
+    world = json.loads(paths["world"].read_text())
+    name = world["characters"][0]["name"]
+    lines = [f"**{name}** (character card from {paths['world'].name})", ""]
+    for question in ("Which town is your home?", "What do you carry with you?"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "launch/chat.py",
+                str(model),
+                "--character",
+                name,
+                "--world",
+                str(paths["world"]),
+                "--prompt",
+                question,
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "48",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        lines += [f"> **user:** {question}", ">", f"> **{name}:** {done.stdout.strip()}", ""]
+    return "\n".join(lines)
+
+
+def _run(what: str, cmd: list, env: dict | None = None) -> None:
+    """Run one stage's real command line; stop the demo with its name if it fails."""
+    cmd = [str(c) for c in cmd]
+    print(f"\n[demo] {what}\n$ {' '.join(cmd)}", flush=True)
+    started = time.perf_counter()
+    if subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}).returncode != 0:
+        raise SystemExit(f"[demo] the {what} stage failed (its output is above); the command was:\n  {' '.join(cmd)}")
+    print(f"[demo] {what}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def _gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
