@@ -684,12 +684,16 @@ def sft_conversations(world: World, seed: int = 0, n_per_character: int = 160) -
     return chats
 
 
-def _eval_item(rng: random.Random, c: Character, field: str, question: str) -> dict:
+def _eval_item(rng: random.Random, world: World, c: Character, field: str, question: str) -> dict:
+    expected = fact(c, field)
+    # Other values of the field: an answer that lists several towns (say) has not answered.
+    others = {fact(o, field) for o in world.characters} - {expected}
     return {
         "character": c.name,
         "field": field,
         "messages": [{"role": "system", "content": character_card(c)}, {"role": "user", "content": question}],
-        "expected": fact(c, field),
+        "expected": expected,
+        "conflicts": sorted(v for v in others if v.lower() not in expected.lower()),
         "reference": answer(rng, c, field),
     }
 
@@ -708,11 +712,12 @@ def eval_items(world: World, seed: int = 0, per_field: int = 2) -> dict[str, lis
 
     Returns:
         {"facts": items, "lore": items}; an item is {"character", "field", "messages" (system
-        card + user question), "expected" (the fact string), "reference" (an in-character answer)}.
+        card + user question), "expected" (the fact string), "conflicts" (the field's other values
+        in the world), "reference" (an in-character answer)}.
     """
     rng = _rng("eval", seed)
     facts = [
-        _eval_item(rng, c, f, q)
+        _eval_item(rng, world, c, f, q)
         for c in world.characters
         for f in CARD_FIELDS
         for q in rng.sample(EVAL_QUESTIONS[f], per_field)
@@ -720,7 +725,7 @@ def eval_items(world: World, seed: int = 0, per_field: int = 2) -> dict[str, lis
     lore = []
     for i, c in enumerate(world.characters):
         f = heldout_field(i)
-        lore.append(_eval_item(rng, c, f, rng.choice(EVAL_QUESTIONS[f])))
+        lore.append(_eval_item(rng, world, c, f, rng.choice(EVAL_QUESTIONS[f])))
     return {"facts": facts, "lore": lore}
 
 

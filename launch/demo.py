@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # name: (characters, lore documents, chats per character, vocabulary, pretrain steps, SFT steps, shard MiB,
 #        micro batch)
-SIZES = {"full": (16, 2000, 160, 2048, 150, 200, 0.25, 8), "quick": (4, 200, 12, 512, 4, 4, 0.02, 1)}
+SIZES = {"full": (16, 2000, 160, 1536, 150, 200, 0.25, 8), "quick": (4, 200, 12, 512, 4, 4, 0.02, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,6 +51,8 @@ def test_fact_match_and_scores():
     items = [{"reference": "I live in Emberfall.", "expected": "Emberfall"}, {"reference": "A lantern."}]
     result = score(items, ["Emberfall is my home.", "A lantern."])
     assert result["accuracy"] == 1.0 and 0 < result["rouge_l"] < 1
+    hedged = {"reference": "I live in Emberfall.", "expected": "Emberfall", "conflicts": ["Frostholm"]}
+    assert score([hedged], ["Emberfall, or Frostholm, or elsewhere."])["accuracy"] == 0.0
 
 
 def test_gsb_counts_from_the_second_models_side():

@@ -5,16 +5,18 @@
     rouge_l          ROUGE-L F1 of the model's answer against the reference answer, over words
                      (CJK text over characters), the metric RoleBench reports
     persona_accuracy share of persona-fact questions (split a: facts in the character card, asked in
-                     wordings SFT never used) whose expected fact appears in the answer
+                     wordings SFT never used) whose answer states the expected fact and none of the
+                     field's other values (an answer listing every town has not answered)
     lore_accuracy    the same on split b: facts only the pretraining lore stated, never an SFT answer
                      of that character, so the answer must come from what pretraining learned
     gsb              a pairwise comparison of two checkpoints' answers to the same prompts by a
                      judge, counted as good (the second is better), same, or bad
 
 An evaluation item is `{"messages": [system card, user question], "reference": str}` with an
-optional `"expected"` fact string (data_pipeline/synthetic.py writes them); a plain messages-format
-chat (e.g. RoleBench through data_pipeline.formats) becomes one by taking its last assistant turn
-as the reference. Answers are greedy, so scores are reproducible.
+optional `"expected"` fact string and `"conflicts"` (wrong values of the same field), as
+data_pipeline/synthetic.py writes them; a plain messages-format chat (e.g. RoleBench through
+data_pipeline.formats) becomes one by taking its last assistant turn as the reference. Answers
+are greedy, so scores are reproducible.
 """
 
 from __future__ import annotations
@@ -82,6 +84,11 @@ def has_fact(answer: str, expected: str) -> bool:
     return squeeze(expected) in squeeze(answer)
 
 
+def fact_correct(item: dict, reply: str) -> bool:
+    """The reply states the item's expected fact and none of its conflicting values."""
+    return has_fact(reply, item["expected"]) and not any(has_fact(reply, v) for v in item.get("conflicts", ()))
+
+
 # --- the model's side -----------------------------------------------------------------------------
 
 
@@ -122,7 +129,7 @@ def score(items: list[dict], answers: list[str]) -> dict[str, float]:
     result = {"rouge_l": sum(rouge_l(a, i["reference"]) for i, a in zip(items, answers, strict=True)) / len(items)}
     facts = [(i, a) for i, a in zip(items, answers, strict=True) if i.get("expected")]
     if facts:
-        result["accuracy"] = sum(has_fact(a, i["expected"]) for i, a in facts) / len(facts)
+        result["accuracy"] = sum(fact_correct(i, a) for i, a in facts) / len(facts)
     return result
 
 
@@ -131,7 +138,7 @@ def score(items: list[dict], answers: list[str]) -> dict[str, float]:
 
 def rule_judge(item: dict, reply: str) -> float:
     """The default judge: the fact right counts most, then closeness to the reference answer."""
-    fact = has_fact(reply, item["expected"]) if item.get("expected") else 0.0
+    fact = fact_correct(item, reply) if item.get("expected") else 0.0
     return 2.0 * fact + rouge_l(reply, item["reference"])
 
 
