@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     from data_pipeline.synthetic import write_corpus
+    from training.engine import free_port
 
     corpus = out / "corpus"
     paths = write_corpus(corpus, n_characters=characters, n_lore_docs=docs, n_chats_per_character=chats)
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         "--num_gpus",
         str(workers),
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
     ]
     _run(
         "SFT (deepspeed launcher, ZeRO-3)",
@@ -205,14 +206,6 @@ def _gpus() -> int:
     import torch
 
     return torch.cuda.device_count()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 
 from training.config import RunConfig
+from training.engine import free_port
 
 
 class FixedBatches:
@@ -39,12 +39,6 @@ class FixedBatches:
         self.index = state["index"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, world: int, port: int, cfg: RunConfig, batches, hook, out: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
@@ -64,7 +58,7 @@ def run_processes(cfg: RunConfig, world: int, out: Path, batches: list[dict] | N
     """Run `loop.train(cfg)` on `world` spawned gloo processes; return each rank's results."""
     out.mkdir(parents=True, exist_ok=True)
     mp.start_processes(
-        _worker, args=(world, _free_port(), cfg, batches, hook, str(out)), nprocs=world, start_method="spawn"
+        _worker, args=(world, free_port(), cfg, batches, hook, str(out)), nprocs=world, start_method="spawn"
     )
     results = []
     for rank in range(world):

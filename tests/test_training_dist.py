@@ -170,9 +170,9 @@ def _launch(engine: str, run_dir: Path, data: dict, *overrides: str) -> subproce
 
 
 def _port() -> int:
-    from tests.dist_helpers import _free_port
+    from training.engine import free_port
 
-    return _free_port()
+    return free_port()
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

@@ -70,7 +70,7 @@ def init_distributed(needs_group: bool) -> Dist:
     if not dist.is_initialized() and (world > 1 or needs_group):
         if world == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend,
@@ -84,7 +84,8 @@ def init_distributed(needs_group: bool) -> Dist:
     return Dist(rank, world, local_rank, device)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     import socket
 
     with socket.socket() as s:
