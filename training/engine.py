@@ -250,7 +250,7 @@ class DeepSpeedEngine:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
         import deepspeed
 
-        self.cfg, self.where = cfg, where
+        self.where = where
         ds_config = deepspeed_config(cfg, where.world_size)
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         if cfg.train.activation_checkpointing:
@@ -264,7 +264,6 @@ class DeepSpeedEngine:
             # forward, so ZeRO-3 must be told to gather it with the root module.
             deepspeed.zero.register_external_parameter(self.model.module, self.model.module.output_weight)
         self.grad_divisor = where.world_size
-        self.ds_config = ds_config
 
     def forward_context(self):
         return contextlib.nullcontext()
