@@ -115,6 +115,35 @@ def encode_prompt(messages: Sequence[dict[str, str]], tok: Tokenizer) -> list[in
     return ids + [tok.im_start_id, *tok.encode("assistant\n")]
 
 
+def fit_prompt(messages: Sequence[dict[str, str]], tok: Tokenizer, max_seq_len: int, max_new_tokens: int):
+    """Prompt ids for the next answer that leave room for it, dropping the oldest exchanges.
+
+    The system message (the character card) is always kept; whole user/assistant exchanges after
+    it go, oldest first, until prompt + max_new_tokens fit in max_seq_len. When even the last user
+    turn alone leaves less room, the answer gets what is left.
+
+    Args:
+        messages: the conversation, optionally opening with a system message, then alternating
+            user / assistant turns that end with a user turn.
+        tok: the tokenizer.
+        max_seq_len: the model's context.
+        max_new_tokens: room wanted for the answer.
+    Returns:
+        (prompt ids, number of exchanges dropped from the start).
+    Raises:
+        DataError: the system message and the last user turn alone fill the context.
+    """
+    head = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
+    turns = list(messages[len(head) :])
+    for start in range(0, len(turns), 2):
+        ids = encode_prompt(head + turns[start:], tok)
+        if len(ids) + max_new_tokens <= max_seq_len:
+            return ids, start // 2
+    if len(ids) < max_seq_len:
+        return ids, start // 2
+    raise DataError(f"the prompt is {len(ids)} tokens; the model's context is {max_seq_len}")
+
+
 def _encode_message(message: dict[str, str], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """(ids, targets) of one rendered message, unaligned: targets[i] is ids[i] or IGNORE_INDEX."""
     header = [tok.im_start_id, *tok.encode(message["role"] + "\n")]

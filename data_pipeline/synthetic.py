@@ -31,6 +31,7 @@ import argparse
 import itertools
 import json
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -186,30 +187,35 @@ ANSWERS = {
     "ally": ("My ally is {ally}", "I trust {ally} above all", "My closest ally is {ally}"),
     "rival": ("My rival is {rival}", "I have a rival, and it is {rival}", "My greatest rival is {rival}"),
 }
-# Third-person fact sentences for the lore, several per fact so that phrasing varies.
+# Third-person fact sentences for the lore, several per fact so that phrasing varies. The card
+# facts are told as prose, never labelled with the key words the questions use ("The race of X is
+# goblin."): the lore teaches what is true, and only SFT teaches that "your race" asks for it, so
+# split "facts" measures what fine-tuning adds (a pretrained-only model that was taught the
+# labels answered a third of those questions by completing "The race of X is"). Ally and rival
+# keep their key words: no card states them, and split "lore" asks for them from memory.
 LORE_FACTS = {
     "race": (
         "{name} is {a_race}.",
         "{name} was born {a_race}.",
         "By blood, {name} is {a_race}.",
-        "The race of {name} is {race}.",
+        "{name} comes of {race} folk.",
     ),
     "home": (
         "{name} lives in {home}.",
         "{name} comes from {home}.",
-        "The home of {name} is {home}.",
+        "{name} grew up in {home}.",
         "{name} was raised in {home}.",
     ),
     "occupation": (
         "{name} works as {a_occupation}.",
-        "By trade, {name} is {a_occupation}.",
+        "By day, {name} is {a_occupation}.",
         "{name} earns a living as {a_occupation}.",
-        "The occupation of {name} is {occupation}.",
+        "{name} has long been {a_occupation}.",
     ),
     "item": (
         "{name} carries {item}.",
         "{name} is never seen without {item}.",
-        "The signature item of {name} is {item}.",
+        "{name} keeps {item} close.",
         "{Item} belongs to {name}.",
     ),
     "ally": (
@@ -225,15 +231,27 @@ LORE_FACTS = {
         "{name} calls {rival} a bitter rival.",
     ),
 }
-# Overheard questions about a character, answered by a local with the fact.
+# Overheard questions about a character, answered by a local with the fact (card fields without
+# their key words, as above).
 LORE_QUESTIONS = {
-    "race": "What race is {name}?",
+    "race": "Is {name} one of the old folk?",
     "home": "Where does {name} live?",
-    "occupation": "What is the occupation of {name}?",
-    "item": "What item does {name} carry?",
+    "occupation": "What does {name} do all day?",
+    "item": "What does {name} carry?",
     "ally": "Who is the ally of {name}?",
     "rival": "Who is the rival of {name}?",
 }
+
+
+def _names_key_word(template: str, field: str) -> bool:
+    """Whether a template's own words (its {slots} aside) contain one of the field's key words."""
+    words = re.sub(r"\{\w+\}", " ", template).lower()
+    return any(re.search(rf"\b{k}\b", words) for k in KEY_WORDS[field])
+
+
+# The first-person sentences of a character's letter: the chats' answers, less those that name a
+# card field's key word ("My occupation is ...").
+LETTER_SENTENCES = {f: tuple(a for a in ANSWERS[f] if f in SOCIAL_FIELDS or not _names_key_word(a, f)) for f in FIELDS}
 LOCALS = ("the innkeeper", "an old woman", "the ferryman", "a guard", "the cook", "a young farmer")
 CHRONICLE_ALLY = ("{ally}, the ally of {name}, went along.", "With {name} went {ally}, a loyal ally.")
 CHRONICLE_RIVAL = ("But {rival}, the rival of {name}, tried to stop them.", "On the road they met {rival}.")
@@ -549,11 +567,11 @@ def _dialogue(rng: random.Random, world: World, c: Character) -> str:
 
 
 def _letter(rng: random.Random, world: World, c: Character) -> str:
-    """A letter in the character's own words: the first-person answers the chats use."""
+    """A letter in the character's own words: first-person sentences as the chats' answers."""
     # Four facts, always including both social ones: ally and rival must be seen in first person.
     fields = [*SOCIAL_FIELDS, *rng.sample(CARD_FIELDS, 2)]
     rng.shuffle(fields)
-    sentences = [rng.choice(ANSWERS[f]).format(**_slots(c)) + "." for f in fields]
+    sentences = [rng.choice(LETTER_SENTENCES[f]).format(**_slots(c)) + "." for f in fields]
     return f"A letter from {c.name}:\n" + " ".join([*sentences, c.catchphrase])
 
 

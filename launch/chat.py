@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.chat import encode_prompt
+from data_pipeline.chat import fit_prompt
 from data_pipeline.records import DataError
 from data_pipeline.tokenizer import Tokenizer
 from model.decoder import Decoder
@@ -83,14 +83,11 @@ def build_prompt(
         (prompt ids, number of exchanges dropped from the start of history).
     """
     head = [{"role": "system", "content": system}] if system else []
-    for start in range(len(history) + 1):
-        turns = [{"role": r, "content": c} for u, a in history[start:] for r, c in (("user", u), ("assistant", a))]
-        ids = encode_prompt(head + turns + [{"role": "user", "content": user}], tok)
-        if len(ids) + max_tokens <= max_seq_len:
-            return ids, start
-    if len(ids) < max_seq_len:
-        return ids, len(history)
-    raise ChatError(f"the prompt is {len(ids)} tokens; the model's context is {max_seq_len}")
+    turns = [{"role": r, "content": c} for u, a in history for r, c in (("user", u), ("assistant", a))]
+    try:
+        return fit_prompt([*head, *turns, {"role": "user", "content": user}], tok, max_seq_len, max_tokens)
+    except DataError as e:
+        raise ChatError(str(e)) from e
 
 
 def stream_answer(model: Decoder, tok: Tokenizer, prompt: list[int], args, generator) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.chat import encode_document
+from data_pipeline.chat import encode_document, encode_prompt
 from data_pipeline.tokenizer import Tokenizer
 from model.config import preset
 from model.decoder import Decoder
@@ -107,3 +107,22 @@ def test_answers_are_greedy_and_stop_at_the_end_of_turn(exported):
     messages = [{"role": "system", "content": "You are Brakka."}, {"role": "user", "content": "Who are you?"}]
     first, again = answer(model, tok, messages, max_new_tokens=8), answer(model, tok, messages, max_new_tokens=8)
     assert first == again and "<|im_end|>" not in first
+
+
+def test_an_overlong_conversation_keeps_the_card_and_drops_the_oldest_exchanges(exported, monkeypatch):
+    import training.evaluation as evaluation
+
+    model, cfg, tok = load_for_inference(exported)
+    card = {"role": "system", "content": "You are Brakka, a dwarf."}
+    old = [{"role": r, "content": f"{r} turn {i}. " * 4} for i in range(20) for r in ("user", "assistant")]
+    messages = [card, *old, {"role": "user", "content": "Who are you?"}]
+    assert len(encode_prompt(messages, tok)) > cfg.max_seq_len
+    prompts = []
+    monkeypatch.setattr(evaluation, "generate", lambda model, prompt, **kw: prompts.append(prompt) or iter(()))
+    answer(model, tok, messages, max_new_tokens=16)
+    text = tok.decode(prompts[0])
+    assert len(prompts[0]) + 16 <= cfg.max_seq_len
+    assert text.startswith("<|im_start|>system\nYou are Brakka, a dwarf.<|im_end|>")
+    assert (
+        "turn 19" in text and "turn 0." not in text and text.endswith("Who are you?<|im_end|>\n<|im_start|>assistant\n")
+    )

@@ -2,6 +2,7 @@
 nowhere they must not be), disjoint train/eval wordings, the held-out split, and file formats."""
 
 import json
+import re
 import sys
 
 import pytest
@@ -115,6 +116,16 @@ def test_lore_states_every_fact_of_every_character(corpus):
     text = "\n".join(docs)
     assert all(p.name in text and p.description in text for p in world.places)
     assert all(q.name in text for q in world.quests)
+
+
+def test_lore_never_labels_a_card_fact_with_its_key_word(corpus):
+    # "your race" is taught by SFT only; the lore says "Halka is a goblin", never "the race of".
+    text = "\n".join(corpus["lore"] + [json.loads(line)["text"] for line in corpus["paths"]["heldout"].open()])
+    for f in CARD_FIELDS:
+        for key in synthetic.KEY_WORDS[f]:
+            assert not re.search(rf"\b{key}\b", text, re.IGNORECASE), key
+    # Ally and rival keep theirs: split "lore" asks for them from pretraining memory.
+    assert all(re.search(rf"\b{f}\b", text) for f in SOCIAL_FIELDS)
 
 
 def test_corpus_sizes_at_defaults(corpus):

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.chat import encode_document, encode_prompt
+from data_pipeline.chat import encode_document, encode_prompt, fit_prompt
 from data_pipeline.tokenizer import Tokenizer
 from model.decoder import Decoder
 from model.generate import generate
@@ -117,10 +117,11 @@ def perplexity(model: Decoder, tok: Tokenizer, texts: Iterable[str], seq_len: in
 
 
 def answer(model: Decoder, tok: Tokenizer, messages: list[dict], max_new_tokens: int = 64) -> str:
-    """The model's greedy answer to a conversation that ends with a user turn."""
-    prompt = encode_prompt(messages, tok)
-    room = model.cfg.max_seq_len - max_new_tokens
-    ids = list(generate(model, prompt[-room:], max_new_tokens=max_new_tokens, stop_ids=(tok.im_end_id, tok.eos_id)))
+    """The model's greedy answer to a conversation that ends with a user turn (the oldest
+    exchanges dropped, the card kept, where the conversation and the answer overflow the context)."""
+    prompt, _ = fit_prompt(messages, tok, model.cfg.max_seq_len, max_new_tokens)
+    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - len(prompt))
+    ids = list(generate(model, prompt, max_new_tokens=max_new_tokens, stop_ids=(tok.im_end_id, tok.eos_id)))
     return tok.decode(ids).strip()
 
 
