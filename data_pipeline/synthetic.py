@@ -15,6 +15,11 @@ few syllables (a ~2000-piece tokenizer covers each in a token or two), short reg
 every fact stated outright, and answers that copy the fact verbatim, so that "correct" can mean
 "the expected string appears in the answer".
 
+Split "facts" measures what fine-tuning adds: the lore tells every card fact as prose ("Halka is a
+goblin."), and uses the questions' key words (race, trade, home town, signature item) only in
+general travellers' guides, so a pretrained-only model knows the facts and the words but was
+never taught that "your race" asks for one.
+
 Split "lore" measures whether knowledge from pretraining reaches the chat: SFT asks each
 character about exactly one of ally / rival (alternating by index), never the other, and the
 character card (system prompt) states neither, so the held-out one is known only from the lore.
@@ -22,7 +27,7 @@ character card (system prompt) states neither, so the held-out one is known only
 Everything is a pure function of the seed: the same seed gives byte-identical files. Documents,
 and SFT chats in their user and assistant text (the system message aside), are unique, so the
 pipeline's exact deduplication keeps them all; its near-duplicate removal (Jaccard 0.8) drops
-under 1% of either at the defaults.
+about 1% of the documents and under 1% of the chats at the defaults.
 """
 
 from __future__ import annotations
@@ -182,7 +187,8 @@ EVAL_QUESTIONS = _questions(EVAL_FRAMES, EVAL_EXTRA)
 ANSWERS = {
     "race": ("I am {a_race}", "I was born {a_race}", "My race? I am {a_race}"),
     "home": ("I hail from {home}", "My home is {home}", "I live in {home}"),
-    "occupation": ("I am {a_occupation} by trade", "I work as {a_occupation}", "My occupation is {occupation}"),
+    # Not "I am a blacksmith": after "I am a" a tiny model cannot tell trade from race ("I am a goblin").
+    "occupation": ("By trade, I am {a_occupation}", "I work as {a_occupation}", "My occupation is {occupation}"),
     "item": ("I carry {item}", "I never travel without {item}", "My signature item is {item}"),
     "ally": ("My ally is {ally}", "I trust {ally} above all", "My closest ally is {ally}"),
     "rival": ("My rival is {rival}", "I have a rival, and it is {rival}", "My greatest rival is {rival}"),
@@ -275,6 +281,38 @@ SONG_LINES = (
     ),
 )
 RUMOURS = ("They say that", "Rumour has it that", "The children whisper that", "Everyone in {home} knows that")
+# A traveller's guide to the land: the questions' key words in general sentences, never about one
+# character, so that the tokenizer and the pretrained model know the words ("occupation" was
+# split into six pieces by a tokenizer trained on lore without it) but not which fact of whom
+# they ask for. {values} is the field's values in the world, in random order.
+GUIDE_LINES = {
+    "race": (
+        "Every person of the land has a race by birth: {values}.",
+        "The races of the land are {values}.",
+        "Your race by birth never changes, whatever you do.",
+        "Ask a stranger their race and you will hear one of these: {values}.",
+    ),
+    "home": (
+        "The towns of the land are {values}.",
+        "Every home town has an inn, and every home a hearth.",
+        "Your home town will always call you back.",
+        "Ask anyone where home is and you will hear one of these: {values}.",
+    ),
+    "occupation": (
+        "The common trades are {values}.",
+        "A good occupation feeds a family; the guilds know these: {values}.",
+        "Your trade is your bread, say the guilds.",
+        "Choose your occupation with care, for it is for life.",
+    ),
+    "item": (
+        "Famous items of the land include {values}.",
+        "Heroes carry a signature item and never part with it.",
+        "Guard your signature item well, for thieves are everywhere.",
+        "Never lend your item to a stranger.",
+    ),
+}
+GUIDE_EVERY = 10
+"""One lore document in this many is a traveller's guide rather than about a character."""
 RESIDENT_LINES = (
     "{name} the {race} lives in {home} and works as {a_occupation}.",
     "In {home} you can find {name}, {a_occupation}.",
@@ -348,6 +386,7 @@ def _fixed_text() -> str:
     templates = [TRAIN_QUESTIONS, EVAL_QUESTIONS, ANSWERS, LORE_FACTS]  # built from frames and key words
     words = [w for pool in pools for w in pool] + [w for t in templates for v in t.values() for w in v]
     words += list(LORE_QUESTIONS.values()) + [v.description for v in VOICES.values()]
+    words += [w for lines in GUIDE_LINES.values() for w in lines]
     words += [w for v in VOICES.values() for w in v.openers + v.endings]
     words += [p + s for p in TOWN_PREFIXES for s in TOWN_SUFFIXES]
     return " ".join(words).lower()
@@ -602,21 +641,38 @@ def _place(rng: random.Random, world: World, c: Character) -> str:
     return " ".join(lines)
 
 
+def _guide(rng: random.Random, world: World) -> str:
+    """A traveller's guide: one or two general sentences on each of two or three card fields."""
+    lines = []
+    for f in rng.sample(CARD_FIELDS, rng.choice((2, 3))):
+        values = sorted({getattr(c, f) for c in world.characters})
+        rng.shuffle(values)
+        lines += [t.format(values=", ".join(values)) for t in rng.sample(GUIDE_LINES[f], rng.choice((1, 2)))]
+    rng.shuffle(lines)
+    return "A guide for travellers:\n" + " ".join(lines)
+
+
 DOCUMENT_KINDS = (_encyclopedia, _chronicle, _dialogue, _letter, _song, _place)
 
 
 def _documents(rng: random.Random, world: World, n_docs: int) -> list[str]:
-    """n_docs distinct documents, each about one character (round robin) in one or two kinds."""
-    docs, seen = [], set()
+    """n_docs distinct documents: every GUIDE_EVERY-th a guide, the others each about one
+    character (round robin) in one or two kinds."""
+    docs, seen, about = [], set(), 0
     for _ in range(20 * n_docs):
         if len(docs) == n_docs:
             break
-        c = world.characters[len(docs) % len(world.characters)]
-        kinds = rng.sample(DOCUMENT_KINDS, rng.choice((1, 2, 2)))
-        doc = "\n\n".join(kind(rng, world, c) for kind in kinds)
-        if _normalized(doc) not in seen:  # the pipeline's exact deduplication would drop a repeat
-            seen.add(_normalized(doc))
-            docs.append(doc)
+        guide = len(docs) % GUIDE_EVERY == GUIDE_EVERY - 1
+        if guide:
+            doc = _guide(rng, world)
+        else:
+            c = world.characters[about % len(world.characters)]
+            doc = "\n\n".join(kind(rng, world, c) for kind in rng.sample(DOCUMENT_KINDS, rng.choice((1, 2, 2))))
+        if _normalized(doc) in seen:  # the pipeline's exact deduplication would drop a repeat
+            continue
+        seen.add(_normalized(doc))
+        docs.append(doc)
+        about += not guide
     if len(docs) < n_docs:
         raise ValueError(f"only {len(docs)} distinct documents could be made of {n_docs} asked for")
     rng.shuffle(docs)
@@ -626,8 +682,9 @@ def _documents(rng: random.Random, world: World, n_docs: int) -> list[str]:
 def lore_documents(world: World, seed: int = 0, n_docs: int = 2000) -> list[str]:
     """Pretraining documents that state every fact of the world in varied phrasings.
 
-    Every character is the subject of n_docs / n_characters documents, and nearly every
-    document states its ally and rival (the model must memorise them: no card states them).
+    One document in GUIDE_EVERY is a traveller's guide (the questions' key words in general
+    sentences); every character is the subject of an equal share of the others, and nearly every
+    one states its ally and rival (the model must memorise them: no card states them).
 
     Args:
         world: the world.

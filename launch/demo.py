@@ -19,11 +19,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
-# name: (characters, lore documents, chats per character, vocabulary, pretrain steps, SFT steps, shard MiB,
-#        micro batch)
-SIZES = {"full": (16, 2000, 160, 1536, 150, 200, 0.25, 8), "quick": (4, 200, 12, 512, 4, 4, 0.02, 1)}
+
+
+class Size(NamedTuple):
+    """How big a demo run is (both stages run on two workers, so a step is 2 x micro rows)."""
+
+    characters: int
+    lore_docs: int
+    chats_per_character: int
+    vocab: int
+    shard_mb: float
+    pretrain_steps: int
+    pretrain_micro: int
+    sft_steps: int
+    sft_micro: int
+
+
+SIZES = {
+    "full": Size(16, 2000, 160, 1536, 0.25, pretrain_steps=150, pretrain_micro=8, sft_steps=200, sft_micro=4),
+    "quick": Size(4, 200, 12, 512, 0.02, pretrain_steps=4, pretrain_micro=1, sft_steps=4, sft_micro=1),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,16 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a toy-sized run of the same path")
     args = parser.parse_args(argv)
     out = args.out.resolve()
-    characters, docs, chats, vocab, pretrain_steps, sft_steps, shard_mb, micro = SIZES[
-        "quick" if args.quick else "full"
-    ]
+    size = SIZES["quick" if args.quick else "full"]
     started = time.perf_counter()
 
     from data_pipeline.synthetic import write_corpus
     from training.engine import free_port
 
     corpus = out / "corpus"
-    paths = write_corpus(corpus, n_characters=characters, n_lore_docs=docs, n_chats_per_character=chats)
+    paths = write_corpus(
+        corpus,
+        n_characters=size.characters,
+        n_lore_docs=size.lore_docs,
+        n_chats_per_character=size.chats_per_character,
+    )
     print(f"[demo] wrote the game-world corpus to {corpus}", flush=True)
     data = out / "data"
     prepare = [sys.executable, "launch/prepare_data.py"]
@@ -55,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             "--out",
             data / "pretrain",
             "--vocab-size",
-            vocab,
+            size.vocab,
             "--shard-mb",
-            shard_mb,
+            size.shard_mb,
         ],
     )
     for name, part in (("sft_train", 0.4), ("sft_val", 0.04)):
@@ -78,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--max-len",
                 "256",
                 "--shard-mb",
-                shard_mb * part,
+                size.shard_mb * part,
             ],
         )
 
@@ -95,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             "configs/pretrain/demo.yaml",
             f"run_dir={pretrain}",
             f"data.train={data / 'pretrain'}",
-            f"train.max_steps={pretrain_steps}",
-            f"train.micro_batch={micro}",
+            f"train.max_steps={size.pretrain_steps}",
+            f"train.micro_batch={size.pretrain_micro}",
             f"train.precision={precision}",
             f"ray.num_workers={workers}",
         ],
@@ -124,10 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             f"init_from={pretrain / 'hf'}",
             f"data.train={data / 'sft'}",
             f"data.val={data / 'sft_val'}",
-            f"train.max_steps={sft_steps}",
-            f"train.micro_batch={micro}",
+            f"train.max_steps={size.sft_steps}",
+            f"train.micro_batch={size.sft_micro}",
             f"train.precision={precision}",
-            f"train.eval_every={max(sft_steps // 4, 1)}",
+            f"train.eval_every={max(size.sft_steps // 4, 1)}",
         ],
         env={"DS_ACCELERATOR": "cpu"} if not gpus else {},
     )
@@ -143,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             corpus,
             "--out",
             out / "eval.json",
+            "--max-new-tokens",
+            "48",  # the reference answers are under 40 tokens
             *limit,
         ],
     )
