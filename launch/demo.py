@@ -39,7 +39,7 @@ class Size(NamedTuple):
 
 
 SIZES = {
-    "full": Size(16, 2000, 160, 1536, 0.25, pretrain_steps=100, pretrain_micro=8, sft_steps=100, sft_micro=8),
+    "full": Size(16, 2000, 160, 1536, 0.25, pretrain_steps=100, pretrain_micro=8, sft_steps=200, sft_micro=4),
     "quick": Size(4, 200, 12, 512, 0.02, pretrain_steps=4, pretrain_micro=1, sft_steps=4, sft_micro=1),
 }
 
