@@ -33,13 +33,16 @@ class Size(NamedTuple):
     vocab: int
     shard_mb: float
     pretrain_steps: int
+    """Measured on the full size: SFT after 100 pretraining steps of 2 x 8 rows answered 37% of
+    the card questions, after 150 steps 100% (the model learns to read its card only from a
+    pretrained model that has learnt to copy from context)."""
     pretrain_micro: int
     sft_steps: int
     sft_micro: int
 
 
 SIZES = {
-    "full": Size(16, 2000, 160, 1536, 0.25, pretrain_steps=100, pretrain_micro=8, sft_steps=200, sft_micro=4),
+    "full": Size(16, 2000, 160, 1536, 0.25, pretrain_steps=150, pretrain_micro=8, sft_steps=200, sft_micro=4),
     "quick": Size(4, 200, 12, 512, 0.02, pretrain_steps=4, pretrain_micro=1, sft_steps=4, sft_micro=1),
 }
 
