@@ -78,26 +78,36 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[start : start + chunk_tokens], labels[start : start + chunk_tokens]
             logits = (h @ weight.t()).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)
             valid = y != IGNORE_INDEX
-            target = torch.where(valid, y, 0)
-            per_token = lse - logits.gather(1, target[:, None]).squeeze(1)
+            target = torch.where(valid, y, 0)[:, None]
+            # One fused pass over the logits; log p is exact where exp(logits − lse) would
+            # underflow. lse itself (for the z-loss) is logit_y − log p_y.
+            logp = torch.log_softmax(logits, dim=-1)
+            logp_y = logp.gather(1, target).squeeze(1)
+            per_token = -logp_y
             if z_loss:
+                lse = logits.gather(1, target).squeeze(1) - logp_y
                 per_token = per_token + z_loss * lse.square()
+            del logits
             loss_sum += torch.where(valid, per_token, 0.0).sum()
             if not (want_grad_h or want_grad_w):
                 continue
-            # d/dlogits of (lse − logit_y + z·lse²) = softmax·(1 + 2z·lse) − onehot(y)
-            dlogits = (logits - lse[:, None]).exp_()
+            # d/dlogits of (lse − logit_y + z·lse²) = softmax·(1 + 2z·lse) − onehot(y), in place
+            dlogits = logp.exp_()
             if z_loss:
                 dlogits.mul_((1 + 2 * z_loss * lse)[:, None])
-            dlogits.scatter_add_(1, target[:, None], torch.full_like(lse[:, None], -1.0))
-            dlogits.mul_(valid[:, None])
+            dlogits.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=dlogits.dtype))
             dlogits = dlogits.to(weight.dtype)
+            # Rows without a target get no gradient: masked on the (n, dim) side, not the (n, V).
+            keep = valid[:, None].to(h.dtype)
             if want_grad_h:
-                grad_hidden[start : start + chunk_tokens] = dlogits @ weight
+                grad_hidden[start : start + chunk_tokens] = (dlogits @ weight) * keep
             if want_grad_w:
-                grad_weight += (dlogits.t() @ h).float()
+                masked_h = h * keep
+                if dlogits.dtype == torch.float32 and not torch.is_autocast_enabled(h.device.type):
+                    grad_weight.addmm_(dlogits.t(), masked_h)  # in place: no (V, dim) temporary
+                else:
+                    grad_weight += (dlogits.t() @ masked_h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return loss_sum

@@ -71,6 +71,7 @@ def init_distributed(needs_group: bool) -> Dist:
         if world == 1:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed asserts it is set, as a launcher would
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
             backend,
@@ -249,6 +250,12 @@ class DeepSpeedEngine:
         if where.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
         import deepspeed
+
+        if where.device.type == "cpu":
+            # DeepSpeed JIT-compiles a shared-memory all-reduce op (45-65 s on 2 cores, again for
+            # every new environment) that only its inference all-reduce uses; training
+            # collectives go through torch.distributed. Marking it unbuildable skips the compile.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
         self.where = where
         ds_config = deepspeed_config(cfg, where.world_size)
