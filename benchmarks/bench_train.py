@@ -195,6 +195,8 @@ def measure_memory_here(args) -> None:
     cfg = model_config(args)
     data = batches(args, cfg, args.warmup + args.steps)
     state = initial_state(cfg)  # on CPU in both sides' processes alike: measured from here on
+    import transformers.models.llama.modeling_llama  # noqa: F401  (both sides: not the HF side's import)
+
     cuda = args.device.startswith("cuda")
     before = torch.cuda.memory_allocated() if cuda else _rss_bytes()
     runner = build(args.memory_of, cfg, state, args)

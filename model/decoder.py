@@ -25,9 +25,30 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and scale in the input dtype, as Llama does, so bf16 matches HF.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
-        return normed * self.weight
+        return _RMSNorm.apply(x, self.weight, self.eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """x / rms(x) · weight, normalised in fp32 and scaled in the input dtype as Llama does (so
+    bf16 matches HF). Keeps only x and 1/rms for backward and recomputes x / rms there: autograd
+    would also keep the normalised tensor, one more activation of the residual's size."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd).type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        normed = x.float() * rstd
+        dweight = (dy * normed.type_as(x)).flatten(0, -2).sum(0, dtype=torch.float32).to(weight.dtype)
+        dnormed = (dy * weight).float()
+        # d/dx of x·rstd: rstd · (g − normed · mean(g · normed))
+        dx = rstd * (dnormed - normed * (dnormed * normed).mean(-1, keepdim=True))
+        return dx.type_as(x), dweight, None
 
 
 # --- rotary embeddings (Su et al. 2021), "rotate half" layout as in HF Llama -----------------
@@ -165,7 +186,8 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).split((q_out, kv_out, kv_out), dim=-1)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        # A copy, not a view: a view would keep the whole q/k/v projection alive for backward.
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).clone()
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, head_dim)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, n_kv_heads, max_len, head_dim)
@@ -186,8 +208,29 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(_SiluMul.apply(self.w13(x)))
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) · up from the fused (..., 2·ffn_dim) projection. Keeps only that projection for
+    backward and recomputes the sigmoid there: autograd would also keep silu(gate), one more
+    activation of the feed-forward's inner width."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dh):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.float().chunk(2, dim=-1)
+        dh = dh.float()
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        dgate = dh * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = σ(g)(1 + g(1 − σ(g)))
+        return torch.cat((dgate, dh * silu), dim=-1).to(gate_up.dtype)
 
 
 class Block(nn.Module):

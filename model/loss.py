@@ -14,8 +14,19 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_TOKENS = 1024
-"""Rows of logits the chunked loss holds at once: chunk × vocab × 4 bytes (512 MiB at 128k vocab)."""
+GPU_CHUNK_TOKENS = 1024
+"""Rows of logits the chunked loss holds at once on a GPU: chunk × vocab × 4 bytes (512 MiB at
+128k vocab), large enough for the matmuls to run at full speed."""
+CPU_CHUNK_BYTES = 8 << 20
+"""On CPU a chunk's fp32 logits are kept near this size, so that the passes over them after the
+matmul (log-softmax, exp, scatter) run in cache, and the peak stays low."""
+
+
+def default_chunk_tokens(device: torch.device, vocab_size: int) -> int:
+    """Rows of logits per chunk for `chunked_causal_lm_loss` on this device."""
+    if device.type == "cuda":
+        return GPU_CHUNK_TOKENS
+    return max(64, CPU_CHUNK_BYTES // (4 * vocab_size))
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0):
@@ -43,7 +54,7 @@ def chunked_causal_lm_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     z_loss: float = 0.0,
 ):
     """`causal_lm_loss(hidden @ weight.T, labels)` without the full (B, T, V) logits.
@@ -56,13 +67,14 @@ def chunked_causal_lm_loss(
         hidden: (..., dim) final hidden states.
         weight: (V, dim) output projection.
         labels: (...) aligned target ids with IGNORE_INDEX.
-        chunk_tokens: rows of logits materialised at once.
+        chunk_tokens: rows of logits materialised at once; default `default_chunk_tokens`.
         z_loss: as in `causal_lm_loss`.
     Returns:
         (loss_sum, n_target_tokens), equal to `causal_lm_loss` on the full logits.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
+    chunk_tokens = chunk_tokens or default_chunk_tokens(hidden.device, weight.shape[0])
     loss_sum = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens, z_loss)
     return loss_sum, (labels != IGNORE_INDEX).sum()
 

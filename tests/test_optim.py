@@ -76,7 +76,7 @@ def test_adamw_decays_matrices_but_not_norms_or_embeddings():
     model = tiny(tie_embeddings=False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = build_optimizer(model, lr=0.1, weight_decay=0.5)
-    assert not opt.defaults.get("fused")  # CPU: no fused kernel
+    assert opt.defaults["fused"]  # every parameter on CPU: torch's fused CPU kernel
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
@@ -86,6 +86,22 @@ def test_adamw_decays_matrices_but_not_norms_or_embeddings():
         torch.testing.assert_close(params[name], before[name], rtol=0, atol=0)
     for name in ["layers.0.attn.wqkv.weight", "output.weight"]:
         torch.testing.assert_close(params[name], before[name] * 0.95)
+
+
+def test_fused_step_equals_the_foreach_step():
+    """The fused CPU kernel build_optimizer picks takes the same step as torch's default path."""
+    fused_model, plain_model = tiny(), tiny()
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(fused_model, lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(param_groups(plain_model, 0.1), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+    for step in range(3):
+        for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+            a.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(step + a.numel()))
+            b.grad = a.grad.clone()
+        fused.step()
+        plain.step()
+    for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_set_lr_sets_every_group():

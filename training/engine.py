@@ -27,7 +27,7 @@ from torch import nn
 
 from model.decoder import Decoder
 from training.config import ConfigError, RunConfig, deepspeed_config
-from training.optim import build_optimizer, param_groups, set_lr
+from training.optim import build_optimizer, set_lr
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -263,8 +263,7 @@ class DeepSpeedEngine:
         if cfg.train.activation_checkpointing:
             model.checkpoint_layers = True
         t = cfg.train
-        groups = param_groups(model, t.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
+        optimizer = build_optimizer(model, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         if self.stage == 3:
             # The output projection is used inside Decoder.forward, not through its own module's
