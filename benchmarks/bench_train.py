@@ -1,4 +1,4 @@
-"""python benchmarks/bench_train.py [--preset tiny|125m|...] [--seq-len 512] [--batch 8] [--steps 20]
+"""python benchmarks/bench_train.py [--preset tiny|125m|...] [--seq-len 512] [--batch 8] [--compile off|crucible|both]
 
 One training step, side by side: Crucible's Decoder with its chunked loss and the engine's
 AdamW step (training.engine.TorchEngine, engine single) against transformers'
@@ -8,6 +8,10 @@ LlamaForCausalLM with its own loss and the same torch AdamW, built from the same
 Throughput: after warm-up the two sides alternate step by step in this one process, so drift
 of the machine (frequency, other load) falls on both alike; tokens/s is the steps' tokens over
 their summed wall time (CUDA synchronised around each step).
+
+`--compile crucible` compares Crucible as a user runs it with `train.compile=true` (each block
+compiled) against transformers as its Trainer runs by default (eager); `--compile both` compiles
+the whole LlamaForCausalLM too.
 
 Peak memory: each side runs its steps again in a fresh subprocess, which reports its peak above
 what it held before its model was built: weights, gradients, optimizer state and activations.
@@ -38,6 +42,7 @@ from model.decoder import Decoder  # noqa: E402
 from model.hf import config_to_hf, state_dict_to_hf  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 from training.engine import Dist, TorchEngine  # noqa: E402
+from training.metrics import peak_rss_bytes  # noqa: E402
 from training.optim import build_optimizer  # noqa: E402
 
 SIDES = ("crucible", "hf")
@@ -53,7 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps per side first (at least 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default: bf16 on CUDA, else fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(
+        "--compile",
+        choices=("off", "crucible", "both"),
+        default="off",
+        help="torch.compile: neither side, Crucible only (train.compile=true against transformers as Trainer "
+        "runs it by default), or both",
+    )
     parser.add_argument("--memory-of", choices=SIDES, help=argparse.SUPPRESS)  # the CPU memory subprocess
     args = parser.parse_args(argv)
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -82,7 +93,7 @@ class CrucibleSide:
 
     def __init__(self, cfg: ModelConfig, state: dict, args):
         run = RunConfig()
-        run.engine, run.train.precision, run.train.compile = "single", args.precision, args.compile
+        run.engine, run.train.precision, run.train.compile = "single", args.precision, args.compile != "off"
         device = torch.device(args.device)
         model = Decoder(cfg)
         model.load_state_dict(state)
@@ -98,21 +109,27 @@ class CrucibleSide:
         return loss.detach()
 
 
+def hf_llama(cfg: ModelConfig, state: dict):
+    """LlamaForCausalLM (SDPA attention) with the Decoder weights `state`, through model/hf.py."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type")}
+    model = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa"))
+    missing, unexpected = model.load_state_dict(state_dict_to_hf(state, cfg), strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
+        raise RuntimeError(f"weights do not match LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()  # a tied lm_head is the embedding, as in Crucible's Decoder
+    return model
+
+
 class HFSide:
     """LlamaForCausalLM + its loss (logits upcast to fp32) + the same AdamW and clipping, as
     transformers' Trainer runs them."""
 
     def __init__(self, cfg: ModelConfig, state: dict, args):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        fields = {k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type")}
-        self.model = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa"))
-        missing, unexpected = self.model.load_state_dict(state_dict_to_hf(state, cfg), strict=False)
-        if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
-            raise RuntimeError(f"weights do not match LlamaForCausalLM: missing {missing}, unexpected {unexpected}")
-        self.model.tie_weights()  # a tied lm_head is the embedding, as in Crucible's Decoder
+        self.model = hf_llama(cfg, state)
         self.model.to(args.device).train()
-        if args.compile:
+        if args.compile == "both":
             self.model = torch.compile(self.model)
         run = RunConfig().train
         self.optimizer = build_optimizer(
@@ -168,16 +185,9 @@ def alternate(sides: dict, data: list, args) -> dict[str, list[float]]:
     return times
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _peak_rss_bytes() -> int:
-    # VmHWM, the peak RSS of this process image. Not getrusage's ru_maxrss, which keeps the
-    # parent's size at fork across exec and so reads the same for both sides' subprocesses.
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def peak_memory(side: str) -> int:
@@ -198,12 +208,12 @@ def measure_memory_here(args) -> None:
     import transformers.models.llama.modeling_llama  # noqa: F401  (both sides: not the HF side's import)
 
     cuda = args.device.startswith("cuda")
-    before = torch.cuda.memory_allocated() if cuda else _rss_bytes()
+    before = torch.cuda.memory_allocated() if cuda else rss_bytes()
     runner = build(args.memory_of, cfg, state, args)
     for tokens, labels in data:
         runner.step(tokens, labels)
     _sync(args.device)
-    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
     print(json.dumps({"peak_bytes": peak - before}))
 
 

@@ -208,29 +208,40 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x):
-        return self.w2(_SiluMul.apply(self.w13(x)))
+        # w2's weight is used inside _SwiGLUDown, not through w2's forward, so ZeRO-3 gathers a
+        # whole Block at once (training/engine.py makes Block a ZeRO-3 leaf module).
+        return _SwiGLUDown.apply(self.w13(x), self.w2.weight)
 
 
-class _SiluMul(torch.autograd.Function):
-    """silu(gate) · up from the fused (..., 2·ffn_dim) projection. Keeps only that projection for
-    backward and recomputes the sigmoid there: autograd would also keep silu(gate), one more
-    activation of the feed-forward's inner width."""
+class _SwiGLUDown(torch.autograd.Function):
+    """w2 · (silu(gate) · up) from the fused (..., 2·ffn_dim) gate/up projection.
+
+    Keeps only that projection and w2 for backward and recomputes silu(gate) · up there (a few
+    elementwise passes): autograd would also keep silu(gate) and the product, two more
+    activations of the feed-forward's inner width. Runs in the projection's dtype, as autocast
+    would run w2.
+    """
 
     @staticmethod
-    def forward(ctx, gate_up):
+    def forward(ctx, gate_up, weight):
         gate, up = gate_up.chunk(2, dim=-1)
-        ctx.save_for_backward(gate_up)
-        return F.silu(gate) * up
+        ctx.save_for_backward(gate_up, weight)
+        return F.linear(F.silu(gate) * up, weight.to(gate_up.dtype))
 
     @staticmethod
-    def backward(ctx, dh):
-        (gate_up,) = ctx.saved_tensors
-        gate, up = gate_up.float().chunk(2, dim=-1)
-        dh = dh.float()
+    def backward(ctx, dy):
+        gate_up, weight = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            h = F.silu(gate) * up  # exactly the forward's product
+            dweight = (dy.flatten(0, -2).t() @ h.flatten(0, -2)).to(weight.dtype)
+        dh = (dy @ weight.to(dy.dtype)).float()
+        gate, up = gate.float(), up.float()
         sig = torch.sigmoid(gate)
-        silu = gate * sig
         dgate = dh * up * (sig * (1 + gate * (1 - sig)))  # silu'(g) = σ(g)(1 + g(1 − σ(g)))
-        return torch.cat((dgate, dh * silu), dim=-1).to(gate_up.dtype)
+        dup = dh * gate * sig
+        return torch.cat((dgate, dup), dim=-1).to(gate_up.dtype), dweight
 
 
 class Block(nn.Module):

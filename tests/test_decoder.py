@@ -126,3 +126,34 @@ def test_flex_attention_path_matches_the_mask_path_on_gpu():
         flex = model(tokens, doc_ids=doc_ids)
         alone = torch.cat([model(tokens[:, s : s + 37]) for s in range(0, 256, 37)], dim=1)
     torch.testing.assert_close(flex, alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hand_written_backward_passes_match_autograd(dtype):
+    """RMSNorm and the SwiGLU feed-forward keep less for backward than autograd would; their
+    outputs and gradients equal the plain-autograd formulas (bf16 under CPU autocast: outputs
+    exactly, gradients to bf16 rounding)."""
+    import torch.nn.functional as F
+
+    block = small_model(seed=3).layers[0].float()
+    with torch.no_grad():
+        block.ffn_norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 9, 64, requires_grad=True)
+
+    def reference(x):
+        norm = block.ffn_norm
+        normed = (x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + norm.eps)).type_as(x)
+        gate, up = block.ffn.w13(normed * norm.weight).chunk(2, dim=-1)
+        return block.ffn.w2(F.silu(gate) * up)
+
+    results = []
+    for fn in (lambda x: block.ffn(block.ffn_norm(x)), reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = fn(x)
+        params = [x, block.ffn_norm.weight, block.ffn.w13.weight, block.ffn.w2.weight]
+        results.append((out, torch.autograd.grad(out.float().square().sum(), params)))
+    (got, got_grads), (ref, ref_grads) = results
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for name, a, b in zip(("x", "norm", "w13", "w2"), got_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")

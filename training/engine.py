@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from model.decoder import Decoder
+from model.decoder import Block, Decoder
 from training.config import ConfigError, RunConfig, deepspeed_config
 from training.optim import build_optimizer, set_lr
 
@@ -262,6 +262,11 @@ class DeepSpeedEngine:
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         if cfg.train.activation_checkpointing:
             model.checkpoint_layers = True
+        if self.stage == 3:
+            # Gather each Block's parameters at once when it runs, as FSDP does: a block uses a
+            # weight without calling its module (FeedForward's w2), and one hook per block is
+            # cheaper than one per Linear.
+            deepspeed.utils.set_z3_leaf_modules(model, [Block])
         t = cfg.train
         optimizer = build_optimizer(model, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)

@@ -166,9 +166,10 @@ def train(
 def train_step(engine, batches: Iterator[dict], cfg: RunConfig, where: Dist, lr: float) -> StepResult:
     """One optimizer step over `cfg.train.grad_accum` micro-batches of this rank (see module doc)."""
     wait = time.perf_counter()
-    micro = [_to_device(next(batches), where.device) for _ in range(cfg.train.grad_accum)]
+    micro = [next(batches) for _ in range(cfg.train.grad_accum)]
     wait = time.perf_counter() - wait
-    local_count = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)
+    local_count = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)  # on the host: no device sync
+    micro = [_to_device(m, where.device) for m in micro]
     (global_count,) = all_reduce_sum([local_count], where.device)
     if global_count == 0:  # only padding on every rank (corrupt shards skipped): nothing to learn
         return StepResult(math.nan, 0, math.nan, False, wait)
