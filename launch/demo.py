@@ -34,7 +34,7 @@ class Size(NamedTuple):
     shard_mb: float
     pretrain_steps: int
     """Measured on the full size: SFT after 100 pretraining steps of 2 x 8 rows answered 37% of
-    the card questions, after 150 steps 100% (the model learns to read its card only from a
+    the card questions, after 150 steps 98-100% (the model learns to read its card only from a
     pretrained model that has learnt to copy from context)."""
     pretrain_micro: int
     sft_steps: int
