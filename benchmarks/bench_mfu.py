@@ -164,8 +164,9 @@ def batches(cfg: ModelConfig, v: Variant, n: int, device: torch.device) -> list[
     return out
 
 
-def train_step(engine: TorchEngine, tokens: torch.Tensor, labels: torch.Tensor, loss: str, lr: float) -> bool:
-    """One optimizer step (forward, loss, backward, clip, AdamW); False if it was skipped."""
+def train_step(engine: TorchEngine, tokens: torch.Tensor, labels: torch.Tensor, loss: str, lr: float) -> torch.Tensor:
+    """One optimizer step (forward, loss, backward, clip, AdamW), queued without waiting for the
+    device; whether it was applied, as a 0-d tensor on the device."""
     with engine.forward_context():
         if loss == "chunked":
             loss_sum, count = engine.model(tokens, labels=labels)
@@ -196,7 +197,7 @@ def measure(cfg: ModelConfig, v: Variant, args: argparse.Namespace, device: torc
     _sync(device)
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return Result(v.batch * v.seq_len * args.steps / seconds, peak, applied.count(False))
+    return Result(v.batch * v.seq_len * args.steps / seconds, peak, sum(not bool(a) for a in applied))
 
 
 def release(device: torch.device, compiled: bool) -> None:

@@ -136,9 +136,9 @@ def run_crucible(args: argparse.Namespace, where: Dist, state: dict, batches: li
     model.load_state_dict(state)
     engine = DeepSpeedEngine(model, cfg, where)
     b, r = args.batch, where.rank
-    mine = ({k: v[r * b : (r + 1) * b] for k, v in batch.items()} for batch in batches)
     losses = []
-    for _ in batches:
+    for batch in batches:
+        mine = [{k: v[r * b : (r + 1) * b] for k, v in batch.items()}]  # one micro-batch per step
         result = train_step(engine, mine, cfg, where, cfg.train.lr)  # constant lr, as Trainer's
         losses.append(result.loss)
         clock.append(time.perf_counter())

@@ -293,3 +293,38 @@ def test_engine_single_refuses_several_processes_and_deepspeed_refuses_compile(t
     model, _ = build_model(cfg, _tokenizer(cfg))
     with pytest.raises(ConfigError, match="engine=single runs one process, but 2 were started"):
         TorchEngine(model, cfg, Dist(0, 2, 0, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused, decided on the device", "unfused, on the host"])
+def test_a_non_finite_step_is_skipped_whole_and_the_step_returns_device_tensors(fused, monkeypatch):
+    """good, NaN, good gives what good, good gives: weights, AdamW moments and step counts."""
+    from model.config import ModelConfig
+    from model.decoder import Decoder
+    from training.engine import Dist
+
+    if not fused:
+        monkeypatch.setattr("training.optim.FUSED_ADAMW_DEVICES", set())
+    cfg = RunConfig()
+    cfg.train.grad_clip = 1.0
+    where = Dist(0, 1, 0, torch.device("cpu"))
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def engine_after(grads: list[float]) -> TorchEngine:
+        torch.manual_seed(0)
+        model = Decoder(ModelConfig(vocab_size=256, **TEST_MODEL))
+        model.init_weights()
+        engine = TorchEngine(model, cfg, where)
+        assert bool(engine.optimizer.defaults["fused"]) == fused
+        for factor in grads:
+            loss_sum, count = engine.model(tokens, labels=tokens)
+            engine.backward(loss_sum / count * factor, last=True)
+            applied, norm = engine.step(1e-2)
+            assert isinstance(applied, torch.Tensor) and applied.dtype == torch.bool and norm.ndim == 0
+            assert bool(applied) == math.isfinite(factor) == math.isfinite(float(norm))
+        return engine
+
+    skipped, plain = engine_after([1.0, math.nan, 1.0]), engine_after([1.0, 1.0])
+    for (name, p), q in zip(skipped.model.named_parameters(), plain.model.parameters(), strict=True):
+        assert torch.equal(p, q), name
+        for key, value in skipped.optimizer.state[p].items():
+            assert torch.equal(value, plain.optimizer.state[q][key]), (name, key)

@@ -95,11 +95,19 @@ def free_port() -> int:
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum a few numbers over all ranks (in fp64; a no-op without a process group)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    """Sum a few host numbers over all ranks (in fp64). Without other ranks they are returned
+    as they are, without a round trip through the device (which would wait for it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [float(v) for v in values]
+    return all_reduce_sum_(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """Sum a device tensor over all ranks in place, without reading it back (a no-op without
+    other ranks)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
-    return t.tolist()
+    return t
 
 
 def barrier() -> None:
@@ -179,11 +187,17 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         (loss * self.scaler.scale).backward()
 
-    def step(self, lr: float) -> tuple[bool, float]:
+    def step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Unscale, clip, and step unless the global gradient norm is non-finite.
 
+        Queues the work without waiting for the device: with the fused AdamW (CUDA, CPU) the
+        decision to skip stays on the device, as `found_inf` (the flag GradScaler hands the
+        optimizer: a flagged step leaves weights, moments and step count as they were). fp16's
+        loss scaler, and an unfused optimizer, need the norm on the host and wait for it.
+
         Returns:
-            (applied, grad_norm before clipping; nan/inf when the step was skipped).
+            (applied, grad_norm before clipping, nan/inf when the step was skipped), as 0-d
+            tensors on the device for the caller to read with the loss.
         """
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.scaler.enabled:
@@ -191,12 +205,17 @@ class TorchEngine:
                 p.grad.mul_(1.0 / self.scaler.scale)
         max_norm = self.cfg.train.grad_clip or math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP
-        applied = math.isfinite(norm)
-        if applied:
-            set_lr(self.optimizer, lr)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor under FSDP
+        applied = torch.isfinite(norm)
+        set_lr(self.optimizer, lr)
+        if self.optimizer.defaults.get("fused") and not self.scaler.enabled:
+            self.optimizer.found_inf = (~applied).float()
             self.optimizer.step()
-        self.scaler.update(applied)
+        else:
+            finite = bool(applied)
+            if finite:
+                self.optimizer.step()
+            self.scaler.update(finite)
         self.optimizer.zero_grad(set_to_none=True)
         return applied, norm
 
@@ -283,12 +302,15 @@ class DeepSpeedEngine:
         self.model.set_gradient_accumulation_boundary(last)
         self.model.backward(loss, scale_wrt_gas=False)  # the loop's loss is already per-step exact
 
-    def step(self, lr: float) -> tuple[bool, float]:
+    def step(self, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSpeed's step (it reads its overflow flag on the host itself); (applied, grad_norm)
+        as 0-d tensors on the device, as TorchEngine returns them."""
         set_lr(self.optimizer, lr)
         self.model.step()
         norm = self.model.get_global_grad_norm()
-        norm = float("nan") if norm is None else float(norm)
-        return self.model.was_step_applied(), norm
+        values = [float(self.model.was_step_applied()), math.nan if norm is None else float(norm)]
+        applied, norm = torch.tensor(values, dtype=torch.float64, device=self.where.device)
+        return applied.bool(), norm
 
     def save(self, folder: Path) -> None:
         self.model.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)

@@ -14,6 +14,7 @@ world 2 × accumulation 2 × micro-batch 2 gives the losses and weights of world
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -40,9 +41,10 @@ from training.checkpoint import (
     write_export,
 )
 from training.config import ConfigError, RunConfig, model_config, save_resolved
-from training.engine import Dist, all_reduce_sum, barrier, build_engine, init_distributed
+from training.engine import Dist, all_reduce_sum, all_reduce_sum_, barrier, build_engine, init_distributed
 from training.metrics import Reporter, peak_flops, peak_memory_bytes, throughput
 from training.optim import lr_at
+from training.prefetch import StepPrefetcher
 
 
 class TrainingError(RuntimeError):
@@ -55,7 +57,6 @@ class StepResult:
     target_tokens: int
     grad_norm: float
     applied: bool
-    data_wait_s: float
 
 
 def train(
@@ -88,6 +89,7 @@ def train(
     if cfg.data.val is not None:  # a bad validation split fails now, not after hours of training
         make_stream(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1).close()
     state = _resume(cfg, engine, stream, where, model_cfg, tokenizer)
+    steps = StepPrefetcher(stream, cfg.train.grad_accum, pin=where.device.type == "cuda")  # reads from here on
     report = Reporter(cfg.run_dir, where.rank, cfg.train.max_steps, start_step=state.step)
     if where.is_main:
         save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
@@ -96,56 +98,62 @@ def train(
     meta = _checkpoint_meta(cfg, engine, model_cfg, tokenizer)
     tokens_per_step = cfg.batch_arithmetic(where.world_size)["tokens_per_step"]
     peak, losses, skipped, bad_in_a_row, record = peak_flops(where.device), [], [], 0, {}
+    checkpoints, keep = checkpoint_dir(cfg.run_dir), cfg.train.keep_checkpoints
 
-    while state.step < cfg.train.max_steps and not state.stopped_early:
-        started = time.perf_counter()
-        lr = _lr(cfg, state.step + 1)
-        result = train_step(engine, stream, cfg, where, lr)
-        state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
-        seconds = time.perf_counter() - started
-        # fp16 overflows while the loss scale settles are expected; they do not count as bad
-        bad = not result.applied and result.target_tokens > 0
-        bad = bad and (cfg.train.precision != "fp16" or not math.isfinite(result.loss))
-        bad_in_a_row = bad_in_a_row + 1 if bad else 0
-        if not result.applied:
-            state.skipped_steps += 1
-            skipped.append(state.step)
-            report.print(f"step {state.step}: non-finite loss or gradient norm, or no targets; skipped on all ranks")
-        losses.append(result.loss)
-        record = {
-            "step": state.step,
-            "loss": result.loss,
-            "grad_norm": result.grad_norm,
-            "lr": lr,
-            "tokens": state.tokens,
-            "target_tokens": result.target_tokens,
-            **throughput(tokens_per_step, seconds, flops_per_token, where.world_size, peak),
-            "peak_mem_bytes": peak_memory_bytes(where.device),
-            "data_wait_frac": result.data_wait_s / seconds,
-            "skipped": not result.applied,
-        }
-        state.stopped_early = _evaluate_if_due(engine, cfg, where, tokenizer, state, record, report)
-        report.log_step(record)
-        if bad_in_a_row >= cfg.train.max_bad_steps:
-            report.close()
-            good = find_latest(cfg.run_dir)
-            raise TrainingError(
-                f"{bad_in_a_row} non-finite steps in a row (last at step {state.step}): stopping; the last good "
-                f"checkpoint is {good or 'none (no checkpoint was written yet)'}. Lower train.lr or check the data."
-            )
-        exit_now = state.step == cfg.train.exit_at_step
-        final = state.step == cfg.train.max_steps or state.stopped_early or exit_now
-        if state.step % cfg.train.checkpoint_every == 0 or final:
-            folder = save_checkpoint(
-                engine, checkpoint_dir(cfg.run_dir), state, stream.state_dict(), where, meta, cfg.train.keep_checkpoints
-            )
-            if on_checkpoint is not None:
-                on_checkpoint(folder, record)
-        if state.stopped_early:
-            report.print(f"step {state.step}: no better validation loss in {cfg.train.patience} evaluations; stopping")
-        if exit_now:
-            report.print(f"step {state.step}: exit_at_step reached; resume=auto continues to {cfg.train.max_steps}")
-            break
+    with contextlib.closing(steps):  # stops the read-ahead thread however the loop ends
+        while state.step < cfg.train.max_steps and not state.stopped_early:
+            started = time.perf_counter()
+            micro = next(steps)
+            data_wait = time.perf_counter() - started
+            lr = _lr(cfg, state.step + 1)
+            result = train_step(engine, micro, cfg, where, lr)
+            state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
+            seconds = time.perf_counter() - started
+            # fp16 overflows while the loss scale settles are expected; they do not count as bad
+            bad = not result.applied and result.target_tokens > 0
+            bad = bad and (cfg.train.precision != "fp16" or not math.isfinite(result.loss))
+            bad_in_a_row = bad_in_a_row + 1 if bad else 0
+            if not result.applied:
+                state.skipped_steps += 1
+                skipped.append(state.step)
+                report.print(
+                    f"step {state.step}: non-finite loss or gradient norm, or no targets; skipped on all ranks"
+                )
+            losses.append(result.loss)
+            record = {
+                "step": state.step,
+                "loss": result.loss,
+                "grad_norm": result.grad_norm,
+                "lr": lr,
+                "tokens": state.tokens,
+                "target_tokens": result.target_tokens,
+                **throughput(tokens_per_step, seconds, flops_per_token, where.world_size, peak),
+                "peak_mem_bytes": peak_memory_bytes(where.device),
+                "data_wait_frac": data_wait / seconds,
+                "skipped": not result.applied,
+            }
+            state.stopped_early = _evaluate_if_due(engine, cfg, where, tokenizer, state, record, report)
+            report.log_step(record)
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                report.close()
+                good = find_latest(cfg.run_dir)
+                raise TrainingError(
+                    f"{bad_in_a_row} non-finite steps in a row (last at step {state.step}): stopping; the last good "
+                    f"checkpoint is {good or 'none (no checkpoint was written yet)'}. Lower train.lr or check the data."
+                )
+            exit_now = state.step == cfg.train.exit_at_step
+            final = state.step == cfg.train.max_steps or state.stopped_early or exit_now
+            if state.step % cfg.train.checkpoint_every == 0 or final:
+                folder = save_checkpoint(engine, checkpoints, state, steps.state_dict(), where, meta, keep)
+                if on_checkpoint is not None:
+                    on_checkpoint(folder, record)
+            if state.stopped_early:
+                report.print(
+                    f"step {state.step}: no better validation loss in {cfg.train.patience} evaluations; stopping"
+                )
+            if exit_now:
+                report.print(f"step {state.step}: exit_at_step reached; resume=auto continues to {cfg.train.max_steps}")
+                break
 
     finished = state.step == cfg.train.max_steps or state.stopped_early
     export = export_hf(engine, model_cfg, Path(cfg.run_dir) / "hf", cfg, where) if cfg.export_hf and finished else None
@@ -163,17 +171,17 @@ def train(
     }
 
 
-def train_step(engine, batches: Iterator[dict], cfg: RunConfig, where: Dist, lr: float) -> StepResult:
-    """One optimizer step over `cfg.train.grad_accum` micro-batches of this rank (see module doc)."""
-    wait = time.perf_counter()
-    micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-    wait = time.perf_counter() - wait
+def train_step(engine, micro: list[dict], cfg: RunConfig, where: Dist, lr: float) -> StepResult:
+    """One optimizer step over this rank's `cfg.train.grad_accum` micro-batches (see module doc).
+
+    The step is queued without waiting for the device: the loss, the gradient norm and whether
+    the step was applied are read back together once its work is queued (one transfer)."""
     local_count = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)  # on the host: no device sync
     micro = [_to_device(m, where.device) for m in micro]
     (global_count,) = all_reduce_sum([local_count], where.device)
     if global_count == 0:  # only padding on every rank (corrupt shards skipped): nothing to learn
-        return StepResult(math.nan, 0, math.nan, False, wait)
-    scale = engine.grad_divisor / max(global_count, 1.0)
+        return StepResult(math.nan, 0, math.nan, False)
+    scale = engine.grad_divisor / global_count
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=where.device)
     for i, m in enumerate(micro):
@@ -184,8 +192,9 @@ def train_step(engine, batches: Iterator[dict], cfg: RunConfig, where: Dist, lr:
         engine.backward(s * scale, last=i == len(micro) - 1)
         loss_sum += s.detach()
     applied, grad_norm = engine.step(lr)
-    (total,) = all_reduce_sum([float(loss_sum)], where.device)
-    return StepResult(total / max(global_count, 1.0), int(global_count), grad_norm, applied, wait)
+    all_reduce_sum_(loss_sum)
+    total, grad_norm, applied = torch.stack([loss_sum, grad_norm.double(), applied.double()]).tolist()
+    return StepResult(total / global_count, int(global_count), grad_norm, bool(applied))
 
 
 @torch.no_grad()
