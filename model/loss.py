@@ -77,9 +77,17 @@ def chunked_causal_lm_loss(
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
+    valid = labels != IGNORE_INDEX
+    if hidden.device.type == "cpu":
+        # Rows without a target (SFT prompts, padding) add nothing to the loss: leave them out of
+        # the matmuls. Picking them needs their number on the host: free on CPU, but a GPU would
+        # have to finish the forward first, so there they are computed and masked instead.
+        rows = valid.nonzero().squeeze(1)
+        if len(rows) < len(labels):
+            hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
     chunk_tokens = chunk_tokens or default_chunk_tokens(hidden.device, weight.shape[0])
     loss_sum = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens, z_loss)
-    return loss_sum, (labels != IGNORE_INDEX).sum()
+    return loss_sum, valid.sum()
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):

@@ -141,6 +141,35 @@ def test_chunked_never_materialises_full_logits():
     assert control.max_numel >= B * T * V
 
 
+class MatmulRows(TorchDispatchMode):
+    """Counts the rows of every (n, V)-wide matmul output while active."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab, self.rows = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and out.shape[-1] == self.vocab:
+            self.rows += out.shape[0]
+        return out
+
+
+def test_rows_without_a_target_are_left_out_of_the_matmuls_on_cpu():
+    B, T, D, V = 4, 12, 16, 53
+    g = torch.Generator().manual_seed(9)
+    hidden, weight = torch.randn(B, T, D, generator=g), torch.randn(V, D, generator=g) * 0.5
+    labels = uneven_labels(B, T, V, seed=10)
+    n_targets = int((labels != IGNORE_INDEX).sum())
+    with MatmulRows(V) as probe:
+        got = _loss_and_grads(chunked_causal_lm_loss, hidden, weight, labels, chunk_tokens=7)
+    assert probe.rows == n_targets < B * T  # the logits of target rows only
+    ref = _loss_and_grads(_unchunked, hidden, weight, labels)
+    for r, c in zip(ref, got, strict=True):
+        torch.testing.assert_close(c, r, rtol=1e-6, atol=1e-6)
+    assert torch.count_nonzero(got[2][labels == IGNORE_INDEX]) == 0  # and no gradient
+
+
 def _sft_batch(B=8, T=24, V=97, seed=8):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, V, (B, T), generator=g)
