@@ -18,7 +18,6 @@ import queue
 import threading
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
 _END = object()  # the stream has no more batches
@@ -94,8 +93,5 @@ class StepPrefetcher:
                 continue
 
     def _host_tensors(self, batch: dict) -> dict[str, torch.Tensor]:
-        out = {}
-        for key, value in batch.items():
-            t = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
-            out[key] = t.pin_memory() if self.pin else t
-        return out
+        tensors = {key: torch.as_tensor(value) for key, value in batch.items()}  # numpy: shared, not copied
+        return {key: t.pin_memory() for key, t in tensors.items()} if self.pin else tensors
