@@ -89,7 +89,6 @@ def train(
     if cfg.data.val is not None:  # a bad validation split fails now, not after hours of training
         make_stream(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1).close()
     state = _resume(cfg, engine, stream, where, model_cfg, tokenizer)
-    steps = StepPrefetcher(stream, cfg.train.grad_accum, pin=where.device.type == "cuda")  # reads from here on
     report = Reporter(cfg.run_dir, where.rank, cfg.train.max_steps, start_step=state.step)
     if where.is_main:
         save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
@@ -100,7 +99,8 @@ def train(
     peak, losses, skipped, bad_in_a_row, record = peak_flops(where.device), [], [], 0, {}
     checkpoints, keep = checkpoint_dir(cfg.run_dir), cfg.train.keep_checkpoints
 
-    with contextlib.closing(steps):  # stops the read-ahead thread however the loop ends
+    # The stream is read on a thread from here on; closing stops it however the loop ends.
+    with contextlib.closing(StepPrefetcher(stream, cfg.train.grad_accum, pin=where.device.type == "cuda")) as steps:
         while state.step < cfg.train.max_steps and not state.stopped_early:
             started = time.perf_counter()
             micro = next(steps)
