@@ -1,4 +1,5 @@
-"""python benchmarks/bench_mfu.py [--preset 1b] [--seq-len 2048 4096] [--compile both] [--ac both] [--loss chunked full]
+"""python benchmarks/bench_mfu.py [--preset 1b] [--seq-len 2048 4096] [--compile both]
+    [--ac none full selective] [--loss chunked full]
 
 Model FLOPs utilisation (MFU) of one training step of a preset on one GPU, over a matrix of
 variants: sequence length × torch.compile (per block) × activation checkpointing × the chunked
@@ -40,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.config import ModelConfig, preset  # noqa: E402
-from model.decoder import Decoder  # noqa: E402
+from model.decoder import RECOMPUTE_MODES, Decoder  # noqa: E402
 from model.loss import causal_lm_loss  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 from training.engine import Dist, TorchEngine  # noqa: E402
@@ -65,7 +66,7 @@ class Variant:
     seq_len: int
     batch: int
     compile: bool
-    ac: bool
+    ac: str  # activation checkpointing: one of model.decoder.RECOMPUTE_MODES
     loss: str  # "chunked" (Decoder.forward with labels) or "full" (logits, then causal_lm_loss)
 
 
@@ -82,7 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="1b", help="model preset (model/config.py)")
     parser.add_argument("--seq-len", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--compile", choices=both, default="both", help="torch.compile each block")
-    parser.add_argument("--ac", choices=both, default="both", help="activation checkpointing")
+    parser.add_argument(
+        "--ac", choices=RECOMPUTE_MODES, nargs="+", default=list(RECOMPUTE_MODES), help="activation checkpointing"
+    )
     parser.add_argument("--loss", choices=("chunked", "full"), nargs="+", default=["chunked", "full"])
     parser.add_argument("--batch", type=int, default=None, help=f"rows per step (default: {TOKENS_PER_STEP} tokens)")
     parser.add_argument("--steps", type=int, default=10, help="measured steps per variant")
@@ -136,7 +139,7 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     for seq_len in args.seq_len:
         batch = args.batch or max(1, TOKENS_PER_STEP // seq_len)
         for compiled in flags[args.compile]:
-            for ac in flags[args.ac]:
+            for ac in args.ac:
                 out.extend(Variant(seq_len, batch, compiled, ac, loss) for loss in args.loss)
     return out
 
@@ -225,7 +228,7 @@ def table_header(args: argparse.Namespace, model: Decoder, device: torch.device,
 
 def table_row(v: Variant, r: Result | None, flops_per_token: int, peak: float | None) -> str:
     """One markdown row; `r` None means the variant ran out of memory."""
-    cells = [str(v.seq_len), str(v.batch), "on" if v.compile else "off", "on" if v.ac else "off", v.loss]
+    cells = [str(v.seq_len), str(v.batch), "on" if v.compile else "off", v.ac, v.loss]
     if r is None:
         return "| " + " | ".join(cells + ["OOM"] * 4) + " |"
     achieved = r.tokens_per_s * flops_per_token / 1e12

@@ -1,4 +1,5 @@
 """python benchmarks/bench_train.py [--preset tiny|125m|...] [--seq-len 512] [--batch 8] [--compile off|crucible|both]
+    [--ac none|full|selective]
 
 One training step, side by side: Crucible's Decoder with its chunked loss and the engine's
 AdamW step (training.engine.TorchEngine, engine single) against transformers'
@@ -12,6 +13,10 @@ their summed wall time (CUDA synchronised around each step).
 `--compile crucible` compares Crucible as a user runs it with `train.compile=true` (each block
 compiled) against transformers as its Trainer runs by default (eager); `--compile both` compiles
 the whole LlamaForCausalLM too.
+
+`--ac full|selective` turns on Crucible's activation checkpointing (train.activation_checkpointing)
+and transformers' gradient checkpointing (`gradient_checkpointing_enable`, which recomputes whole
+decoder layers: the counterpart of "full").
 
 Peak memory: each side runs its steps again in a fresh subprocess, which reports its peak above
 what it held before its model was built: weights, gradients, optimizer state and activations.
@@ -38,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.config import ModelConfig, preset  # noqa: E402
-from model.decoder import Decoder  # noqa: E402
+from model.decoder import RECOMPUTE_MODES, Decoder  # noqa: E402
 from model.hf import config_to_hf, state_dict_to_hf  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 from training.engine import Dist, TorchEngine  # noqa: E402
@@ -64,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="off",
         help="torch.compile: neither side, Crucible only (train.compile=true against transformers as Trainer "
         "runs it by default), or both",
+    )
+    parser.add_argument(
+        "--ac",
+        choices=RECOMPUTE_MODES,
+        default="none",
+        help="activation checkpointing: Crucible's mode; transformers' gradient checkpointing unless none",
     )
     parser.add_argument("--memory-of", choices=SIDES, help=argparse.SUPPRESS)  # the CPU memory subprocess
     args = parser.parse_args(argv)
@@ -94,6 +105,7 @@ class CrucibleSide:
     def __init__(self, cfg: ModelConfig, state: dict, args):
         run = RunConfig()
         run.engine, run.train.precision, run.train.compile = "single", args.precision, args.compile != "off"
+        run.train.activation_checkpointing = args.ac
         device = torch.device(args.device)
         model = Decoder(cfg)
         model.load_state_dict(state)
@@ -129,6 +141,8 @@ class HFSide:
     def __init__(self, cfg: ModelConfig, state: dict, args):
         self.model = hf_llama(cfg, state)
         self.model.to(args.device).train()
+        if args.ac != "none":
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.compile == "both":
             self.model = torch.compile(self.model)
         run = RunConfig().train
@@ -230,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(v.numel() for v in state.values())
     print(
         f"{args.preset}: {n_params / 1e6:.1f}M parameters (vocab {cfg.vocab_size}), seq_len {args.seq_len}, "
-        f"batch {args.batch}, {args.precision} on {args.device}, compile={args.compile}, "
+        f"batch {args.batch}, {args.precision} on {args.device}, compile={args.compile}, ac={args.ac}, "
         f"{args.steps} steps per side after {args.warmup} warm-up, torch {torch.__version__}",
         flush=True,
     )

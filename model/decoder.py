@@ -1,8 +1,8 @@
 """A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
 
 Reads top to bottom: norm → rotary helpers → attention mask → KV cache → attention →
-feed-forward → block → decoder. Pure PyTorch; parallelism is applied from outside
-(training/engine.py).
+feed-forward → activation checkpointing → block → decoder. Pure PyTorch; parallelism is applied
+from outside (training/engine.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from model.config import ModelConfig
 from model.loss import chunked_causal_lm_loss
@@ -244,6 +244,35 @@ class _SwiGLUDown(torch.autograd.Function):
         return torch.cat((dgate, dup), dim=-1).to(gate_up.dtype), dweight
 
 
+# --- activation checkpointing ---------------------------------------------------------------
+
+RECOMPUTE_MODES = ("none", "full", "selective")
+"""What a Block recomputes in backward instead of keeping: nothing; everything (only its input
+is kept); everything but the attention kernel's outputs."""
+
+
+_aten = torch.ops.aten
+_ATTENTION_OPS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.higher_order.flex_attention,
+}
+
+
+def _keep_attention(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    # Selective activation checkpointing, as torchtitan's op policy: attention is the one part
+    # of a block whose recomputation grows with T², while its outputs ((B, H, T, head_dim) and a
+    # logsumexp per row) are the size of one activation. Norms, rotary, the projections and the
+    # SwiGLU are recomputed: matmuls at full speed and a few elementwise passes.
+    return CheckpointPolicy.MUST_SAVE if func in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_keep_attention)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -251,8 +280,17 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
+        # One of RECOMPUTE_MODES, set from outside (training/engine.py). The checkpoint is taken
+        # inside forward, so that a compiled block traces it (checkpointing → compile).
+        self.recompute = "none"
 
     def forward(self, x, cos, sin, mask, cache: LayerCache | None = None):
+        if self.recompute == "none" or not torch.is_grad_enabled():
+            return self._forward(x, cos, sin, mask, cache)
+        context = _selective_context if self.recompute == "selective" else noop_context_fn
+        return checkpoint(self._forward, x, cos, sin, mask, cache, use_reentrant=False, context_fn=context)
+
+    def _forward(self, x, cos, sin, mask, cache):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -267,9 +305,6 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        # Recompute each block's activations in backward instead of keeping them (set from outside,
-        # by the training engine).
-        self.checkpoint_layers = False
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -363,16 +398,20 @@ class Decoder(nn.Module):
             mask = cached_causal_mask(past, tokens.shape[1], cache.max_len, h.device)
         layer_caches = [None] * len(self.layers) if cache is None else cache.layers
         for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
-            if self.checkpoint_layers and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, mask, layer_cache, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, mask, layer_cache)
+            h = layer(h, cos, sin, mask, layer_cache)
         h = self.norm(h)
         if labels is not None:
             return chunked_causal_lm_loss(h, self.output_weight, labels, z_loss=z_loss)
         if return_hidden:
             return h
         return F.linear(h, self.output_weight)
+
+    def set_recompute(self, mode: str) -> None:
+        """Activation checkpointing of every block: one of RECOMPUTE_MODES."""
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"activation checkpointing {mode!r}: expected one of {', '.join(RECOMPUTE_MODES)}")
+        for layer in self.layers:
+            layer.recompute = mode
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -49,7 +49,13 @@ def _worker(rank: int, world: int, port: int, cfg: RunConfig, batches, hook, out
     data = None
     if batches is not None:
         data = FixedBatches(batches, rank, world, cfg.train.grad_accum, cfg.train.micro_batch)
-    summary = loop.train(cfg, data=data, model_hook=(lambda m: hook(m, rank)) if hook else None)
+    try:
+        summary = loop.train(cfg, data=data, model_hook=(lambda m: hook(m, rank)) if hook else None)
+    finally:
+        # As launch/sft.py does: a group left to the interpreter's exit can abort the process
+        # ("terminate called without an active exception") after the run itself succeeded.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     with open(Path(out) / f"rank{rank}.pkl", "wb") as f:
         pickle.dump(summary, f)
 

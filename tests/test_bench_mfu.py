@@ -18,11 +18,11 @@ def _rows(out: str) -> list[list[str]]:
 
 def test_cpu_smoke_run_reports_model_flops(capsys):
     argv = "--device cpu --preset tiny --seq-len 64 --batch 2 --steps 2 --warmup 1"
-    assert main([*argv.split(), "--compile", "off", "--ac", "off", "--loss", "chunked"]) == 0
+    assert main([*argv.split(), "--compile", "off", "--ac", "selective", "--loss", "chunked"]) == 0
     rows = _rows(capsys.readouterr().out)
     assert len(rows) == 1
     seq_len, batch, compiled, ac, loss, tokens_per_s, tflops, mfu, memory = rows[0]
-    assert (seq_len, batch, compiled, ac, loss) == ("64", "2", "off", "off", "chunked")
+    assert (seq_len, batch, compiled, ac, loss) == ("64", "2", "off", "selective", "chunked")
     tokens_per_s = float(tokens_per_s.replace(",", ""))
     assert tokens_per_s > 0
     with torch.device("meta"):

@@ -157,3 +157,72 @@ def test_hand_written_backward_passes_match_autograd(dtype):
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for name, a, b in zip(("x", "norm", "w13", "w2"), got_grads, ref_grads, strict=True):
         torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def _loss_and_grads(model: Decoder, tokens, labels, doc_ids) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad()
+    loss_sum, _ = model(tokens, doc_ids=doc_ids, labels=labels)
+    loss_sum.backward()
+    return loss_sum.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode,compiled", [("full", False), ("selective", False), ("selective", True)])
+def test_activation_checkpointing_gives_the_gradients_of_no_checkpointing(mode, compiled):
+    """Recomputation runs the same fp32 arithmetic again, so eager checkpointing is bit-exact;
+    a compiled block fuses its elementwise ops differently from eager, hence 1e-5 there."""
+    model = small_model().train()
+    tokens, labels = torch.randint(0, 101, (2, 24)), torch.randint(0, 101, (2, 24))
+    doc_ids = (torch.arange(24) // 10).expand(2, -1)  # the document mask path of attention
+    ref_loss, ref_grads = _loss_and_grads(model, tokens, labels, doc_ids)
+    model.set_recompute(mode)
+    if compiled:
+        for layer in model.layers:
+            layer.compile()
+    loss, grads = _loss_and_grads(model, tokens, labels, doc_ids)
+    tol = dict(rtol=1e-5, atol=1e-5) if compiled else dict(rtol=0, atol=0)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def _kernel_calls(model: Decoder, tokens, labels) -> dict[str, int]:
+    """How often forward + backward ran the attention kernel and the matmuls.
+
+    Counted by a dispatch mode entered outside the checkpoints: selective checkpointing's own mode
+    sits inside it and answers a kept op from its cache without passing it on, so only the ops
+    that really run reach the counter."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten, calls = torch.ops.aten, {"attention": 0, "mm": 0}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is aten._scaled_dot_product_flash_attention_for_cpu.default:
+                calls["attention"] += 1
+            elif func is aten.mm.default:
+                calls["mm"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        model(tokens, labels=labels)[0].backward()
+    return calls
+
+
+def test_selective_checkpointing_recomputes_everything_but_attention():
+    model = small_model().train()
+    tokens, labels = torch.randint(0, 101, (2, 16)), torch.randint(0, 101, (2, 16))
+    calls = {}
+    for mode in ("none", "full", "selective"):
+        model.set_recompute(mode)
+        calls[mode] = _kernel_calls(model, tokens, labels)
+    n_layers = model.cfg.n_layers
+    assert calls["none"]["attention"] == n_layers  # forward only: its backward is another kernel
+    assert calls["full"]["attention"] == 2 * n_layers  # run again in backward
+    assert calls["selective"]["attention"] == n_layers  # kept, not run again
+    # Both recompute every block's projections: wqkv, wo, w13 and w2, once more per layer.
+    assert calls["full"]["mm"] == calls["selective"]["mm"] == calls["none"]["mm"] + 4 * n_layers
+
+
+def test_an_unknown_checkpointing_mode_is_rejected():
+    with pytest.raises(ValueError, match="expected one of none, full, selective"):
+        small_model().set_recompute("some")

@@ -54,6 +54,8 @@ def test_overrides_yaml_and_types(training_data, tmp_path):
         ("train=3", "train is a section"),
         ("train.eval_every=5", "data.val"),
         ("resume=/no/such/dir", "resume="),
+        ("train.activation_checkpointing=true", "train.activation_checkpointing=True is not a valid str"),
+        ("train.activation_checkpointing=some", "train.activation_checkpointing='some'; choose one of none, full"),
     ],
 )
 def test_bad_keys_and_values_are_named(override, named, training_data):
@@ -248,11 +250,12 @@ def test_loss_scaler_halves_on_overflow_and_grows_after_a_window():
 
 def test_activation_checkpointing_gives_the_same_losses(training_data, tmp_path):
     runs = []
-    for checkpointing in (False, True):
-        cfg = single_cfg(tmp_path / str(checkpointing), training_data, max_steps=3, checkpoint_every=3)
-        cfg.train.activation_checkpointing, cfg.export_hf = checkpointing, False
+    for mode in ("none", "full", "selective"):
+        cfg = single_cfg(tmp_path / mode, training_data, max_steps=3, checkpoint_every=3)
+        cfg.train.activation_checkpointing, cfg.export_hf = mode, False
         runs.append(train(cfg)["losses"])
     assert runs[0] == pytest.approx(runs[1], abs=1e-6)
+    assert runs[0] == pytest.approx(runs[2], abs=1e-6)
 
 
 def test_the_launchers_defaults_come_first_and_files_layer_on_top(training_data):

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from model.config import ModelConfig, preset, preset_names
+from model.decoder import RECOMPUTE_MODES
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ENGINES = ("single", "fsdp", "deepspeed")
@@ -89,8 +90,10 @@ class TrainSection:
     """bf16 (default), fp16 (dynamic loss scaling) or fp32."""
     z_loss: float = 0.0
     """Weight of the z-loss (PaLM) on log Z of the output logits."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in backward instead of keeping them."""
+    activation_checkpointing: str = "none"
+    """Recompute activations in backward instead of keeping them: "none"; "full" (each block
+    keeps only its input); "selective" (each block also keeps its attention output, so attention
+    is not run again)."""
     compile: bool = False
     """torch.compile each block."""
     seed: int = 0
@@ -293,6 +296,7 @@ def check(cfg: RunConfig) -> None:
     _choice("engine", cfg.engine, ENGINES)
     _choice("train.precision", cfg.train.precision, PRECISIONS)
     _choice("data.on_error", cfg.data.on_error, ("skip", "raise"))
+    _choice("train.activation_checkpointing", cfg.train.activation_checkpointing, RECOMPUTE_MODES)
     from training.optim import SCHEDULES
 
     _choice("train.schedule", cfg.train.schedule, SCHEDULES)

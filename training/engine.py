@@ -120,8 +120,7 @@ def parallelize(model: Decoder, cfg: RunConfig, where: Dist) -> nn.Module:
 
     (DeepSpeed wraps the model itself, in `DeepSpeedEngine`.)
     """
-    if cfg.train.activation_checkpointing:
-        model.checkpoint_layers = True
+    model.set_recompute(cfg.train.activation_checkpointing)
     if cfg.train.compile:
         for layer in model.layers:
             layer.compile()  # per block: small graphs, compiled once, shared by every layer
@@ -279,8 +278,7 @@ class DeepSpeedEngine:
         self.where = where
         ds_config = deepspeed_config(cfg, where.world_size)
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-        if cfg.train.activation_checkpointing:
-            model.checkpoint_layers = True
+        model.set_recompute(cfg.train.activation_checkpointing)
         if self.stage == 3:
             # Gather each Block's parameters at once when it runs, as FSDP does: a block uses a
             # weight without calling its module (FeedForward's w2), and one hook per block is
