@@ -1,5 +1,5 @@
 """python benchmarks/bench_mfu.py [--preset 1b] [--seq-len 2048 4096] [--compile both]
-    [--ac none full selective] [--loss chunked full]
+    [--ac none selective full] [--loss chunked full]
 
 Model FLOPs utilisation (MFU) of one training step of a preset on one GPU, over a matrix of
 variants: sequence length × torch.compile (per block) × activation checkpointing × the chunked
@@ -84,7 +84,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--compile", choices=both, default="both", help="torch.compile each block")
     parser.add_argument(
-        "--ac", choices=RECOMPUTE_MODES, nargs="+", default=list(RECOMPUTE_MODES), help="activation checkpointing"
+        "--ac",
+        choices=RECOMPUTE_MODES,
+        nargs="+",
+        default=["none", "selective"],
+        help="activation checkpointing modes (train.activation_checkpointing)",
     )
     parser.add_argument("--loss", choices=("chunked", "full"), nargs="+", default=["chunked", "full"])
     parser.add_argument("--batch", type=int, default=None, help=f"rows per step (default: {TOKENS_PER_STEP} tokens)")

@@ -15,8 +15,8 @@ compiled) against transformers as its Trainer runs by default (eager); `--compil
 the whole LlamaForCausalLM too.
 
 `--ac full|selective` turns on Crucible's activation checkpointing (train.activation_checkpointing)
-and transformers' gradient checkpointing (`gradient_checkpointing_enable`, which recomputes whole
-decoder layers: the counterpart of "full").
+and transformers' gradient checkpointing (`activation_checkpointing_enable`, which recomputes
+whole decoder layers: the counterpart of "full").
 
 Peak memory: each side runs its steps again in a fresh subprocess, which reports its peak above
 what it held before its model was built: weights, gradients, optimizer state and activations.
@@ -142,7 +142,11 @@ class HFSide:
         self.model = hf_llama(cfg, state)
         self.model.to(args.device).train()
         if args.ac != "none":
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kwargs = {"use_reentrant": False}  # both recompute whole decoder layers
+            if hasattr(self.model, "activation_checkpointing_enable"):  # its name since transformers 5
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if args.compile == "both":
             self.model = torch.compile(self.model)
         run = RunConfig().train

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from model.config import ModelConfig
 from model.loss import chunked_causal_lm_loss
@@ -287,8 +287,9 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, cache: LayerCache | None = None):
         if self.recompute == "none" or not torch.is_grad_enabled():
             return self._forward(x, cos, sin, mask, cache)
-        context = _selective_context if self.recompute == "selective" else noop_context_fn
-        return checkpoint(self._forward, x, cos, sin, mask, cache, use_reentrant=False, context_fn=context)
+        if self.recompute == "full":
+            return checkpoint(self._forward, x, cos, sin, mask, cache, use_reentrant=False)
+        return checkpoint(self._forward, x, cos, sin, mask, cache, use_reentrant=False, context_fn=_selective_context)
 
     def _forward(self, x, cos, sin, mask, cache):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
