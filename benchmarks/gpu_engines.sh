@@ -36,7 +36,8 @@ for run in ("single", "fsdp", "zero3", "resumed", "125m"):
     mfu = [r["mfu"] for r in tail if r["mfu"] is not None]
     print(f"{run:8s} steps {rows[-1]['step']:3d} loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}  "
           f"tokens/s {mean('tokens_per_s'):,.0f}  TFLOP/s {mean('tflops'):.1f}  "
-          f"mfu {sum(mfu) / len(mfu) if mfu else float('nan'):.3f}  peak mem {rows[-1]['peak_mem_bytes'] / 2**30:.2f} GiB")
+          f"mfu {sum(mfu) / len(mfu) if mfu else float('nan'):.3f}  peak mem {rows[-1]['peak_mem_bytes'] / 2**30:.2f} GiB  "
+          f"data_wait_frac {mean('data_wait_frac'):.2%}")
 a = {r["step"]: r["loss"] for r in map(json.loads, (out / "single/metrics.jsonl").read_text().splitlines())}
 b = {r["step"]: r["loss"] for r in map(json.loads, (out / "resumed/metrics.jsonl").read_text().splitlines())}
 diff = max(abs(a[s] - b[s]) for s in range(31, 61))
