@@ -10,6 +10,8 @@ hold different numbers of targets (the bug fixed in transformers PR #34191).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,9 @@ so that the passes over them after the matmul (log-softmax, exp, scatter) run in
 peak stays low. Measured on 2 cores: 256 rows at vocab 8192 is ~15% faster than 1024."""
 CPU_MIN_CHUNK_TOKENS = 256
 """Fewer rows make the matmuls too thin to run at full speed (64 rows at vocab 32000: ~20% slower)."""
+_LOG_P_EXACT = -100 * math.log(2)
+"""log(2⁻¹⁰⁰): below it, log(softmax) of an fp32 probability is no longer exact (subnormals)."""
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def default_chunk_tokens(device: torch.device, vocab_size: int) -> int:
@@ -90,6 +95,41 @@ def chunked_causal_lm_loss(
     return loss_sum, valid.sum()
 
 
+def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """h @ weight.T. On CPU in fp32 through oneDNN's matmul: for this shape (a chunk of rows, a
+    short inner dim, the whole vocabulary) it runs ~30% faster than MKL's sgemm on AVX2 (256 ×
+    256 × 8192: 10.1 against 13.7 ms, 2 cores); elsewhere the plain matmul."""
+    fp32 = h.dtype == weight.dtype == torch.float32
+    if _ONEDNN_LINEAR and h.device.type == "cpu" and fp32 and not torch.is_autocast_enabled("cpu"):
+        return torch.ops.mkldnn._linear_pointwise(h, weight, None, "none", [], "")
+    return h @ weight.t()
+
+
+def _log_p_target(logits: torch.Tensor, target: torch.Tensor, want_probs: bool, h: torch.Tensor, weight: torch.Tensor):
+    """(log p of each row's target, softmax(logits) or None), the probabilities written over the
+    fp32 logits.
+
+    log_softmax is one fused pass, and exact where exp(logits − lse) underflows; the GPU path
+    (and the no-gradient one) takes it and then exponentiates in place. On CPU the softmax is
+    taken in place instead, each row in cache (256 × 8192: ~1.4 against ~4.8 ms for log_softmax
+    + exp), and log p_y = log(p_y). That loses precision only where p_y is below 2⁻¹⁰⁰ (the
+    target 69 nats under the row's best); those rows' logits are made again from `h` and
+    `weight` and taken through log_softmax, so the result stays exact. Finding them reads a flag on the
+    host, free on CPU, a sync on a GPU.
+    """
+    if not want_probs or logits.device.type != "cpu":
+        logp = torch.log_softmax(logits, dim=-1)
+        return logp.gather(1, target).squeeze(1), logp.exp_() if want_probs else None
+    torch.ops.aten._softmax.out(logits, -1, False, out=logits)  # row by row: safe in place
+    logp_y = logits.gather(1, target).squeeze(1).log()
+    inexact = logp_y < _LOG_P_EXACT
+    if inexact.any():
+        rows = inexact.nonzero().squeeze(1)
+        again = torch.log_softmax(_logits(h[rows], weight).float(), dim=-1)
+        logp_y[rows] = again.gather(1, target[rows]).squeeze(1)
+    return logp_y, logits
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_tokens, z_loss):
@@ -100,23 +140,22 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_w else None
         for start in range(0, hidden.shape[0], chunk_tokens):
             h, y = hidden[start : start + chunk_tokens], labels[start : start + chunk_tokens]
-            logits = (h @ weight.t()).float()  # (n, V)
+            logits = _logits(h, weight).float()  # (n, V)
             valid = y != IGNORE_INDEX
             target = torch.where(valid, y, 0)[:, None]
-            # One fused pass over the logits; log p is exact where exp(logits − lse) would
-            # underflow. lse itself (for the z-loss) is logit_y − log p_y.
-            logp = torch.log_softmax(logits, dim=-1)
-            logp_y = logp.gather(1, target).squeeze(1)
+            logit_y = logits.gather(1, target).squeeze(1) if z_loss else None
+            want_grad = want_grad_h or want_grad_w
+            logp_y, probs = _log_p_target(logits, target, want_grad, h, weight)
+            del logits  # on a GPU, probs is a new tensor
             per_token = -logp_y
             if z_loss:
-                lse = logits.gather(1, target).squeeze(1) - logp_y
+                lse = logit_y - logp_y
                 per_token = per_token + z_loss * lse.square()
-            del logits
             loss_sum += torch.where(valid, per_token, 0.0).sum()
-            if not (want_grad_h or want_grad_w):
+            if not want_grad:
                 continue
             # d/dlogits of (lse − logit_y + z·lse²) = softmax·(1 + 2z·lse) − onehot(y), in place
-            dlogits = logp.exp_()
+            dlogits = probs
             if z_loss:
                 dlogits.mul_((1 + 2 * z_loss * lse)[:, None])
             dlogits.scatter_add_(1, target, torch.full_like(target, -1.0, dtype=dlogits.dtype))

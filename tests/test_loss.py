@@ -112,6 +112,26 @@ def test_chunked_equals_unchunked_bf16():
     torch.testing.assert_close(got[3], ref[3], rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_chunked_is_exact_where_the_target_probability_underflows(z_loss):
+    """Targets 40 to 300 nats below their row's best logit: p_y is subnormal or 0 in fp32, so
+    log(softmax) alone would be inexact or −inf; the CPU path redoes those rows' log p."""
+    B, T, D, V = 2, 8, 4, 29
+    g = torch.Generator().manual_seed(11)
+    hidden, weight = torch.randn(B, T, D, generator=g), torch.randn(V, D, generator=g)
+    weight[:, 0] = 0.0
+    weight[0, 0] = 1.0  # feature 0 lifts token 0 alone: the gap logit_0 − logit_y grows with it
+    hidden[..., 0] = torch.linspace(40, 300, B * T).view(B, T)
+    labels = torch.randint(1, V, (B, T), generator=g)  # never token 0
+    ref = _loss_and_grads(_unchunked, hidden.double(), weight.double(), labels, z_loss=z_loss)
+    got = _loss_and_grads(chunked_causal_lm_loss, hidden, weight, labels, chunk_tokens=5, z_loss=z_loss)
+    assert torch.isfinite(got[0])
+    # fp32 against fp64 logits of magnitude up to 300: 1e-6 relative on the loss
+    torch.testing.assert_close(got[0], ref[0].float(), rtol=1e-6, atol=0)
+    for r, c in zip(ref[2:], got[2:], strict=True):
+        torch.testing.assert_close(c, r.float(), rtol=1e-5, atol=1e-5)
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the largest tensor any op produces while active."""
 
@@ -144,13 +164,15 @@ def test_chunked_never_materialises_full_logits():
 class MatmulRows(TorchDispatchMode):
     """Counts the rows of every (n, V)-wide matmul output while active."""
 
+    MATMULS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.mkldnn._linear_pointwise.default)
+
     def __init__(self, vocab: int):
         super().__init__()
         self.vocab, self.rows = vocab, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and out.shape[-1] == self.vocab:
+        if func in self.MATMULS and out.shape[-1] == self.vocab:
             self.rows += out.shape[0]
         return out
 
