@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import model.loss as loss_module
 from model.config import preset
 from model.decoder import Decoder
 from model.loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
@@ -190,6 +191,31 @@ def test_rows_without_a_target_are_left_out_of_the_matmuls_on_cpu():
     for r, c in zip(ref, got, strict=True):
         torch.testing.assert_close(c, r, rtol=1e-6, atol=1e-6)
     assert torch.count_nonzero(got[2][labels == IGNORE_INDEX]) == 0  # and no gradient
+
+
+class OpsSeen(TorchDispatchMode):
+    """The set of ops run while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not loss_module._ONEDNN_LINEAR, reason="this torch has no oneDNN matmul op")
+def test_cpu_fp32_logits_take_onednn_and_autocast_the_plain_matmul():
+    hidden, weight = torch.randn(2, 8, 16, requires_grad=True), torch.randn(53, 16, requires_grad=True)
+    labels = uneven_labels(2, 8, 53)
+    onednn = torch.ops.mkldnn._linear_pointwise.default
+    with OpsSeen() as fp32:
+        chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=5)[0].backward()
+    assert onednn in fp32.ops
+    with OpsSeen() as bf16, torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=5)[0].backward()
+    assert onednn not in bf16.ops and torch.ops.aten.mm.default in bf16.ops
 
 
 def _sft_batch(B=8, T=24, V=97, seed=8):
