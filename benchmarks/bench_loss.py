@@ -21,6 +21,7 @@ and chunked against chunked-mkl: time ratios).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import sys
@@ -60,14 +61,24 @@ def inputs(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return hidden, weight, labels
 
 
+@contextlib.contextmanager
+def logits_through_onednn(on: bool):
+    """model.loss's choice of matmul for the logits, for the duration of the block."""
+    loss_module._ONEDNN_LINEAR = on
+    try:
+        yield
+    finally:
+        loss_module._ONEDNN_LINEAR = ONEDNN
+
+
 def run(way: str, hidden, weight, labels, chunk_tokens) -> float:
     """One forward + backward of `way`; the mean loss per target."""
     h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
     if way == "full":
         loss_sum, count = causal_lm_loss(h @ w.t(), labels)
     else:
-        loss_module._ONEDNN_LINEAR = way == "chunked" and ONEDNN
-        loss_sum, count = chunked_causal_lm_loss(h, w, labels, chunk_tokens=chunk_tokens)
+        with logits_through_onednn(way == "chunked" and ONEDNN):
+            loss_sum, count = chunked_causal_lm_loss(h, w, labels, chunk_tokens=chunk_tokens)
     loss = loss_sum / count
     loss.backward()
     return float(loss.detach())
@@ -93,7 +104,6 @@ def main(argv: list[str] | None = None) -> int:
             run(way, hidden, weight, labels, args.chunk_tokens)
             if r >= args.warmup:
                 times[way].append(time.perf_counter() - started)
-    loss_module._ONEDNN_LINEAR = ONEDNN
     median = {way: statistics.median(t) for way, t in times.items()}
     for way in WAYS:
         print(f"{way:12s} {1e3 * median[way]:9.1f} ms  ({args.tokens / median[way]:,.0f} tokens/s)")

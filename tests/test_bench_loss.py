@@ -20,5 +20,7 @@ def test_smoke_run_prints_the_ratios_and_restores_the_matmul_choice(capsys):
 def test_ways_that_disagree_stop_it(monkeypatch):
     real = bench_loss.causal_lm_loss
     monkeypatch.setattr(bench_loss, "causal_lm_loss", lambda logits, labels: real(logits * 1.01, labels))
+    before = loss_module._ONEDNN_LINEAR
     with pytest.raises(SystemExit, match="do not do the same work"):
         bench_loss.main("--tokens 32 --dim 8 --vocab 50 --rounds 1".split())
+    assert loss_module._ONEDNN_LINEAR == before
