@@ -64,11 +64,11 @@ def inputs(args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @contextlib.contextmanager
 def logits_through_onednn(on: bool):
     """model.loss's choice of matmul for the logits, for the duration of the block."""
-    loss_module._ONEDNN_LINEAR = on
+    before, loss_module._ONEDNN_LINEAR = loss_module._ONEDNN_LINEAR, on
     try:
         yield
     finally:
-        loss_module._ONEDNN_LINEAR = ONEDNN
+        loss_module._ONEDNN_LINEAR = before
 
 
 def run(way: str, hidden, weight, labels, chunk_tokens) -> float:

@@ -135,6 +135,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_tokens, z_loss):
         want_grad_h, want_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_grad = want_grad_h or want_grad_w
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_grad_h else None
         # Accumulated in fp32 across chunks, cast to the weight's dtype once at the end.
@@ -146,9 +147,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             target = torch.where(valid, y, 0)[:, None]
             # the z-loss needs lse = logit_y − log p_y; logit_y is read before the softmax overwrites it
             logit_y = logits.gather(1, target).squeeze(1) if z_loss else None
-            want_grad = want_grad_h or want_grad_w
             logp_y, probs = _log_p_target(logits, target, want_grad, h, weight)
-            del logits  # on a GPU, probs is a new tensor
+            del logits  # where probs is a new tensor (GPU, no gradient), the logits go now
             per_token = -logp_y
             if z_loss:
                 lse = logit_y - logp_y
