@@ -220,6 +220,48 @@ def test_non_finite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoin
     assert all(r["loss"] is None for r in records[4:])  # NaN is written as null
 
 
+def test_the_count_of_non_finite_steps_carries_across_a_resume(training_data, tmp_path):
+    cfg = single_cfg(tmp_path / "run", training_data, max_steps=20, checkpoint_every=100, max_bad_steps=4)
+
+    def poison_from(first_bad_call):
+        def hook_model(model):
+            calls = {"n": 0}
+
+            def hook(module, inputs, output):
+                calls["n"] += torch.is_grad_enabled()
+                return output * float("nan") if calls["n"] >= first_bad_call else output
+
+            model.norm.register_forward_hook(hook)
+
+        return hook_model
+
+    cfg.train.exit_at_step = 4  # steps 3 and 4 are bad, then the run stops with a checkpoint
+    train(cfg, model_hook=poison_from(3))
+    assert read_meta(find_latest(cfg.run_dir))["state"]["bad_in_a_row"] == 2
+    cfg.train.exit_at_step = 0
+    with pytest.raises(TrainingError, match=r"4 non-finite steps in a row \(last at step 6\)"):
+        train(cfg, model_hook=poison_from(1))  # as an uninterrupted run: the 4th bad step in a row is step 6
+
+
+def test_fp16_overflows_at_the_lowest_loss_scale_count_as_bad_steps(training_data, tmp_path):
+    cfg = single_cfg(tmp_path / "run", training_data, max_steps=40, checkpoint_every=100, max_bad_steps=3)
+    cfg.train.precision, cfg.export_hf = "fp16", False
+
+    def infinite_gradients_from_step_3(model):
+        calls = {"n": 0}
+
+        def hook(grad):
+            calls["n"] += 1
+            return grad * float("inf") if calls["n"] >= 3 else grad
+
+        model.layers[0].ffn.w2.weight.register_hook(hook)
+
+    # The loss stays finite: the first 16 overflows halve the scale from 2**16 to 1 and are
+    # expected; the next 3, at scale 1, are the gradients' own.
+    with pytest.raises(TrainingError, match=r"3 non-finite steps in a row \(last at step 21\)"):
+        train(cfg, model_hook=infinite_gradients_from_step_3)
+
+
 def test_sft_evaluates_and_stops_early_on_patience(training_data, tmp_path):
     cfg = single_cfg(tmp_path / "run", training_data, kind="sft", max_steps=50, lr=0.0, eval_every=1, patience=2)
     cfg.data.val, cfg.data.seq_len, cfg.train.eval_batches = str(training_data["sft_val"]), 256, 2
@@ -241,10 +283,13 @@ def test_bf16_and_fp16_single_runs_train(training_data, tmp_path):
 def test_loss_scaler_halves_on_overflow_and_grows_after_a_window():
     scaler = LossScaler(True, scale=1024.0, window=2)
     scaler.update(False)
-    assert scaler.scale == 512.0
+    assert scaler.scale == 512.0 and scaler.lowered
     scaler.update(True)
     scaler.update(True)
-    assert scaler.scale == 1024.0
+    assert scaler.scale == 1024.0 and not scaler.lowered
+    scaler.scale = 1.0
+    scaler.update(False)
+    assert scaler.scale == 1.0 and not scaler.lowered  # an overflow at scale 1 is not the scale's
     assert LossScaler(False).scale == 1.0
 
 

@@ -14,6 +14,7 @@ shared file system on a cluster).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -42,6 +43,8 @@ class TrainState:
     best_val_loss: float | None = None
     evals_since_best: int = 0
     stopped_early: bool = False
+    bad_in_a_row: int = 0
+    """Non-finite steps in a row so far (train.max_bad_steps counts across a resume)."""
 
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
@@ -89,11 +92,15 @@ def save_checkpoint(
     torch.save(rank_state, tmp / f"rank_{where.rank:05d}.pt")
     barrier()
     if where.is_main:
+        # Every file on disk before meta.json marks the folder complete, and the rename on disk
+        # after: a power cut cannot leave a meta.json beside truncated engine files.
+        _fsync_tree(tmp)
         record = {**meta, "state": asdict(state), "world_size": where.world_size}
         _write_synced(tmp / META, json.dumps(record, indent=2))
         if final.exists():  # the same step saved again after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(folder_root)
         _prune(folder_root, keep)
     barrier()
     return final
@@ -128,6 +135,29 @@ def _write_synced(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under root (whichever rank wrote them: fsync acts on the file)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems (network ones) cannot fsync a folder
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -138,14 +138,18 @@ def parallelize(model: Decoder, cfg: RunConfig, where: Dist) -> nn.Module:
 
 class LossScaler:
     """Dynamic loss scaling for fp16 (Micikevicius et al. 2018): halve on a non-finite step,
-    double after `window` finite ones."""
+    double after `window` finite ones. The scale never goes below 1."""
 
     def __init__(self, enabled: bool, scale: float = 2.0**16, window: int = 1000):
         self.enabled, self.scale, self.window, self.good_steps = enabled, scale if enabled else 1.0, window, 0
+        self.lowered = False
+        """Whether the last update was an overflow answered by halving the scale (one that
+        happens at scale 1 is the gradients' own, not the scale's)."""
 
     def update(self, finite: bool) -> None:
         if not self.enabled:
             return
+        self.lowered = not finite and self.scale > 1.0
         if not finite:
             self.scale, self.good_steps = max(self.scale / 2, 1.0), 0
         else:
@@ -177,6 +181,11 @@ class TorchEngine:
         self.scaler = LossScaler(t.precision == "fp16")
         self.grad_divisor = where.world_size if cfg.engine == "fsdp" else 1
         self.autocast = cfg.engine == "single" and t.precision != "fp32"
+
+    def overflow_was_expected(self) -> bool:
+        """Whether the last skipped step was an fp16 overflow that the loss scaler answered by
+        lowering its scale: expected while the scale settles, so the loop does not count it."""
+        return self.scaler.lowered
 
     def forward_context(self):
         if self.autocast:
@@ -292,6 +301,12 @@ class DeepSpeedEngine:
             # forward, so ZeRO-3 must be told to gather it with the root module.
             deepspeed.zero.register_external_parameter(self.model.module, self.model.module.output_weight)
         self.grad_divisor = where.world_size
+        self.fp16 = ds_config.get("fp16", {}).get("enabled", False)
+
+    def overflow_was_expected(self) -> bool:
+        """An fp16 overflow is DeepSpeed's to handle: its scaler lowers the scale and raises
+        once the scale is at its minimum."""
+        return self.fp16
 
     def forward_context(self):
         return contextlib.nullcontext()

@@ -96,7 +96,7 @@ def train(
     report.print(_announce(cfg, where, n_params, state))
     meta = _checkpoint_meta(cfg, engine, model_cfg, tokenizer)
     tokens_per_step = cfg.batch_arithmetic(where.world_size)["tokens_per_step"]
-    peak, losses, skipped, bad_in_a_row, record = peak_flops(where.device), [], [], 0, {}
+    peak, losses, skipped, record = peak_flops(where.device), [], [], {}
     checkpoints, keep = checkpoint_dir(cfg.run_dir), cfg.train.keep_checkpoints
 
     # The stream is read on a thread from here on; closing stops it however the loop ends.
@@ -111,8 +111,8 @@ def train(
             seconds = time.perf_counter() - started
             # fp16 overflows while the loss scale settles are expected; they do not count as bad
             bad = not result.applied and result.target_tokens > 0
-            bad = bad and (cfg.train.precision != "fp16" or not math.isfinite(result.loss))
-            bad_in_a_row = bad_in_a_row + 1 if bad else 0
+            bad = bad and not (math.isfinite(result.loss) and engine.overflow_was_expected())
+            state.bad_in_a_row = state.bad_in_a_row + 1 if bad else 0
             if not result.applied:
                 state.skipped_steps += 1
                 skipped.append(state.step)
@@ -134,11 +134,11 @@ def train(
             }
             state.stopped_early = _evaluate_if_due(engine, cfg, where, tokenizer, state, record, report)
             report.log_step(record)
-            if bad_in_a_row >= cfg.train.max_bad_steps:
+            if state.bad_in_a_row >= cfg.train.max_bad_steps:
                 report.close()
                 good = find_latest(cfg.run_dir)
                 raise TrainingError(
-                    f"{bad_in_a_row} non-finite steps in a row (last at step {state.step}): stopping; the last good "
+                    f"{state.bad_in_a_row} non-finite steps in a row (last at step {state.step}): stopping; the last good "
                     f"checkpoint is {good or 'none (no checkpoint was written yet)'}. Lower train.lr or check the data."
                 )
             exit_now = state.step == cfg.train.exit_at_step
