@@ -138,8 +138,9 @@ def train(
                 report.close()
                 good = find_latest(cfg.run_dir)
                 raise TrainingError(
-                    f"{state.bad_in_a_row} non-finite steps in a row (last at step {state.step}): stopping; the last good "
-                    f"checkpoint is {good or 'none (no checkpoint was written yet)'}. Lower train.lr or check the data."
+                    f"{state.bad_in_a_row} non-finite steps in a row (last at step {state.step}): stopping; the last "
+                    f"good checkpoint is {good or 'none (no checkpoint was written yet)'}. "
+                    "Lower train.lr or check the data."
                 )
             exit_now = state.step == cfg.train.exit_at_step
             final = state.step == cfg.train.max_steps or state.stopped_early or exit_now
