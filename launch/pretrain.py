@@ -13,16 +13,18 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from data_pipeline.records import DataError
 from training.config import CONFIG_DIR, ConfigError, parse_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(argv, __doc__, default_config=str(CONFIG_DIR / "pretrain" / "tiny.yaml"))
+    from training.loop import TrainingError
     from training.ray_job import run
 
     try:
         state = run(cfg)
-    except ConfigError as error:
+    except (ConfigError, DataError, TrainingError) as error:
         print(f"pretrain: error: {error}", file=sys.stderr)
         return 2
     export = Path(cfg.run_dir) / "hf"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data_pipeline.shards import load_manifest
 from data_pipeline.stream import PackedStream
 from model.loss import IGNORE_INDEX
 from tests.conftest import ROOT
@@ -252,6 +254,50 @@ def test_ray_pretrain_survives_a_killed_worker(training_data, tmp_path):
     assert state["step"] == 40 and state["resumes"] >= 1
     assert sorted(_losses(run_dir)) == list(range(1, 41))
     assert (run_dir / "hf" / "model.safetensors").is_file()
+
+
+def _ray_pretrain(run_dir: Path, data: Path, *overrides: str) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "launch/pretrain.py",
+        f"run_dir={run_dir}",
+        f"data.train={data}",
+        "data.seq_len=128",
+        "model.overrides=" + json.dumps(TEST_MODEL),
+        "train.micro_batch=4",
+        *overrides,
+    ]
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}  # every worker line, as printed
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+
+
+def test_ray_pretrain_stops_on_bad_data_with_one_message_and_no_retraining(training_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(training_data["pretrain"], data)
+    shard = data / load_manifest(data)["shards"][1]["path"]
+    damaged = bytearray(shard.read_bytes())
+    damaged[len(damaged) // 3 : len(damaged) // 3 + 32] = b"\xee" * 32
+    shard.write_bytes(bytes(damaged))
+    run_dir = tmp_path / "run"
+    done = _ray_pretrain(
+        run_dir, data, "data.on_error=raise", "train.max_steps=40", "ray.num_workers=2", "ray.max_failures=2"
+    )
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("pretrain: error: ") and f"{shard}: checksum mismatch" in last
+    fatal = json.loads((run_dir / "fatal_error.json").read_text())
+    assert fatal["type"] == "DataError"
+    # the two restarts met the recorded error before building a model: the loop started once
+    assert done.stdout.count("global batch ") == 1
+
+
+def test_ray_pretrain_refuses_resume_never_beside_checkpoints_before_starting_ray(training_data, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / "step_00000005").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000005" / "meta.json").write_text(json.dumps({"state": {"step": 5}}))
+    done = _ray_pretrain(run_dir, training_data["pretrain"], "resume=never", "train.max_steps=10")
+    assert done.returncode == 2 and "already holds step_00000005" in done.stderr, done.stderr[-3000:]
+    assert not (run_dir / "ray").exists()  # refused by the driver: no Ray job was started
 
 
 def _last_step(run_dir: Path) -> int:

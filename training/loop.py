@@ -302,9 +302,9 @@ def _checkpoint_meta(cfg: RunConfig, engine, model_cfg: ModelConfig, tokenizer: 
     }
 
 
-def _resume(cfg: RunConfig, engine, stream, where: Dist, model_cfg: ModelConfig, tokenizer: Tokenizer) -> TrainState:
-    """Load the checkpoint that `resume` names (none for a fresh start), after checking that it
-    fits this run and that run_dir holds nothing newer that this run would mix with."""
+def resume_folder(cfg: RunConfig) -> Path | None:
+    """The checkpoint that `resume` names (None for a fresh start), after checking that run_dir
+    holds nothing newer that this run would mix with (ConfigError)."""
     folder = None if cfg.resume == "never" else find_latest(cfg.run_dir) if cfg.resume == "auto" else Path(cfg.resume)
     start = read_meta(folder)["state"]["step"] if folder else 0
     newer = find_latest(cfg.run_dir)
@@ -313,6 +313,13 @@ def _resume(cfg: RunConfig, engine, stream, where: Dist, model_cfg: ModelConfig,
             f"run_dir={cfg.run_dir} already holds {newer.name}, newer than the start (step {start}); resume=auto "
             "continues it, or use another run_dir"
         )
+    return folder
+
+
+def _resume(cfg: RunConfig, engine, stream, where: Dist, model_cfg: ModelConfig, tokenizer: Tokenizer) -> TrainState:
+    """Load the checkpoint that `resume` names (none for a fresh start), after checking that it
+    fits this run (see resume_folder for the run_dir check)."""
+    folder = resume_folder(cfg)
     if folder is None:
         return TrainState()
     meta = read_meta(folder)

@@ -5,16 +5,26 @@ in a torch process group (NCCL or gloo) and, through FailureConfig, restarts the
 a worker dies; the restarted loop resumes from the newest complete checkpoint in run_dir
 (`resume=auto`), so run_dir must be on storage every node sees. Each checkpoint is also reported
 to Ray with the step's metrics.
+
+An error that a restart would only meet again (a bad config, bad data, a run that diverged) is
+written to run_dir/fatal_error.json by the worker that meets it; restarted workers then fail at
+once instead of training up to it again, and `run` raises that error, not Ray's wrapper of it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from data_pipeline.records import DataError
 from training.checkpoint import find_latest, read_meta
 from training.config import ConfigError, RunConfig, deepspeed_config, merge
+from training.loop import TrainingError, resume_folder, train
+
+FATAL = "fatal_error.json"
+FATAL_ERRORS = {cls.__name__: cls for cls in (ConfigError, DataError, TrainingError)}
 
 
 def run(cfg: RunConfig) -> dict:
@@ -29,6 +39,10 @@ def run(cfg: RunConfig) -> dict:
             f"engine=single with ray.num_workers={cfg.ray.num_workers}: use engine=fsdp or a DeepSpeed JSON"
         )
     cfg = _absolute_paths(cfg)  # Ray Train runs each worker in its own working directory
+    start = resume_folder(cfg)  # resume=never beside existing checkpoints fails here, not in a worker
+    start_step = read_meta(start)["state"]["step"] if start else 0
+    run_dir = Path(cfg.run_dir)
+    (run_dir / FATAL).unlink(missing_ok=True)
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     # Ray Train's state API needs the dashboard; it listens on 127.0.0.1 only.
@@ -43,10 +57,9 @@ def run(cfg: RunConfig) -> dict:
     use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else gpus > 0
     if use_gpu and gpus < cfg.ray.num_workers:
         raise ConfigError(f"ray.num_workers={cfg.ray.num_workers} GPU workers, but the cluster has {gpus:g} GPU(s)")
-    run_dir = Path(cfg.run_dir)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": asdict(cfg)},
+        train_loop_config={"cfg": asdict(cfg), "start_step": start_step},
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu),
         run_config=RayRunConfig(
             name=run_dir.name,
@@ -56,6 +69,11 @@ def run(cfg: RunConfig) -> dict:
     )
     try:
         result = trainer.fit()
+    except Exception as error:  # Ray's wrapper of the workers' errors
+        fatal = _recorded_fatal(run_dir)
+        if fatal is None:
+            raise
+        raise fatal from error
     finally:
         if address is None:
             ray.shutdown()
@@ -83,11 +101,30 @@ def _worker(config: dict) -> None:
 
     import ray.train
 
-    from training.loop import train
-
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report
     cfg = RunConfig()
     merge(cfg, config["cfg"], source="ray job config")
-    if find_latest(cfg.run_dir) is not None:
-        cfg.resume = "auto"  # a restart (or a continued run) goes on from the newest checkpoint
-    train(cfg, on_checkpoint=lambda folder, record: ray.train.report({**record, "checkpoint": str(folder)}))
+    recorded = _recorded_fatal(Path(cfg.run_dir))
+    if recorded is not None:  # an earlier attempt of this job met it: a restart would meet it again
+        raise recorded
+    latest = find_latest(cfg.run_dir)
+    if latest is not None and read_meta(latest)["state"]["step"] > config["start_step"]:
+        cfg.resume = "auto"  # a restart goes on from the newest checkpoint this job wrote
+    try:
+        train(cfg, on_checkpoint=lambda folder, record: ray.train.report({**record, "checkpoint": str(folder)}))
+    except tuple(FATAL_ERRORS.values()) as error:
+        record = json.dumps({"type": type(error).__name__, "message": str(error)})
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(cfg.run_dir) / f"{FATAL}.{os.getpid()}"
+        tmp.write_text(record)
+        os.replace(tmp, tmp.with_name(FATAL))  # whole, whichever rank writes last
+        raise
+
+
+def _recorded_fatal(run_dir: Path) -> Exception | None:
+    """The error a worker of this job recorded in run_dir/fatal_error.json, rebuilt; or None."""
+    path = run_dir / FATAL
+    if not path.is_file():
+        return None
+    recorded = json.loads(path.read_text())
+    return FATAL_ERRORS[recorded["type"]](recorded["message"])
