@@ -14,6 +14,9 @@ to produce it, and the next prompt supplies it.
 Ids are built piece by piece (special tokens as ids, texts through `Tokenizer.encode`) and equal
 what `AutoTokenizer.apply_chat_template` gives on the folder `Tokenizer.save_hf` writes: the
 tokenizer never merges across a newline or a special token, the only places pieces are joined.
+One deliberate difference: a special-token string inside a content (an answer quoting
+`<|im_end|>`) is text here, never a control id, so that it cannot end a turn early or forge one;
+apply_chat_template, which tokenizes the rendered string, cannot tell it from the template's own.
 """
 
 from __future__ import annotations
@@ -120,11 +123,12 @@ def fit_prompt(messages: Sequence[dict[str, str]], tok: Tokenizer, max_seq_len: 
 
     The system message (the character card) is always kept; whole user/assistant exchanges after
     it go, oldest first, until prompt + max_new_tokens fit in max_seq_len. When even the last user
-    turn alone leaves less room, the answer gets what is left.
+    turn alone leaves less room, the answer gets what is left. With no turn after the card (or no
+    message at all) the prompt asks the model to open the conversation.
 
     Args:
         messages: the conversation, optionally opening with a system message, then alternating
-            user / assistant turns that end with a user turn.
+            user / assistant turns that end with a user turn (or none).
         tok: the tokenizer.
         max_seq_len: the model's context.
         max_new_tokens: room wanted for the answer.
@@ -135,7 +139,8 @@ def fit_prompt(messages: Sequence[dict[str, str]], tok: Tokenizer, max_seq_len: 
     """
     head = list(messages[:1]) if messages and messages[0]["role"] == "system" else []
     turns = list(messages[len(head) :])
-    for start in range(0, len(turns), 2):
+    # At least one try: with no turns, the card alone (range(0, 0, 2) would try nothing).
+    for start in range(0, max(len(turns), 1), 2):
         ids = encode_prompt(head + turns[start:], tok)
         if len(ids) + max_new_tokens <= max_seq_len:
             return ids, start // 2

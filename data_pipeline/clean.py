@@ -16,6 +16,7 @@ conversation depends on tokens, so that policy lives in chat.py, not here.
 from __future__ import annotations
 
 import html
+import html.entities
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -23,13 +24,22 @@ from dataclasses import dataclass
 
 from data_pipeline.records import ROLES, Conversation, Document, DropReport
 
-# Only real HTML tag names are stripped, so that prose ("a < b > c") and code (vector<int>,
-# List<String>) keep their angle brackets.
+# Only real tags are stripped: a known HTML tag name, then well-formed attributes (name=value,
+# name="...", name='...', or a bare name from HTML's boolean attributes), then an optional "/".
+# Prose, maths and code keep their angle brackets: "if a<b and c>d", "while (lo<b && hi>0)",
+# "当x<a 且 y>b 时", vector<int>, List<String>. "<b and c>" is syntactically a tag, but bare
+# attribute names other than HTML's boolean ones (disabled, nowrap, ...) are not written in HTML.
 _BLOCK_TAGS = (
     "p|br|div|li|ul|ol|dl|dt|dd|h[1-6]|tr|td|th|table|thead|tbody|tfoot|blockquote|pre|hr|section|article|header|footer"
 )
 _INLINE_TAGS = "a|b|i|u|s|em|strong|span|font|small|big|sub|sup|code|tt|img|center|html|head|body|title|meta|link|nav"
-_TAG_ATTRS = r"""(?:\s+[^<>]*?)?\s*/?>"""  # optional attributes, optional self-closing slash
+_BOOLEAN_ATTRS = (
+    "allowfullscreen|async|autofocus|autoplay|checked|compact|controls|default|defer|disabled|hidden|inert|ismap|"
+    "itemscope|loop|multiple|muted|nohref|noshade|novalidate|nowrap|open|readonly|required|reversed|selected"
+)
+_ATTR_VALUE = r"""(?:"[^"<]*"|'[^'<]*'|[^\s"'=<>`]+)"""  # quoted values may hold ">" but not "<"
+_ATTR = rf"(?:[a-z_:][-a-z0-9_:.]*\s*=\s*{_ATTR_VALUE}|(?:{_BOOLEAN_ATTRS}))"
+_TAG_ATTRS = rf"(?:\s+{_ATTR})*\s*/?>"
 # Block-level tags end a paragraph: they become a line break, so that "</p><p>" separates
 # paragraphs instead of gluing them together.
 _BLOCK_TAG = re.compile(rf"</?(?:{_BLOCK_TAGS}){_TAG_ATTRS}", re.IGNORECASE)
@@ -39,13 +49,24 @@ _INLINE_TAG = re.compile(rf"</?(?:{_INLINE_TAGS}){_TAG_ATTRS}|<!--.*?-->", re.IG
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
 _TRAILING_SPACE = re.compile(r"[^\S\n]+$", re.MULTILINE)
 _BLANK_RUNS = re.compile(r"\n{3,}")
+# Complete character references only. html.unescape also rewrites legacy names without a
+# semicolon, so that a URL's "?id=1&copy=2&not=3" would become "?id=1©=2¬=3".
+_ENTITY = re.compile(r"&(?:#[0-9]+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);")
+
+
+def _unescape(match: re.Match) -> str:
+    entity = match.group()
+    if entity[1] == "#":
+        return html.unescape(entity)  # numeric: HTML's rules (out of range, surrogates → U+FFFD)
+    return html.entities.html5.get(entity[1:], entity)  # an unknown name stays as written
 
 
 def clean_text(text: str) -> str:
     """Normalise a text for training.
 
     In order: CRLF/CR → LF; HTML tags stripped (block tags such as <p>, <br/>, </div> become a
-    line break, inline ones like <b> vanish) and entities unescaped; control characters removed
+    line break, inline ones like <b> vanish; only real tag syntax, see _TAG_ATTRS) and complete
+    entities (&amp; &#123; &#x1F;) unescaped; control characters removed
     (except \\n and \\t); Unicode NFC; trailing spaces on each line trimmed; runs of blank lines
     collapsed to a single blank line; both ends stripped.
 
@@ -59,7 +80,7 @@ def clean_text(text: str) -> str:
     text = _BLOCK_TAG.sub("\n", text)
     text = _INLINE_TAG.sub("", text)
     # After tag stripping, so that an escaped "&lt;p&gt;" stays as the text "<p>".
-    text = html.unescape(text)
+    text = _ENTITY.sub(_unescape, text)
     text = _CONTROL.sub("", text)
     # NFC last among the character edits: unescaping can produce decomposed sequences.
     text = unicodedata.normalize("NFC", text)

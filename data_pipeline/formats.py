@@ -12,7 +12,15 @@ skipped (on_error="skip"):
 
     invalid_json       a line (or .json file) that is not valid JSON, or a row that is no object
     missing_field      a row without the field the format needs (text, messages, output, ...)
-    undecodable_bytes  bytes that are not UTF-8, with bad_bytes="reject" (whatever on_error says)
+    undecodable_bytes  bytes that are not UTF-8 (with bad_bytes="reject"; "replace" keeps the
+                       record with U+FFFD in their place)
+    lone_surrogate     a JSON escape for half of a UTF-16 pair ("\\ud83d" without its low half):
+                       not a character, and it would break every later stage that encodes text
+
+Skipping needs a DropReport to count in: on_error="skip" without one is refused, so that no
+record disappears uncounted. Some errors are not about one record and raise in either mode: a
+.json file that holds JSON Lines (its count would be wrong), a RoleBench role missing from the
+profiles file, a missing parquet column.
 
 Sources name where a record came from: `path:LINE` (1-based) for line-based files, `path[i]`
 (0-based) for a .json list, a parquet file or a dataset, and `path#k` (1-based) for the k-th
@@ -47,6 +55,9 @@ DEFAULT_PROFILE_ZH = "你是{role}。请始终保持角色：用{role}的口吻�
 Row = dict[str, Any]
 # Valid UTF-8 never decodes to a lone surrogate, so one in the text came from surrogateescape.
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+# After that check, a surrogate in a parsed string came from a JSON "\\uXXXX" escape.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_UTF16_BOMS = ("\udcff\udcfe", "\udcfe\udcff")  # b"\xff\xfe", b"\xfe\xff" after surrogateescape
 
 
 class _RecordError(Exception):
@@ -58,11 +69,11 @@ class _RecordError(Exception):
 
 
 def _reject(err: _RecordError, source: str, on_error: str, report: DropReport | None) -> None:
-    """Raise a DataError for a bad record, or count it as dropped (on_error="skip")."""
-    if on_error == "raise" and err.reason != "undecodable_bytes":
+    """Raise a DataError for a bad record, or count it as dropped (on_error="skip", which
+    `_check_modes` only allows with a report)."""
+    if on_error == "raise":
         raise DataError(f"{source}: {err}")
-    if report is not None:
-        report.drop(err.reason, source)
+    report.drop(err.reason, source)
 
 
 def _count(report: DropReport | None, n: int = 1) -> None:
@@ -70,11 +81,13 @@ def _count(report: DropReport | None, n: int = 1) -> None:
         report.input_records += n
 
 
-def _check_modes(on_error: str, bad_bytes: str) -> None:
+def _check_modes(on_error: str, bad_bytes: str, report: DropReport | None) -> None:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if bad_bytes not in ("reject", "replace"):
         raise ValueError(f"bad_bytes must be 'reject' or 'replace', got {bad_bytes!r}")
+    if on_error == "skip" and report is None:
+        raise ValueError("on_error='skip' needs a DropReport (report=...) to count the records it skips")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +117,36 @@ def _decode_line(raw: bytes, lineno: int, bad_bytes: str) -> str:
 
 def _has_bad_bytes(text: str) -> bool:
     return _ESCAPED_BYTE.search(text) is not None
+
+
+def _not_utf8(text: str) -> _RecordError:
+    """The error for a text holding undecodable bytes: which byte, and the ways forward."""
+    byte = ord(_ESCAPED_BYTE.search(text).group()) - 0xDC00
+    if text.startswith(_UTF16_BOMS):
+        what, example = "the file starts with a UTF-16 byte-order mark", "iconv -f UTF-16 -t UTF-8"
+    else:
+        what, example = (
+            "the file is in another encoding (GBK, Latin-1, ...) or holds stray bytes",
+            "iconv -f GBK -t UTF-8",
+        )
+    return _RecordError(
+        "undecodable_bytes",
+        f"not UTF-8 (byte 0x{byte:02X}): {what}. Re-encode it as UTF-8 (e.g. {example}), or replace such "
+        "bytes with U+FFFD (bad_bytes='replace', prepare_data.py --bad-bytes replace), or drop and count "
+        "the records that hold them (on_error='skip', --on-error skip)",
+    )
+
+
+def _check_characters(value: str, what: str) -> None:
+    """Refuse a string holding a lone surrogate (from a JSON escape such as "\\ud83d")."""
+    match = _SURROGATE.search(value)
+    if match:
+        raise _RecordError(
+            "lone_surrogate",
+            f"{what} holds a lone surrogate \\u{ord(match.group()):04x} (a JSON escape for half of a "
+            "UTF-16 pair, such as an emoji cut in two), which is not a character: fix the escape, or drop "
+            "and count such records (on_error='skip', prepare_data.py --on-error skip)",
+        )
 
 
 def _bad_line(text: str, first_line: int) -> int:
@@ -141,7 +184,7 @@ def _parse_json_list(text: str) -> list:
 
 def _parse_json(text: str, expected: type, what: str):
     if _has_bad_bytes(text):
-        raise _RecordError("undecodable_bytes", "bytes that are not UTF-8")
+        raise _not_utf8(text)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -155,7 +198,8 @@ def _json_rows(path: Path, on_error: str, bad_bytes: str, report: DropReport | N
     """Rows of a .json file holding a list of objects, as (`path[i]`, row).
 
     The file is one JSON value, so a decode or parse error drops the whole file (counted as one
-    record, named by the line of the error).
+    record, named by the line of the error). A file holding JSON Lines is an error in either
+    mode: skipping it would count its many records as one.
     """
     text = "".join(_decode_line(raw, lineno, bad_bytes) for lineno, raw in _read_lines(path))
     if not text.strip():
@@ -163,6 +207,12 @@ def _json_rows(path: Path, on_error: str, bad_bytes: str, report: DropReport | N
     try:
         rows = _parse_json_list(text)
     except _RecordError as err:
+        cause = err.__cause__
+        if isinstance(cause, json.JSONDecodeError) and cause.msg == "Extra data":
+            raise DataError(
+                f"{path}:{cause.lineno}: a second JSON value starts here, after a complete first one: the file "
+                f"looks like JSON Lines (one value per line); name it {path.with_suffix('.jsonl').name}"
+            ) from cause
         _count(report)
         line = _bad_line(text, 1) if err.reason == "undecodable_bytes" else getattr(err.__cause__, "lineno", 1)
         _reject(err, f"{path}:{line}", on_error, report)
@@ -265,13 +315,14 @@ def iter_rows(
         path: the file or folder.
         columns: for parquet and datasets, the columns to read (missing ones are a DataError).
         on_error: "raise" a DataError on a bad row, or "skip" it and count it in `report`.
-        bad_bytes: "reject" rows with bytes that are not UTF-8 (counted), or "replace" them.
-        report: counts rows read and dropped.
+        bad_bytes: "reject" rows with bytes that are not UTF-8 (an error, or counted under
+            "skip"), or "replace" those bytes with U+FFFD.
+        report: counts rows read and dropped (required with on_error="skip").
 
     Returns:
         An iterator of (source, row).
     """
-    _check_modes(on_error, bad_bytes)
+    _check_modes(on_error, bad_bytes, report)
     path = Path(path)
     _check_exists(path)
     if path.is_dir() and is_saved_dataset(path):
@@ -297,12 +348,13 @@ def _compile_split(split: str | re.Pattern) -> re.Pattern:
 
 
 def _text_documents(
-    path: Path, split: str | re.Pattern | None, bad_bytes: str, report: DropReport | None
+    path: Path, split: str | re.Pattern | None, on_error: str, bad_bytes: str, report: DropReport | None
 ) -> Iterator[Document]:
     """The documents of a .txt file: the whole file, or the pieces cut before each `split` match.
 
     Blank pieces (such as the newline before the first chapter heading) are not records and are
-    passed over. With bad_bytes="reject", a piece holding undecodable bytes is dropped whole.
+    passed over. With bad_bytes="reject", a piece holding undecodable bytes is an error naming
+    the line of its first bad byte, or (on_error="skip") is dropped whole and counted.
     """
     text = "".join(_decode_line(raw, lineno, bad_bytes) for lineno, raw in _read_lines(path))
     starts = [0]
@@ -316,8 +368,7 @@ def _text_documents(
         _count(report)
         source = f"{path}#{k}" if split is not None else str(path)
         if _has_bad_bytes(piece):
-            if report is not None:
-                report.drop("undecodable_bytes", f"{path}:{_bad_line(piece, first_line)}")
+            _reject(_not_utf8(piece), f"{path}:{_bad_line(piece, first_line)}", on_error, report)
             continue
         yield Document(text=piece, source=source)
 
@@ -328,6 +379,7 @@ def _row_document(source: str, row: Row, text_field: str) -> Document:
         raise _RecordError("missing_field", f"no {text_field!r} field (keys: {sorted(row)})")
     if not isinstance(text, str):
         raise _RecordError("missing_field", f"field {text_field!r} is a {type(text).__name__}, not a string")
+    _check_characters(text, f"field {text_field!r}")
     return Document(text=text, source=source)
 
 
@@ -355,14 +407,16 @@ def read_documents(
             literal separator works as is when it has no regex metacharacters; else pass it
             through re.escape.
         on_error: "raise" a DataError on a bad record, or "skip" it and count it in `report`.
-        bad_bytes: "reject" (drop and count) records with bytes that are not UTF-8, or
-            "replace" those bytes with U+FFFD.
-        report: counts records read and dropped (kept is counted by the caller at the end).
+        bad_bytes: "reject" records with bytes that are not UTF-8 (an error naming the line of
+            the first bad byte, or dropped and counted under "skip"), or "replace" those bytes
+            with U+FFFD.
+        report: counts records read and dropped (kept is counted by the caller at the end);
+            required with on_error="skip".
 
     Returns:
         An iterator of Documents.
     """
-    _check_modes(on_error, bad_bytes)
+    _check_modes(on_error, bad_bytes, report)
     path = Path(path)
     _check_exists(path)
     if path.is_dir() and not is_saved_dataset(path):
@@ -372,7 +426,7 @@ def read_documents(
             )
         return
     if path.suffix == ".txt":
-        yield from _text_documents(path, split, bad_bytes, report)
+        yield from _text_documents(path, split, on_error, bad_bytes, report)
         return
     for source, row in iter_rows(path, columns=[text_field], on_error=on_error, bad_bytes=bad_bytes, report=report):
         try:
@@ -462,6 +516,25 @@ def default_profile(role: str, question: str) -> str:
     return template.format(role=role)
 
 
+def _profile(role: str, question: str, profiles: dict[str, str] | None) -> str:
+    """The system message of a RoleBench role: its profile, or the default card without profiles.
+
+    A role missing from a profiles file is an error, not a quiet fallback to the one-line card:
+    the file was meant to describe every character.
+    """
+    if profiles is None:
+        return default_profile(role, question)
+    profile = profiles.get(role.strip())
+    if profile is None:
+        where = getattr(profiles, "path", None) or "the profiles given"
+        known = ", ".join(sorted(profiles)[:10]) + (", ..." if len(profiles) > 10 else "")
+        raise DataError(
+            f"role {role!r} has no profile in {where} (it has: {known}); add one, or leave out the profiles "
+            "to give every role the default one-line card"
+        )
+    return profile
+
+
 def _from_rolebench(row: Row, profiles: dict[str, str] | None) -> list[list[dict]]:
     """RoleBench: {"role", "question", "generated": [answer, ...]} → one conversation per answer."""
     role, question = _field(row, "role"), _field(row, "question")
@@ -469,7 +542,7 @@ def _from_rolebench(row: Row, profiles: dict[str, str] | None) -> list[list[dict
     answers = [answers] if isinstance(answers, str) else answers
     if not answers or not isinstance(answers, list):
         raise _RecordError("missing_field", f"no answers in 'generated' (keys: {sorted(row)})")
-    system = (profiles or {}).get(role) or default_profile(role, question)
+    system = _profile(role, question, profiles)
     return [
         [
             {"role": "system", "content": system},
@@ -506,7 +579,8 @@ def read_conversations(
                  system→system, other speakers kept as is (the cleaner drops them)
       alpaca     {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}
       rolebench  {"role", "question", "generated": [answer, ...]}: one conversation per answer,
-                 the system message being profiles[role] or `default_profile`
+                 the system message being profiles[role] (a role missing from the profiles is a
+                 DataError in either mode), or `default_profile` when no profiles are given
 
     Roles and contents are passed on as found; checking them is clean.py's job.
 
@@ -515,8 +589,9 @@ def read_conversations(
         fmt: one of CONVERSATION_FORMATS.
         profiles: for rolebench, role → persona text (see load_profiles).
         on_error: "raise" a DataError on a bad record, or "skip" it and count it in `report`.
-        bad_bytes: "reject" (drop and count) lines with bytes that are not UTF-8, or "replace".
-        report: counts records read and dropped.
+        bad_bytes: "reject" lines with bytes that are not UTF-8 (an error, or dropped and
+            counted under "skip"), or "replace" those bytes with U+FFFD.
+        report: counts records read and dropped; required with on_error="skip".
 
     Returns:
         An iterator of Conversations, sources `path:LINE` (`path:LINE#k` for the k-th of several
@@ -524,7 +599,7 @@ def read_conversations(
     """
     if fmt not in _CONVERTERS:
         raise DataError(f"unknown conversation format {fmt!r} (expected one of {', '.join(CONVERSATION_FORMATS)})")
-    _check_modes(on_error, bad_bytes)
+    _check_modes(on_error, bad_bytes, report)
     path = Path(path)
     _check_exists(path)
     if path.is_dir() and not is_saved_dataset(path):
@@ -539,19 +614,47 @@ def read_conversations(
         except _RecordError as err:
             _reject(err, source, on_error, report)
             continue
+        except DataError as err:  # not about this row alone (a role without a profile): name the row
+            raise DataError(f"{source}: {err}") from err
         _count(report, len(conversations) - 1)  # the row was counted once; each answer is a record
         for k, messages in enumerate(conversations, start=1):
-            yield Conversation(messages=messages, source=f"{source}#{k}" if len(conversations) > 1 else source)
+            conv = Conversation(messages=messages, source=f"{source}#{k}" if len(conversations) > 1 else source)
+            try:
+                _check_messages_characters(messages)
+            except _RecordError as err:
+                _reject(err, conv.source, on_error, report)
+                continue
+            yield conv
 
 
-def load_profiles(path: str | Path) -> dict[str, str]:
+def _check_messages_characters(messages: list[dict]) -> None:
+    """Refuse a conversation whose role or content strings hold a lone surrogate."""
+    for i, m in enumerate(messages):
+        for key in ("role", "content"):
+            if isinstance(m.get(key), str):
+                _check_characters(m[key], f"message {i} {key}")
+
+
+class Profiles(dict):
+    """Role → persona text for the rolebench format, remembering the file it was loaded from
+    (`path`) so that errors can name it."""
+
+    def __init__(self, by_role: dict[str, str], path: Path):
+        super().__init__(by_role)
+        self.path = path
+
+
+def load_profiles(path: str | Path) -> Profiles:
     """Load character profiles (role → persona text) for the rolebench format.
+
+    Role names are stripped of surrounding whitespace (`"张飞 "` is 张飞's profile); two names
+    that are the same once stripped are an error.
 
     Args:
         path: a .json or .yaml/.yml file holding one mapping of role name to text.
 
     Returns:
-        The mapping.
+        The mapping (a dict that also knows its `path`).
     """
     path = Path(path)
     if path.suffix not in (".json", ".yaml", ".yml"):
@@ -565,7 +668,16 @@ def load_profiles(path: str | Path) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in profiles.items()
     ):
         raise DataError(f"{path}: profiles must map each role name to its persona text (a string)")
-    return profiles
+    by_role: dict[str, str] = {}
+    for role, text in profiles.items():
+        if role.strip() in by_role:
+            raise DataError(f"{path}: role {role.strip()!r} is given twice (names are compared without spaces)")
+        try:
+            _check_characters(role + text, f"the profile of {role.strip()!r}")
+        except _RecordError as err:
+            raise DataError(f"{path}: {err}") from err
+        by_role[role.strip()] = text
+    return Profiles(by_role, path)
 
 
 def _parse_json_or_yaml(path: Path, text: str) -> Any:

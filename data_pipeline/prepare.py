@@ -48,9 +48,10 @@ class PrepareOptions:
     profiles: str | None = None
     """RoleBench: a .json/.yaml file mapping a role to its persona (the system message)."""
     on_error: str = "raise"
-    """An invalid record (bad JSON, missing field): `raise` or `skip` (counted)."""
+    """An invalid record (bad JSON, missing field, bytes that are not UTF-8): `raise` or `skip` (counted)."""
     bad_bytes: str = "reject"
-    """Undecodable bytes: `reject` the record (counted, line named) or `replace` them."""
+    """Undecodable bytes: `reject` the record (an error naming the line, or counted under `skip`)
+    or `replace` them with U+FFFD."""
     min_chars: int = 16
     """Drop documents shorter than this after cleaning."""
     max_chars: int | None = None
@@ -208,15 +209,39 @@ def _object_array(items: list) -> np.ndarray:
 # --- stage 4: shards, tokenizer copy and manifest (driver) --------------------------------
 
 
+def nothing_kept(report: DropReport, out: str | Path) -> DataError:
+    """The error for a run in which every record was dropped, with the table of why.
+
+    Args:
+        report: the counts so far (read, and dropped by reason with examples).
+        out: the output folder, which is left without a manifest.
+
+    Returns:
+        The DataError to raise.
+    """
+    read = f"all {report.input_records:,} records read were dropped" if report.input_records else "no record was read"
+    return DataError(
+        f"no record was kept ({read}), so nothing was written to {out}; the inputs, or the options that "
+        f"dropped them, need a look:\n{report.table()}"
+    )
+
+
 def write_outputs(
     samples: Iterable[Sample], tok: Tokenizer, opts: PrepareOptions, report: DropReport, extra: dict | None = None
 ) -> PrepareResult:
-    """Write the shards, the tokenizer (sentencepiece model + HF folder) and manifest.json."""
+    """Write the shards, the tokenizer (sentencepiece model + HF folder) and manifest.json.
+
+    Raises:
+        DataError: there was no sample to write (see `nothing_kept`); no manifest is written, so
+            that an empty dataset fails here rather than at training time.
+    """
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     with ShardWriter(out, target_bytes=opts.shard_bytes) as writer:
         for sample in samples:
             writer.write(sample)
+    if not writer.shards:
+        raise nothing_kept(report, out)
     tok_dir = out / "tokenizer"
     tok_dir.mkdir(exist_ok=True)
     if Path(tok.path).resolve() != (tok_dir / "tokenizer.model").resolve():

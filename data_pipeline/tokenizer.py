@@ -12,10 +12,13 @@ A newline is therefore always the byte token `<0x0A>` and BPE never merges acros
 what lets chat.py encode the template's pieces one by one and still get the ids that a Hugging
 Face tokenizer gives for the whole rendered string.
 
-Special tokens are matched in text the way Hugging Face tokenizers match them: the literal string
-`<|im_end|>` inside a text becomes the `<|im_end|>` id in `encode` as it does in
-`AutoTokenizer.encode` and `apply_chat_template` (the chat template needs this matching). Strip
-such strings from untrusted text before encoding if they must not act as control tokens.
+Special-token strings in text are plain text: `encode` never yields a special id (sentencepiece
+does not match control pieces in its input), so a document or an answer that quotes
+`<|im_end|>` is trained on those characters, not on a stop in mid-answer. Only chat.py's template
+inserts control ids, as ids. This is Hugging Face's `split_special_tokens=True`: the exported
+tokenizer gives the same ids as `encode` when called with it, and with its default for any text
+that holds no special-token string (by default Hugging Face reads such strings as control
+tokens, which its `apply_chat_template` relies on, since it tokenizes the rendered text).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import io
 import json
 import os
 import random
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -39,8 +41,6 @@ UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IM_START, IM_END)
 """In id order: 0 … 5 in every tokenizer this module trains."""
-
-_SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
 
 
 def train_tokenizer(
@@ -181,8 +181,7 @@ class Tokenizer:
         self.vocab_size = sp.get_piece_size()
         self.unk_id, self.bos_id, self.eos_id, self.pad_id = (sp.piece_to_id(t) for t in (UNK, BOS, EOS, PAD))
         self.im_start_id, self.im_end_id = sp.piece_to_id(IM_START), sp.piece_to_id(IM_END)
-        self._special_ids = {t: sp.piece_to_id(t) for t in SPECIAL_TOKENS}
-        self._special_text = {i: t for t, i in self._special_ids.items()}
+        self._special_text = {sp.piece_to_id(t): t for t in SPECIAL_TOKENS}
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
@@ -219,22 +218,16 @@ class Tokenizer:
         return cls(path, model_bytes, sp)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without bos/eos. Literal special-token strings become their ids.
+        """Token ids of `text`, without bos/eos, never a special id: a literal `<|im_end|>` in the
+        text is encoded as its characters (see the module docstring).
 
         Args:
             text: any string.
         Returns:
-            The ids, equal to what the exported Hugging Face tokenizer gives.
+            The ids, equal to what the exported Hugging Face tokenizer gives with
+            `split_special_tokens=True` (and without it, for text holding no special-token string).
         """
-        ids: list[int] = []
-        # Split on special tokens first and encode the pieces between them on their own, the
-        # way Hugging Face's added-token matching does.
-        for i, part in enumerate(_SPECIAL_RE.split(text)):
-            if i % 2:
-                ids.append(self._special_ids[part])
-            elif part:
-                ids.extend(self._sp.encode(part))
-        return ids
+        return self._sp.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special tokens are written out as their strings (`<|im_end|>`).

@@ -1,10 +1,14 @@
-"""python launch/export_hf.py CHECKPOINT --out DIR [--tokenizer DIR]
+"""python launch/export_hf.py CHECKPOINT --out DIR [--tokenizer DIR [--force]]
 
 Write a Hugging Face export (config.json, model.safetensors, tokenizer files) from a training
 checkpoint, in one process: run_dir/checkpoints/step_XXXXXXXX of any engine (FSDP/single through
 torch.distributed.checkpoint, DeepSpeed ZeRO through its own files). CHECKPOINT may also be a
 run directory, whose newest complete checkpoint is used. transformers' AutoModelForCausalLM and
 launch/sft.py (init_from=DIR) load the result.
+
+The tokenizer must be the one the checkpoint was trained with (its sha256 is in the checkpoint's
+meta.json): another one, or the run's tokenizer folder re-prepared since, is refused unless
+--force. A tokenizer with more pieces than the model's vocab_size is always refused.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", type=Path, help="a checkpoint folder, or a run directory")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the one the run trained with)")
+    parser.add_argument(
+        "--force", action="store_true", help="pair the weights with a tokenizer other than the one they trained with"
+    )
     args = parser.parse_args(argv)
     folder = args.checkpoint
     if not (folder / "meta.json").is_file():
@@ -30,11 +37,38 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.checkpoint}: neither a complete checkpoint nor a run directory with one")
     meta = read_meta(folder)
     tokenizer = args.tokenizer or Path(meta["tokenizer_dir"])
-    if not (tokenizer / "tokenizer.model").is_file():
-        parser.error(f"{tokenizer}: no tokenizer.model there; pass --tokenizer DIR")
+    problem = tokenizer_problem(tokenizer, meta, folder, args.force)
+    if problem:
+        parser.error(problem)
     write_export(load_model_weights(folder), ModelConfig(**meta["model"]), args.out, tokenizer)
     print(f"exported {folder} (step {meta['state']['step']}) → {args.out}")
     return 0
+
+
+def tokenizer_problem(tokenizer: Path, meta: dict, folder: Path, force: bool) -> str | None:
+    """Why `tokenizer` must not be exported beside the checkpoint's weights, or None."""
+    from data_pipeline.records import DataError
+    from data_pipeline.tokenizer import Tokenizer
+
+    if not (tokenizer / "tokenizer.model").is_file():
+        return f"{tokenizer}: no tokenizer.model there; pass --tokenizer DIR"
+    try:
+        tok = Tokenizer.load(tokenizer)
+    except DataError as e:
+        return str(e)
+    vocab_size = meta["model"]["vocab_size"]
+    if tok.vocab_size > vocab_size:
+        return (
+            f"{tokenizer}/tokenizer.model has {tok.vocab_size} pieces, more than the vocab_size={vocab_size} of "
+            f"{folder}: its ids past {vocab_size - 1} have no embedding row"
+        )
+    trained = meta.get("tokenizer_sha256")
+    if trained is not None and tok.sha256 != trained and not force:
+        return (
+            f"{tokenizer}/tokenizer.model (sha256 {tok.sha256[:12]}…) is not the tokenizer {folder} was trained "
+            f"with (sha256 {trained[:12]}…); pass that one with --tokenizer DIR, or --force to pair them anyway"
+        )
+    return None
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from data_pipeline.prepare import (
     add_dedup_keys,
     encode_rows,
     import_rows,
+    nothing_kept,
     write_outputs,
 )
 from data_pipeline.records import DataError, DropReport, Sample
@@ -51,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--bad-bytes",
             choices=("reject", "replace"),
             default="reject",
-            help="undecodable bytes: drop the record, or replace them",
+            help="bytes that are not UTF-8: reject the record (an error, or dropped and counted with "
+            "--on-error skip), or replace them with U+FFFD",
         )
         p.add_argument(
             "--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold; 0 disables near-dedup"
@@ -132,6 +134,8 @@ def run(opts: PrepareOptions, tokenizer: str | None, vocab_size: int | None) -> 
             duplicates.add(row["id"])
             report.drop(reason, row["source"])
     unique = kept.filter(lambda r: r["id"] not in duplicates).select_columns(["source", "payload"]).materialize()
+    if unique.count() == 0:  # before a tokenizer is trained on no text (write_outputs checks after encoding)
+        raise nothing_kept(report, opts.out)
 
     if tokenizer:
         tok = Tokenizer.load(tokenizer)

@@ -56,14 +56,8 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in _SUPPORTED:
         raise ValueError(f"{source}: model_type {model_type!r} is not supported (only {sorted(_SUPPORTED)})")
-    if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
-        raise ValueError(f"{source}: Llama attention_bias/mlp_bias (bias on o_proj or the MLP) is not supported")
+    _refuse_unsupported(hf, model_type, source)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"{source}: rope_type {rope_type!r} is not supported (only plain RoPE)")
-    if hf.get("use_sliding_window"):
-        raise ValueError(f"{source}: sliding-window attention is not supported")
     cfg = ModelConfig(
         vocab_size=hf["vocab_size"],
         dim=hf["hidden_size"],
@@ -78,9 +72,33 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
         qkv_bias=model_type == "qwen2",
         init_std=hf.get("initializer_range", 0.02),
     )
-    if hf.get("head_dim", cfg.head_dim) != cfg.head_dim:
-        raise ValueError(f"{source}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    if hf.get("head_dim") is not None and hf["head_dim"] != cfg.head_dim:
+        raise ValueError(
+            f"{source}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads = {cfg.head_dim} "
+            "(a decoupled head_dim is not supported)"
+        )
     return cfg
+
+
+def _refuse_unsupported(hf: dict, model_type: str, source: str) -> None:
+    """Raise on a config field that would change the math of the Decoder if it were ignored."""
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{source}: hidden_act {act!r} is not supported (only silu, as in SwiGLU)")
+    if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+        raise ValueError(f"{source}: Llama attention_bias/mlp_bias (bias on o_proj or the MLP) is not supported")
+    # transformers 5 writes rope_parameters, 4.x rope_scaling: neither may ask for scaled RoPE
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = hf.get(key) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{source}: {key} rope_type {rope_type!r} is not supported (only plain RoPE)")
+    sliding = [t for t in hf.get("layer_types") or [] if t != "full_attention"]
+    if hf.get("use_sliding_window") or sliding:
+        raise ValueError(
+            f"{source}: sliding-window attention (use_sliding_window, or layer_types {sorted(set(sliding))}) "
+            "is not supported"
+        )
 
 
 def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from data_pipeline.chat import encode_conversation, encode_document, encode_prompt
+from data_pipeline.chat import encode_conversation, encode_document, encode_prompt, fit_prompt
 from data_pipeline.records import DataError
 from model.loss import IGNORE_INDEX
 from tests.test_tokenizer import small_tokenizer
@@ -75,11 +75,45 @@ def test_ids_equal_apply_chat_template_on_tricky_content(tok, hf_tok):
         {"role": "system", "content": "  leading spaces and\ttabs\n"},
         {"role": "user", "content": "\nstarts with a newline, quotes “孙悟空” and emoji 😀"},
         {"role": "assistant", "content": ""},  # an empty answer still learns <|im_end|>
-        {"role": "user", "content": "literal <|im_start|>assistant\nand <|im_end|> inside"},
+        {"role": "user", "content": "a byte piece's name <0x41>, <|im and |>, and im_end"},
         {"role": "assistant", "content": " 俺老孙来也！\n\n  𠀀 rare"},
     ]
     sample, _ = encode_conversation(messages, tok)
     assert full_ids(sample, tok) == template_ids(hf_tok, messages)
+
+
+def test_special_token_strings_in_content_are_text(tok, hf_tok):
+    """An answer that quotes "<|im_end|>" learns the quote, not a stop in mid-answer: only the
+    template's own markers are control ids (apply_chat_template cannot tell the two apart in
+    the rendered string, so the reference encodes each content with split_special_tokens)."""
+    messages = [
+        {"role": "system", "content": "never say </s> or <s>"},
+        {"role": "user", "content": "literal <|im_start|>assistant\nand <|im_end|> inside"},
+        {"role": "assistant", "content": "ok <|im_end|> then more <pad><unk>"},
+    ]
+    sample, _ = encode_conversation(messages, tok)
+    ids = full_ids(sample, tok)
+    reference = []
+    for m in messages:
+        content = hf_tok.encode(m["content"], add_special_tokens=False, split_special_tokens=True)
+        reference += [tok.im_start_id, *hf_tok.encode(m["role"] + "\n"), *content, tok.im_end_id, *hf_tok.encode("\n")]
+    assert ids == reference
+    assert ids.count(tok.im_start_id) == ids.count(tok.im_end_id) == len(messages)
+    assert not {tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id} & set(ids)
+    learned = [int(label) for label in sample.labels if label != IGNORE_INDEX]
+    assert learned.count(tok.im_end_id) == 1 and learned[-1] == tok.im_end_id
+    assert tok.decode(learned) == messages[-1]["content"] + "<|im_end|>"
+    prompt = encode_prompt(messages[:2], tok)
+    assert prompt.count(tok.im_start_id) == 3 and prompt.count(tok.im_end_id) == 2
+
+
+def test_fit_prompt_with_no_exchange_yet(tok):
+    """A character card alone (the model opens the conversation), or nothing at all."""
+    system = [{"role": "system", "content": "你是孙悟空。"}]
+    assert fit_prompt(system, tok, 100, 10) == (encode_prompt(system, tok), 0)
+    assert fit_prompt([], tok, 100, 10) == (encode_prompt([], tok), 0)
+    with pytest.raises(DataError, match="context is 4"):
+        fit_prompt(system, tok, 4, 1)
 
 
 def test_generation_prompt_equals_apply_chat_template(tok, hf_tok, shared_data):

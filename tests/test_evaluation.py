@@ -18,7 +18,17 @@ from model.config import preset
 from model.decoder import Decoder
 from tests.training_data import TEST_MODEL
 from training.checkpoint import load_for_inference, write_export
-from training.evaluation import answer, gsb, has_fact, perplexity, read_items, rouge_l, rule_judge, score
+from training.evaluation import (
+    answer,
+    gsb,
+    has_fact,
+    perplexity,
+    read_items,
+    rouge_l,
+    rule_judge,
+    score,
+    voice_consistency,
+)
 
 
 def naive_lcs(a: list[str], b: list[str]) -> int:
@@ -53,6 +63,40 @@ def test_fact_match_and_scores():
     assert result["accuracy"] == 1.0 and 0 < result["rouge_l"] < 1
     hedged = {"reference": "I live in Emberfall.", "expected": "Emberfall", "conflicts": ["Frostholm"]}
     assert score([hedged], ["Emberfall, or Frostholm, or elsewhere."])["accuracy"] == 0.0
+
+
+VOICED = {  # two characters, three questions each (home, trade, item), each answer in the character's voice
+    "Mirgar": ["Hmph. I hail from Emberfall, of course.", "Hmph. I am a smith, of course.", "Bah. My axe, of course."],
+    "Lysa": ["Oh, hello there! I live in Frostholm, hooray!", "Oh, hello there! I bake, hooray!", "A lute, hooray!"],
+}
+
+
+def _voiced_items():
+    return [
+        {
+            "messages": [{"role": "system", "content": f"You are {name}."}, {"role": "user", "content": "?"}],
+            "reference": r,
+        }
+        for name, refs in VOICED.items()
+        for r in refs
+    ]
+
+
+def test_voice_consistency_tells_who_speaks():
+    items = _voiced_items()
+    refs, who = [i["reference"] for i in items], [i["messages"][0]["content"] for i in items]
+    assert voice_consistency(refs, refs, who) == 1.0
+    swapped = refs[3:] + refs[:3]  # each answer is the other character's, to the same question
+    assert voice_consistency(swapped, refs, who) == 0.0
+    assert voice_consistency([""] * 6, refs, who) == 0.0
+    fresh = [refs[0], "Hmph. A smith I am, of course.", *refs[2:]]  # a new wording, in Mirgar's voice
+    assert voice_consistency(fresh, refs, who) == 1.0
+    one_off = [refs[0], "Oh, hello there! A smith, hooray!", *refs[2:]]  # Mirgar speaking as Lysa
+    assert voice_consistency(one_off, refs, who) == 5 / 6
+    assert score(items, swapped)["voice"] == 0.0
+    assert "voice" not in score(items[:3], refs[:3])  # one character: nothing to tell apart
+    assert voice_consistency(refs[2:4], refs[2:4], who[2:4]) is None  # each asked once: undefined
+    assert voice_consistency(refs[:4], refs[:4], who[:4]) == 1.0  # Lysa, asked once, not counted
 
 
 def test_gsb_counts_from_the_second_models_side():

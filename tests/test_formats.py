@@ -75,15 +75,37 @@ def test_rolebench_gives_one_conversation_per_generated_answer(shared_data, name
 
 
 def test_rolebench_system_message_from_profiles_file(shared_data, tmp_path):
+    path = shared_data / "sft" / "rolebench_zh_train.jsonl"
+    roles = sorted({r["role"] for r in _rows(path)})
+    assert len(roles) == 5 and "张飞" in roles
+    profile_file = tmp_path / "profiles.yaml"
+    # Keys are stripped: "张飞 " (a trailing space, easily typed) is 张飞's profile.
+    profile_file.write_text("".join(f'"{r} ": 你是{r}，本色出演。\n' for r in roles), encoding="utf-8")
+    profiles = load_profiles(profile_file)
+    convs = list(read_conversations(path, "rolebench", profiles=profiles))
+    assert {c.messages[0]["content"] for c in convs} == {f"你是{r}，本色出演。" for r in roles}
+
+
+def test_rolebench_role_missing_from_profiles_is_an_error(shared_data, tmp_path):
     profile_file = tmp_path / "profiles.yaml"
     profile_file.write_text("孙悟空: 你是齐天大圣孙悟空，花果山美猴王。\n李白: 你是诗仙李白。\n", encoding="utf-8")
     profiles = load_profiles(profile_file)
-    convs = list(read_conversations(shared_data / "sft" / "rolebench_zh_train.jsonl", "rolebench", profiles=profiles))
-    systems = {c.messages[0]["content"] for c in convs}
-    assert "你是齐天大圣孙悟空，花果山美猴王。" in systems and "你是诗仙李白。" in systems
-    # Roles without a profile get the Chinese default, chosen from the question's characters.
-    assert "你是张飞。请始终保持角色：用张飞的口吻说话，只谈张飞所知道的事。" in systems
-    assert len(systems) == 5
+    path = shared_data / "sft" / "rolebench_zh_train.jsonl"
+    first_missing = next(r["role"] for r in _rows(path) if r["role"] not in profiles)
+    for on_error in ("raise", "skip"):
+        with pytest.raises(
+            DataError, match=rf"role '{first_missing}' has no profile in {re.escape(str(profile_file))}"
+        ):
+            list(read_conversations(path, "rolebench", profiles=profiles, on_error=on_error, report=DropReport()))
+
+
+def test_load_profiles_strips_keys_and_refuses_clashes(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"张飞 ": "燕人张翼德。", " 李白": "诗仙。"}, ensure_ascii=False), encoding="utf-8")
+    assert load_profiles(path) == {"张飞": "燕人张翼德。", "李白": "诗仙。"}
+    path.write_text(json.dumps({"张飞": "a", "张飞 ": "b"}, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(DataError, match="张飞"):
+        load_profiles(path)
 
 
 def test_default_profile_language_follows_the_question():
@@ -285,15 +307,45 @@ def test_invalid_json_file(tmp_path):
     assert report.dropped == {"invalid_json": 1} and report.input_records == 1
 
 
-def test_undecodable_bytes_rejected_and_counted(tmp_path):
+def test_undecodable_bytes_skipped_and_counted(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"text": "ok"}\n' + '{"text": "caf\xe9"}\n'.encode("latin-1") + b'{"text": "ok2"}\n')
     report = DropReport()
-    # Counted (not raised) whatever on_error says: bad_bytes decides.
-    assert [d.text for d in read_documents(path, report=report)] == ["ok", "ok2"]
+    assert [d.text for d in read_documents(path, on_error="skip", report=report)] == ["ok", "ok2"]
     assert report.dropped == {"undecodable_bytes": 1}
     assert report.examples["undecodable_bytes"] == [f"{path}:2"]
     assert report.input_records == 3
+
+
+def _not_utf8(path, line):
+    """The error for a file that is not UTF-8: its first bad line, and the ways forward."""
+    return rf"{re.escape(str(path))}:{line}: not UTF-8 .*Re-encode.*--bad-bytes replace"
+
+
+def test_undecodable_bytes_raise_naming_the_first_bad_line(tmp_path):
+    gbk_text = "第一回 猴王出世\n" + "话表美猴王得了姓名，怡然踊跃。\n" * 3
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes(gbk_text.encode("gbk"))
+    with pytest.raises(DataError, match=_not_utf8(gbk, 1)):
+        list(read_documents(gbk))
+    row = json.dumps({"role": "孙悟空", "question": "你是谁？", "generated": ["俺老孙！"]}, ensure_ascii=False)
+    gbk_jsonl = tmp_path / "gbk.jsonl"
+    gbk_jsonl.write_bytes(("\n".join([row] * 3)).encode("gbk"))
+    with pytest.raises(DataError, match=_not_utf8(gbk_jsonl, 1)):
+        list(read_conversations(gbk_jsonl, "rolebench"))
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes(f"{row}\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r":1: not UTF-8 .*UTF-16"):
+        list(read_conversations(utf16, "rolebench"))
+    # One stray byte deep in a book that is not split: the error names its line.
+    book = tmp_path / "book.txt"
+    book.write_bytes(b"line\n" * 500 + b"bad \xff byte\n" + b"line\n" * 500)
+    with pytest.raises(DataError, match=_not_utf8(book, 501)):
+        list(read_documents(book))
+    as_json = tmp_path / "rows.json"
+    as_json.write_bytes(b'[\n{"text": "a"},\n{"text": "caf\xe9"}\n]')
+    with pytest.raises(DataError, match=_not_utf8(as_json, 3)):
+        list(read_documents(as_json))
 
 
 def test_undecodable_bytes_replaced(tmp_path):
@@ -308,14 +360,61 @@ def test_undecodable_bytes_in_text_file(tmp_path):
     path = tmp_path / "t.txt"
     path.write_bytes(b"CHAPTER 1\nfine\nCHAPTER 2\nbad \xff byte\nCHAPTER 3\nfine\n")
     report = DropReport()
-    assert list(read_documents(path, report=report)) == []
+    assert list(read_documents(path, on_error="skip", report=report)) == []
     assert report.dropped == {"undecodable_bytes": 1} and report.examples["undecodable_bytes"] == [f"{path}:4"]
     report = DropReport()
-    docs = list(read_documents(path, split="^CHAPTER", report=report))
+    docs = list(read_documents(path, split="^CHAPTER", on_error="skip", report=report))
     assert [d.source for d in docs] == [f"{path}#1", f"{path}#3"]  # only the piece holding the bad byte goes
     assert report.examples["undecodable_bytes"] == [f"{path}:4"] and report.input_records == 3
+    with pytest.raises(DataError, match=_not_utf8(path, 4)):
+        list(read_documents(path, split="^CHAPTER"))
     kept = list(read_documents(path, bad_bytes="replace"))
     assert "bad \ufffd byte" in kept[0].text
+
+
+def test_skipping_needs_a_report_to_count_in(tmp_path):
+    path = _write_jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    with pytest.raises(ValueError, match="report"):
+        list(read_documents(path, on_error="skip"))
+    with pytest.raises(ValueError, match="report"):
+        list(read_conversations(path, "messages", on_error="skip"))
+    with pytest.raises(ValueError, match="report"):
+        iter_rows(path, on_error="skip")
+
+
+def test_lone_surrogate_escape_raises_or_is_counted(tmp_path):
+    # "\ud83d" is half of an emoji's UTF-16 pair; "\udc80" the form a stray byte takes in Python.
+    path = tmp_path / "sur.jsonl"
+    path.write_text(
+        '{"text": "fine"}\n{"text": "broken emoji \\ud83d here"}\n{"text": "escaped \\udc80 byte"}\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:2: .*lone surrogate"):
+        list(read_documents(path))
+    report = DropReport()
+    assert [d.text for d in read_documents(path, on_error="skip", report=report)] == ["fine"]
+    assert report.dropped == {"lone_surrogate": 2} and report.examples["lone_surrogate"] == [f"{path}:2", f"{path}:3"]
+    chats = tmp_path / "c.jsonl"
+    rows = [{"role": "r", "question": "q", "generated": ["good", "bad \ud83d"]}, {"messages": []}]
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")  # ASCII: escapes kept
+    with pytest.raises(DataError, match=rf"{re.escape(str(chats))}:1#2: .*lone surrogate"):
+        list(read_conversations(chats, "rolebench"))
+    report = DropReport()
+    convs = list(read_conversations(chats, "rolebench", on_error="skip", report=report))
+    assert [c.source for c in convs] == [f"{chats}:1#1"]  # the good answer of the row stays
+    assert report.dropped == {"lone_surrogate": 1, "missing_field": 1} and report.input_records == 3
+    as_json = tmp_path / "sur.json"
+    as_json.write_text('[{"text": "ok"}, {"text": "x \\udfff"}]', encoding="utf-8")
+    with pytest.raises(DataError, match=rf"{re.escape(str(as_json))}\[1\]: .*lone surrogate"):
+        list(read_documents(as_json))
+
+
+def test_json_lines_in_a_json_file_is_an_error_in_either_mode(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"}\n', encoding="utf-8")
+    for on_error in ("raise", "skip"):
+        with pytest.raises(DataError, match=rf"{re.escape(str(path))}:2: .*JSON Lines.*\.jsonl"):
+            list(read_documents(path, on_error=on_error, report=DropReport()))
 
 
 def test_empty_files_yield_nothing(tmp_path):

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qw
 
 from model.config import preset
 from model.decoder import Decoder
-from model.hf import load_hf, save_hf, state_dict_to_hf
+from model.hf import config_from_hf, config_to_hf, load_hf, save_hf, state_dict_to_hf
 
 BASE = dict(vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=2, max_position_embeddings=128)
 
@@ -145,3 +145,36 @@ def test_unsupported_or_unsafe_checkpoints_are_refused(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_hf(tmp_path / "nowhere")
+
+
+SMALL = preset("tiny", vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+        ({"hidden_act": "relu2"}, "hidden_act 'relu2'"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"attention_bias": True}, "attention_bias"),
+        # a 4.x rope_scaling beside a plain transformers-5 rope_parameters still counts
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling rope_type 'linear'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters rope_type 'yarn'"),
+        ({"head_dim": 32}, "head_dim 32 != hidden_size / num_attention_heads = 16"),
+        ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 16}, "sliding-window"),
+        ({"model_type": "qwen2", "layer_types": ["full_attention", "sliding_attention"]}, "sliding_attention"),
+    ],
+)
+def test_config_fields_that_would_change_the_math_are_refused(change, named):
+    with pytest.raises(ValueError, match=named):
+        config_from_hf({**config_to_hf(SMALL), **change}, source="x/config.json")
+
+
+def test_config_fields_that_keep_the_math_are_accepted():
+    hf = config_to_hf(SMALL)
+    assert config_from_hf(hf) == SMALL
+    for key in ("hidden_act", "head_dim", "rope_parameters"):  # absent: silu, hidden / heads, plain RoPE
+        assert config_from_hf({k: v for k, v in hf.items() if k != key}).dim == SMALL.dim
+    assert config_from_hf({**hf, "head_dim": None}) == SMALL
+    qwen = {**hf, "model_type": "qwen2", "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 1}
+    assert config_from_hf(qwen).qkv_bias

@@ -1,6 +1,7 @@
 """launch/prepare_data.py as a user runs it: real files in, shards + manifest + tokenizer out."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -86,6 +87,34 @@ def test_invalid_json_line_is_one_clear_error(tmp_path):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("prepare_data: error:")]
     assert len(error_lines) == 1 and f"{bad}:2" in error_lines[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "manifest.json").exists()
+
+
+def test_nothing_kept_is_one_clear_error_with_the_drop_table(tmp_path):
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps({"text": f"tiny {i}"}) + "\n" for i in range(3)), encoding="utf-8")
+    out = tmp_path / "o"
+    result = prepare("pretrain", "--input", str(short), "--vocab-size", "300", "--out", str(out))
+    assert result.returncode == 1, result.stdout[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("prepare_data: error:")]
+    assert len(error_lines) == 1 and "no record was kept" in error_lines[0], result.stderr[-2000:]
+    assert re.search(rf"dropped: too_short +3 +{re.escape(str(short))}:1", result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (out / "manifest.json").exists()
+
+
+def test_write_outputs_refuses_to_write_an_empty_dataset(tmp_path):
+    from data_pipeline.prepare import PrepareOptions, write_outputs
+    from data_pipeline.records import DataError, DropReport
+    from data_pipeline.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["hello there, general kenobi"] * 50, 300, tmp_path / "tok")
+    report = DropReport(input_records=2)
+    report.drop("too_long", "chats.jsonl:1")
+    report.drop("too_long", "chats.jsonl:2")
+    opts = PrepareOptions(kind="sft", inputs=["chats.jsonl"], out=str(tmp_path / "o"))
+    with pytest.raises(DataError, match=r"(?s)no record was kept.*dropped: too_long +2 +chats.jsonl:1"):
+        write_outputs(iter([]), tok, opts, report)
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from data_pipeline import synthetic
+from data_pipeline.clean import clean_text
 from data_pipeline.dedup import conversation_dedup_text, exact_key
 from data_pipeline.formats import read_conversations, read_documents
 from data_pipeline.records import Conversation
@@ -21,6 +22,7 @@ from data_pipeline.synthetic import (
     make_world,
     write_corpus,
 )
+from data_pipeline.tokenizer import SPECIAL_TOKENS
 
 
 def _jsonl(path):
@@ -147,6 +149,14 @@ def test_exact_dedup_drops_nothing(corpus):
     assert len({exact_key(d) for d in corpus["lore"]}) == len(corpus["lore"])
     keys = {exact_key(conversation_dedup_text(Conversation(ch["messages"], ""))) for ch in corpus["chats"]}
     assert len(keys) == len(corpus["chats"])
+
+
+def test_cleaning_and_tokenizing_see_the_text_as_written(corpus):
+    """The quick start prepares exactly the text it generates: clean_text changes nothing, and no
+    special-token string (which the tokenizer would encode as plain text) occurs."""
+    texts = corpus["lore"] + [m["content"] for chat in corpus["chats"] for m in chat["messages"]]
+    assert [t for t in texts if clean_text(t) != t] == []
+    assert not any(special in t for t in texts for special in SPECIAL_TOKENS)
 
 
 def test_heldout_documents_are_not_training_documents(corpus):

@@ -113,10 +113,18 @@ def test_ids_do_not_depend_on_cuts_at_newlines(tok, shared_data):
     assert tok.encode("\n".join(lines) + "\n") == joined
 
 
-def test_special_token_strings_become_their_ids(tok):
-    ids = tok.encode("x<|im_start|>y<|im_end|></s>")
-    assert ids == tok.encode("x") + [tok.im_start_id] + tok.encode("y") + [tok.im_end_id, tok.eos_id]
-    assert tok.decode(ids) == "x<|im_start|>y<|im_end|></s>"
+def _has_special_string(text):
+    return any(t in text for t in SPECIAL_TOKENS)
+
+
+def test_special_token_strings_in_text_are_plain_text(tok):
+    """Only the chat template inserts control ids: a literal "<|im_end|>" in a document or an
+    answer is text, or an answer quoting it would train a stop in mid-answer."""
+    text = "x<|im_start|>y<|im_end|></s> <s> <pad> <unk>"
+    ids = tok.encode(text)
+    assert not set(ids) & set(range(len(SPECIAL_TOKENS)))
+    assert ids == tok._sp.encode(text)
+    assert tok.decode(ids) == text
 
 
 def test_hf_export_encodes_and_decodes_identically(tok, hf_tok, shared_data):
@@ -124,10 +132,14 @@ def test_hf_export_encodes_and_decodes_identically(tok, hf_tok, shared_data):
     assert hf_tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [tok.im_start_id, tok.im_end_id]
     assert len(hf_tok) == tok.vocab_size
     texts = held_out_lines(shared_data) + TRICKY + [UNSEEN_CHINESE]
+    assert sum(map(_has_special_string, texts)) == 1
     for text in texts:
         ids = tok.encode(text)
-        assert hf_tok.encode(text, add_special_tokens=False) == ids, text
-        assert hf_tok(text)["input_ids"] == ids, text  # the default call adds no bos/eos either
+        # Hugging Face reads special-token strings as control tokens unless told not to.
+        assert hf_tok.encode(text, add_special_tokens=False, split_special_tokens=True) == ids, text
+        if not _has_special_string(text):
+            assert hf_tok.encode(text, add_special_tokens=False) == ids, text
+            assert hf_tok(text)["input_ids"] == ids, text  # the default call adds no bos/eos either
         assert hf_tok.decode(ids) == tok.decode(ids) == text, text
 
 

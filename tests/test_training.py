@@ -33,11 +33,15 @@ def data_overrides(data: dict, kind: str = "pretrain") -> list[str]:
 
 def test_overrides_yaml_and_types(training_data, tmp_path):
     run = tmp_path / "run.yaml"
-    run.write_text("train:\n  lr: 3e-4\n  max_steps: 7\nmodel:\n  preset: tiny\n")
-    cfg = load_config([str(run)], [*data_overrides(training_data), "train.micro_batch=3", "train.betas=[0.9, 0.99]"])
+    run.write_text("train:\n  lr: 3e-4\n  max_steps: 7\nmodel:\n  preset: tiny\n  overrides:\n    rope_theta: 5e5\n")
+    overrides = ["train.micro_batch=3", "train.betas=[0.9, 0.99]", "model.overrides.norm_eps=1e-6"]
+    cfg = load_config([str(run)], [*data_overrides(training_data), *overrides])
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)  # YAML reads 3e-4 as a string
     assert cfg.train.max_steps == 7 and cfg.train.micro_batch == 3 and cfg.train.betas == (0.9, 0.99)
     assert cfg.model.overrides["dim"] == 64 and cfg.engine == "single"
+    # model.overrides are typed like every other key: the model gets floats, not "5e5"
+    assert cfg.model.overrides["rope_theta"] == 5e5 and isinstance(cfg.model.overrides["rope_theta"], float)
+    assert cfg.model.overrides["norm_eps"] == 1e-6 and isinstance(cfg.model.overrides["norm_eps"], float)
 
 
 @pytest.mark.parametrize(
@@ -56,11 +60,59 @@ def test_overrides_yaml_and_types(training_data, tmp_path):
         ("resume=/no/such/dir", "resume="),
         ("train.activation_checkpointing=true", "train.activation_checkpointing=True is not a valid str"),
         ("train.activation_checkpointing=some", "train.activation_checkpointing='some'; choose one of none, full"),
+        ("model.overrides.n_layers=two", "command line: model.overrides.n_layers='two' is not a valid int"),
+        ("model.overrides.dim=64.5", "model.overrides.dim=64.5 is not a valid int"),
+        ("model.overrides.tie_embeddings=maybe", "model.overrides.tie_embeddings='maybe' is not a valid bool"),
+        ("model.overrides.norm_eps=small", "model.overrides.norm_eps='small' is not a valid float"),
+        ("model.overrides={n_layers: 2, dimm: 3}", "unknown key 'model.overrides.dimm'"),
+        ("model.overrides.n_layers=0", "model.n_layers=0 must be at least 1"),
+        ("model.overrides.norm_eps=-1e-6", "model.norm_eps=-1e-06 must be positive"),
+        ("data.seq_len=1024", "data.seq_len=1024 is longer than the model's max_seq_len=512"),
+        ("model.overrides.max_seq_len=64", "data.seq_len=128 is longer than the model's max_seq_len=64"),
+        ("model.overrides.vocab_size=100", "vocab_size=100 is smaller than the 1024 pieces of the tokenizer of data"),
+        ("train.min_lr_ratio=-1", "train.min_lr_ratio=-1.0 must be between 0 and 1"),
+        ("train.decay_frac=7", "train.decay_frac=7.0 must be between 0 and 1"),
+        ("train.eps=-1", "train.eps=-1.0 must be positive"),
+        ("train.eps=0", "train.eps=0.0 must be positive"),
+        ("train.betas=[0.9, 1.5]", "train.betas=[0.9, 1.5]: each must be in"),
+        ("train.z_loss=-1", "train.z_loss=-1.0 must not be negative"),
+        ("data.shuffle_buffer=-5", "data.shuffle_buffer=-5 must not be negative"),
+        ("ray.num_workers=0", "ray.num_workers=0 must be at least 1"),
+        (
+            "deepspeed.zero_optimisation.stage=3",
+            "command line: unknown DeepSpeed key 'deepspeed.zero_optimisation'; did you mean 'zero_optimization'",
+        ),
     ],
 )
 def test_bad_keys_and_values_are_named(override, named, training_data):
     with pytest.raises(ConfigError, match=named.replace("[", r"\[").replace(".", r"\.")):
         load_config([], [*data_overrides(training_data), override])
+
+
+def test_patience_needs_evaluations(training_data):
+    with pytest.raises(ConfigError, match=r"train\.patience=3 counts evaluations, but train\.eval_every=0"):
+        load_config([], [*data_overrides(training_data), f"data.val={training_data['sft_val']}", "train.patience=3"])
+
+
+def test_init_from_must_fit_the_data(training_data, tmp_path):
+    """check() reads init_from/config.json: its vocabulary and context are those the workers get."""
+    from model.config import ModelConfig
+    from model.hf import config_to_hf
+
+    base = [*data_overrides(training_data), f"init_from={tmp_path}"]
+    for shape, named in [
+        (
+            dict(vocab_size=1024, max_seq_len=64),
+            rf"data\.seq_len=128 is longer .* max_seq_len=64 \(init_from={tmp_path}\)",
+        ),
+        (dict(vocab_size=1000, max_seq_len=256), rf"init_from={tmp_path}: vocab_size=1000 is smaller than the 1024"),
+    ]:
+        (tmp_path / "config.json").write_text(json.dumps(config_to_hf(ModelConfig(**TEST_MODEL, **shape))))
+        with pytest.raises(ConfigError, match=named):
+            load_config([], base)
+    (tmp_path / "config.json").write_text(json.dumps({**config_to_hf(ModelConfig(**TEST_MODEL)), "hidden_act": "gelu"}))
+    with pytest.raises(ConfigError, match=rf"init_from={tmp_path}: .*hidden_act 'gelu'"):
+        load_config([], base)
 
 
 def test_missing_data_and_files_are_named(tmp_path):
@@ -102,6 +154,81 @@ def test_deepspeed_json_is_filled_from_the_run_config_or_must_agree(training_dat
         fp16 = tmp_path / "bf16.json"
         fp16.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
         load_config([str(fp16)], [*data_overrides(training_data), "train.precision=fp16"])
+
+
+def test_misspelled_deepspeed_keys_are_refused_with_the_file_named(training_data, tmp_path):
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"zero_optimisation": {"stage": 3}, "bf16": {"enabled": "auto"}}))
+    with pytest.raises(
+        ConfigError, match=rf"{typo}: unknown DeepSpeed key 'deepspeed\.zero_optimisation'; did you mean"
+    ):
+        load_config([str(typo)], data_overrides(training_data))
+    typo.write_text(json.dumps({"gradient_clippping": 0.5, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match=r"'deepspeed\.gradient_clippping'; did you mean 'gradient_clipping'"):
+        load_config([str(typo)], data_overrides(training_data))
+    typo.write_text(json.dumps({"bfloat16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match=r"deepspeed\.bfloat16 is DeepSpeed's old spelling.*write it as 'bf16'"):
+        load_config([str(typo)], data_overrides(training_data))
+    run = tmp_path / "run.yaml"  # the same check for a DeepSpeed section inside a run config
+    run.write_text("engine: deepspeed\ndeepspeed:\n  zero_optimization: {stage: 2}\n  wall_clock_breakdwn: true\n")
+    with pytest.raises(ConfigError, match=rf"{run}: unknown DeepSpeed key 'deepspeed\.wall_clock_breakdwn'"):
+        load_config([str(run)], data_overrides(training_data))
+
+
+COMMON_DEEPSPEED_KEYS = """optimizer scheduler fp16 bf16 zero_optimization gradient_clipping train_batch_size
+    train_micro_batch_size_per_gpu gradient_accumulation_steps steps_per_print wall_clock_breakdown
+    activation_checkpointing flops_profiler zero_allow_untested_optimizer communication_data_type prescale_gradients
+    gradient_predivide_factor tensorboard wandb csv_monitor comms_logger aio data_types""".split()
+
+# Records every top-level key DeepSpeedConfig looks up (get, [], in, in .keys()), in a fresh process
+# so that the CPU accelerator DeepSpeed picks at import stays out of this one.
+_RECORD_DEEPSPEED_KEYS = """
+import json, logging, os
+os.environ["DS_ACCELERATOR"] = "cpu"
+logging.disable(logging.WARNING)
+from collections.abc import KeysView
+from deepspeed.runtime.config import DeepSpeedConfig
+seen = set()
+class Keys(KeysView):
+    def __contains__(self, k):
+        seen.add(k)
+        return k in self._mapping
+class Recording(dict):
+    def get(self, k, *default):
+        seen.add(k)
+        return super().get(k, *default)
+    def __getitem__(self, k):
+        seen.add(k)
+        return super().__getitem__(k)
+    def __contains__(self, k):
+        seen.add(k)
+        return super().__contains__(k)
+    def keys(self):
+        return Keys(self)
+for extra in ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}},
+              {"fp16": {"enabled": True}, "zero_optimization": {"stage": 3}}, {}):
+    DeepSpeedConfig(Recording(train_batch_size=1, train_micro_batch_size_per_gpu=1, **extra))
+print(json.dumps(sorted(seen)))
+"""
+
+
+def test_the_deepspeed_key_list_is_deepspeeds(training_data):
+    """DEEPSPEED_KEYS is a list (importing deepspeed in every config check would fix its
+    accelerator); it must hold every top-level key the installed DeepSpeed reads, and no other."""
+    from training.config import _DEEPSPEED_RENAMED, DEEPSPEED_KEYS
+
+    done = subprocess.run([sys.executable, "-c", _RECORD_DEEPSPEED_KEYS], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    read = set(json.loads(done.stdout.splitlines()[-1]))
+    assert {"zero_optimization", "optimizer", "gradient_clipping", "aio"} <= read  # the recording worked
+    assert read - DEEPSPEED_KEYS - set(_DEEPSPEED_RENAMED) == set(), "keys DeepSpeed reads that the list refuses"
+    assert DEEPSPEED_KEYS - read == set(), "keys in the list that DeepSpeed does not read"
+    assert set(COMMON_DEEPSPEED_KEYS) <= DEEPSPEED_KEYS
+    # every shipped JSON and every key deepspeed_config fills in pass
+    for path in sorted((ROOT / "configs").glob("*.json")):
+        assert set(json.loads(path.read_text())) <= DEEPSPEED_KEYS, path
+        cfg = load_config([str(path)], data_overrides(training_data))
+        assert set(deepspeed_config(cfg, world_size=2)) <= DEEPSPEED_KEYS
 
 
 @pytest.mark.parametrize("launcher", ["launch/pretrain.py", "launch/sft.py", "launch/export_hf.py"])
@@ -172,6 +299,38 @@ def test_single_run_writes_metrics_checkpoints_and_a_loadable_export(training_da
     (run / "hf" / "tokenizer.model").write_bytes(b"another tokenizer")
     with pytest.raises(ConfigError, match=r"init_from=.*another tokenizer than the one of data\.train"):
         build_model(sft, _tokenizer(sft))
+
+
+def test_export_refuses_a_tokenizer_the_weights_did_not_train_with(training_data, shared_data, tmp_path, capsys):
+    import shutil
+
+    from data_pipeline.tokenizer import train_tokenizer
+    from launch.export_hf import main as export_hf
+
+    data = tmp_path / "data"  # a copy, so that its tokenizer can be "re-prepared" below
+    shutil.copytree(training_data["pretrain"], data)
+    cfg = single_cfg(tmp_path / "run", {"pretrain": data}, max_steps=1, checkpoint_every=1)
+    cfg.export_hf = False
+    train(cfg)
+    lines = (shared_data / "pretrain" / "tinyshakespeare.txt").read_text().splitlines()
+    other = train_tokenizer(lines[:4000], 700, tmp_path / "other")  # fewer pieces, but not the run's
+    train_tokenizer(lines[:4000], 1100, tmp_path / "bigger")  # more pieces than vocab_size=1024
+    out = tmp_path / "out"
+
+    def refused(*args: str) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            export_hf([cfg.run_dir, "--out", str(out), *args])
+        assert exit_info.value.code == 2 and not out.exists()
+        return capsys.readouterr().err
+
+    assert "is not the tokenizer" in refused("--tokenizer", str(tmp_path / "other"))
+    message = refused("--tokenizer", str(tmp_path / "bigger"), "--force")  # --force does not cover this
+    assert "has 1100 pieces, more than the vocab_size=1024" in message
+    # the run's own tokenizer folder, re-prepared since training: the checkpoint's sha256 tells
+    shutil.copyfile(tmp_path / "other" / "tokenizer.model", data / "tokenizer" / "tokenizer.model")
+    assert "--force to pair them anyway" in refused()
+    assert export_hf([cfg.run_dir, "--out", str(out), "--force"]) == 0
+    assert (out / "tokenizer.model").read_bytes() == other.path.read_bytes()
 
 
 def test_a_resumed_optimizer_has_its_moments_back(training_data, tmp_path):

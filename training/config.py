@@ -5,13 +5,15 @@
 
 A bare file name (`zero3.json`) that does not exist as given is looked up in `configs/`. Every
 key is checked against the dataclasses below: an unknown key, or a value of the wrong type, is a
-ConfigError naming the key and where it came from. Two fields take free-form mappings: the
-DeepSpeed JSON (`deepspeed`, checked against the run config by `deepspeed_config`) and
-`model.overrides` (checked by `model.config.preset`).
+ConfigError naming the key and where it came from. Two fields take mappings: the DeepSpeed JSON
+(`deepspeed`: its top-level keys must be DeepSpeed's, and `deepspeed_config` checks its values
+against the run config) and `model.overrides` (each key a ModelConfig field, each value checked
+against that field's type like any other key).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -22,8 +24,11 @@ from pathlib import Path
 
 import yaml
 
+from data_pipeline.records import DataError
+from data_pipeline.tokenizer import Tokenizer
 from model.config import ModelConfig, preset, preset_names
 from model.decoder import RECOMPUTE_MODES
+from model.hf import config_from_hf
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ENGINES = ("single", "fsdp", "deepspeed")
@@ -174,7 +179,7 @@ def load_config(config_files: list[str], overrides: list[str]) -> RunConfig:
     for name in config_files:
         path = find_config_file(name)
         if path.suffix == ".json":
-            cfg.deepspeed = _read_json(path)
+            cfg.deepspeed = check_deepspeed_keys(_read_json(path), source=str(path))
             cfg.engine = "deepspeed"
         elif path.suffix in (".yaml", ".yml"):
             merge(cfg, _read_yaml(path), source=str(path))
@@ -249,6 +254,8 @@ def merge(target, values: dict, source: str, prefix: str = "") -> None:
             setattr(target, key, _deep_merge(current, value))
         else:
             setattr(target, key, _coerce(value, hints[key], dotted, source))
+        if dotted in _MAPPING_CHECKS and getattr(target, key) is not None:
+            setattr(target, key, _MAPPING_CHECKS[dotted](getattr(target, key), source))
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -288,35 +295,80 @@ def _coerce(value, hint, key: str, source: str):
     raise ConfigError(f"{source}: {key}={value!r} is not a valid {expected}")
 
 
+def check_model_overrides(overrides: dict, source: str) -> dict:
+    """model.overrides with each key a ModelConfig field and each value of that field's type
+    (`norm_eps: 1e-6`, which YAML reads as a string, becomes a float; `tie_embeddings: maybe` is
+    an error)."""
+    hints = typing.get_type_hints(ModelConfig)
+    out = {}
+    for key, value in overrides.items():
+        if key not in hints:
+            raise ConfigError(f"{source}: unknown key 'model.overrides.{key}'; ModelConfig fields: {', '.join(hints)}")
+        out[key] = _coerce(value, hints[key], f"model.overrides.{key}", source)
+    return out
+
+
+def check_deepspeed_keys(ds: dict, source: str) -> dict:
+    """The DeepSpeed JSON, refused when a top-level key is not one DeepSpeed reads.
+
+    DeepSpeed itself ignores an unknown top-level key (it forbids extra keys only inside its
+    sections), so "zero_optimisation": {"stage": 3} would silently train with ZeRO-0.
+    """
+    for key in ds:
+        if key in _DEEPSPEED_RENAMED:
+            raise ConfigError(
+                f"{source}: deepspeed.{key} is DeepSpeed's old spelling, which the {_DEEPSPEED_RENAMED[key]!r} "
+                f"section this loop fills in overrides; write it as {_DEEPSPEED_RENAMED[key]!r}"
+            )
+        if key not in DEEPSPEED_KEYS:
+            close = difflib.get_close_matches(str(key), DEEPSPEED_KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else " (DeepSpeed would ignore it)"
+            raise ConfigError(f"{source}: unknown DeepSpeed key 'deepspeed.{key}'{hint}")
+    return ds
+
+
+# The top-level keys DeepSpeed's DeepSpeedConfig reads (0.19; tests/test_training.py re-derives
+# them from the installed DeepSpeed and fails when they drift). A list, not an import: config
+# checks run in every launcher and on Ray's driver, and importing deepspeed there would cost time
+# and fix its accelerator at first import, before the engine sets DS_ACCELERATOR.
+# fmt: off
+DEEPSPEED_KEYS = frozenset((
+    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "checkpoint", "comet",
+    "comms_logger", "communication_data_type", "compile", "compression_training", "csv_monitor",
+    "curriculum_learning", "data_efficiency", "data_types", "dataloader_drop_last",
+    "datastates_ckpt", "disable_allgather", "disable_python_gc", "dump_state", "eigenvalue",
+    "elasticity", "expert_parallel", "flops_profiler", "fp16", "gradient_accumulation_steps",
+    "gradient_allreduce_op", "gradient_clipping", "gradient_predivide_factor", "graph_harvesting",
+    "hybrid_engine", "log_level", "managed_gradient_accumulation", "memory_breakdown", "nebula",
+    "optimizer", "pipeline", "prescale_gradients", "progressive_layer_drop", "quantize_training",
+    "scheduler", "seq_parallel_communication_data_type", "sparse_attention", "sparse_gradients",
+    "steps_per_print", "tensor_parallel", "tensorboard", "timers", "torch_autocast",
+    "train_batch_size", "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism",
+    "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "zero_optimization",
+))
+# fmt: on
+_DEEPSPEED_RENAMED = {"bfloat16": "bf16"}
+"""Old spellings DeepSpeed still reads, but only when the new key is absent."""
+
+_MAPPING_CHECKS = {"model.overrides": check_model_overrides, "deepspeed": check_deepspeed_keys}
+"""The mapping fields merge() cannot check by their type, by dotted key."""
+
+
 # --- checks -----------------------------------------------------------------------------------
 
 
 def check(cfg: RunConfig) -> None:
     """Fail before any worker starts, naming the key at fault."""
     _choice("engine", cfg.engine, ENGINES)
-    _choice("train.precision", cfg.train.precision, PRECISIONS)
     _choice("data.on_error", cfg.data.on_error, ("skip", "raise"))
-    _choice("train.activation_checkpointing", cfg.train.activation_checkpointing, RECOMPUTE_MODES)
-    from training.optim import SCHEDULES
-
-    _choice("train.schedule", cfg.train.schedule, SCHEDULES)
-    for key in ("max_steps", "micro_batch", "grad_accum", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
-        if getattr(cfg.train, key) < 1:
-            raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must be at least 1")
-    for key in (
-        "lr",
-        "grad_clip",
-        "weight_decay",
-        "warmup_steps",
-        "eval_every",
-        "eval_batches",
-        "patience",
-        "exit_at_step",
-    ):
-        if getattr(cfg.train, key) < 0:
-            raise ConfigError(f"train.{key}={getattr(cfg.train, key)} must not be negative")
+    _check_train(cfg.train)
     if cfg.data.seq_len < 2:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be at least 2")
+    if cfg.data.shuffle_buffer < 0:
+        raise ConfigError(f"data.shuffle_buffer={cfg.data.shuffle_buffer} must not be negative (0: no shuffling)")
+    if cfg.ray.num_workers < 1:
+        raise ConfigError(f"ray.num_workers={cfg.ray.num_workers} must be at least 1")
     if cfg.engine == "deepspeed" and cfg.deepspeed is None:
         raise ConfigError("engine=deepspeed needs a DeepSpeed JSON: --config zero3.json (or zero2.json, ...)")
     if cfg.engine != "deepspeed" and cfg.deepspeed is not None:
@@ -330,13 +382,49 @@ def check(cfg: RunConfig) -> None:
         _check_data("data.val", cfg.data.val)
     if (cfg.train.eval_every or cfg.train.patience) and cfg.data.val is None:
         raise ConfigError("train.eval_every / train.patience need data.val (a validation shard folder)")
+    if cfg.train.patience and not cfg.train.eval_every:
+        raise ConfigError(
+            f"train.patience={cfg.train.patience} counts evaluations, but train.eval_every=0 never evaluates; "
+            "set train.eval_every"
+        )
     if cfg.engine == "deepspeed" and cfg.train.compile:
         raise ConfigError("train.compile=true is supported with the single and fsdp engines, not deepspeed")
     if cfg.model.preset not in preset_names():
         raise ConfigError(f"model.preset={cfg.model.preset!r}; choose one of {', '.join(preset_names())}")
-    model_config(cfg, vocab_size=None)
+    _check_model_fits_data(cfg)
     if cfg.deepspeed is not None:
         deepspeed_config(cfg, world_size=None)
+
+
+def _check_train(t: TrainSection) -> None:
+    _choice("train.precision", t.precision, PRECISIONS)
+    _choice("train.activation_checkpointing", t.activation_checkpointing, RECOMPUTE_MODES)
+    from training.optim import SCHEDULES
+
+    _choice("train.schedule", t.schedule, SCHEDULES)
+    for key in ("max_steps", "micro_batch", "grad_accum", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be at least 1")
+    for key in (
+        "lr",
+        "grad_clip",
+        "weight_decay",
+        "warmup_steps",
+        "eval_every",
+        "eval_batches",
+        "patience",
+        "exit_at_step",
+        "z_loss",
+    ):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must not be negative")
+    for key in ("min_lr_ratio", "decay_frac"):
+        if not 0 <= getattr(t, key) <= 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be between 0 and 1")
+    if not all(0 <= b < 1 for b in t.betas):
+        raise ConfigError(f"train.betas={list(t.betas)}: each must be in [0, 1)")
+    if t.eps <= 0:
+        raise ConfigError(f"train.eps={t.eps} must be positive")
 
 
 def _choice(key: str, value: str, options: tuple) -> None:
@@ -351,6 +439,44 @@ def _check_data(key: str, folder: str) -> None:
         )
 
 
+def _check_model_fits_data(cfg: RunConfig) -> None:
+    """The model's vocabulary holds the tokenizer's ids and its context holds data.seq_len.
+
+    The model is the one the workers will build (init_from's config.json, else the preset with
+    model.overrides), the tokenizer the one beside the training shards; reading both is cheap
+    (a JSON file, a sentencepiece model).
+    """
+    folder = Path(cfg.data.train) / "tokenizer"
+    try:
+        tokens = Tokenizer.load(folder).vocab_size
+    except DataError as e:
+        raise ConfigError(f"data.train={cfg.data.train}: cannot read its tokenizer: {e}") from None
+    if cfg.init_from is not None:
+        model, shape = init_from_config(cfg.init_from), f"init_from={cfg.init_from}"
+    else:
+        model, shape = model_config(cfg, tokens), f"model.preset={cfg.model.preset}"
+        if cfg.model.overrides:
+            shape += f" with model.overrides={json.dumps(cfg.model.overrides)}"
+    if model.vocab_size < tokens:
+        raise ConfigError(
+            f"{shape}: vocab_size={model.vocab_size} is smaller than the {tokens} pieces of the tokenizer "
+            f"of data.train={cfg.data.train}"
+        )
+    if cfg.data.seq_len > model.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} is longer than the model's max_seq_len={model.max_seq_len} ({shape})"
+        )
+
+
+def init_from_config(folder: str) -> ModelConfig:
+    """The ModelConfig of a Hugging Face export, from its config.json alone (no weights read)."""
+    path = Path(folder) / "config.json"
+    try:
+        return config_from_hf(json.loads(path.read_text()), source=str(path))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"init_from={folder}: {e}") from None
+
+
 def model_config(cfg: RunConfig, vocab_size: int | None) -> ModelConfig:
     """The model shape: the preset with model.overrides, vocab_size from the tokenizer unless given.
 
@@ -358,7 +484,7 @@ def model_config(cfg: RunConfig, vocab_size: int | None) -> ModelConfig:
         cfg: the run config.
         vocab_size: the tokenizer's size (None: keep the preset's, for checking only).
     """
-    overrides = dict(cfg.model.overrides)
+    overrides = check_model_overrides(cfg.model.overrides, source="run config")
     if vocab_size is not None:
         overrides.setdefault("vocab_size", vocab_size)
     try:
@@ -386,7 +512,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int | None) -> dict:
     Raises:
         ConfigError: a disagreeing field (both numbers named), or a section this loop owns.
     """
-    ds = json.loads(json.dumps(cfg.deepspeed or {}))
+    ds = check_deepspeed_keys(json.loads(json.dumps(cfg.deepspeed or {})), source="run config")
     for owned in ("optimizer", "scheduler"):
         if owned in ds:
             raise ConfigError(

@@ -9,6 +9,9 @@
                      field's other values (an answer listing every town has not answered)
     lore_accuracy    the same on split b: facts only the pretraining lore stated, never an SFT answer
                      of that character, so the answer must come from what pretraining learned
+    voice            voice consistency: share of answers that, by their words, read as their own
+                     character's and not another's (each answer is matched by TF-IDF cosine to every
+                     character's reference answers, its own left out; the nearest must be its own)
     gsb              a pairwise comparison of two checkpoints' answers to the same prompts by a
                      judge, counted as good (the second is better), same, or bad
 
@@ -126,12 +129,80 @@ def answer(model: Decoder, tok: Tokenizer, messages: list[dict], max_new_tokens:
 
 
 def score(items: list[dict], answers: list[str]) -> dict[str, float]:
-    """Mean ROUGE-L against the references and, where items carry one, fact accuracy."""
+    """Mean ROUGE-L against the references; where items carry one, fact accuracy; where two
+    characters or more are asked two questions or more, voice consistency."""
     result = {"rouge_l": sum(rouge_l(a, i["reference"]) for i, a in zip(items, answers, strict=True)) / len(items)}
     facts = [(i, a) for i, a in zip(items, answers, strict=True) if i.get("expected")]
     if facts:
         result["accuracy"] = sum(fact_correct(i, a) for i, a in facts) / len(facts)
+    measured = voice_consistency(answers, [i["reference"] for i in items], [_card(i) for i in items])
+    if measured is not None:
+        result["voice"] = measured
     return result
+
+
+def voice_consistency(answers: list[str], references: list[str], characters: list[str]) -> float | None:
+    """Share of answers that read, by their words, as their own character's and no other's.
+
+    Texts are TF-IDF vectors of their words and word pairs (IDF over the references). An answer
+    counts when its cosine to its own character's summed references (its own reference left out)
+    is higher than to any other character's. Ties count against it, so an empty answer does not
+    count. Only the items of characters asked two questions or more are counted: for the others
+    there is nothing of their voice to compare with.
+
+    Args:
+        answers, references: the model's and the reference answers, in item order.
+        characters: each item's character (any key: the card, a name).
+    Returns:
+        the share in [0, 1]; None with fewer than two characters or none asked twice.
+    """
+    docs = [_terms(r) for r in references]
+    idf = {t: math.log((1 + len(docs)) / (1 + n)) + 1 for t, n in _document_frequency(docs).items()}
+    refs = [_tfidf(d, idf) for d in docs]
+    pools: dict[str, dict[str, float]] = {}
+    for c, r in zip(characters, refs, strict=True):
+        pool = pools.setdefault(c, {})
+        for t, w in r.items():
+            pool[t] = pool.get(t, 0.0) + w
+    counted = [i for i, c in enumerate(characters) if characters.count(c) > 1]
+    if len(pools) < 2 or not counted:
+        return None
+    hits = 0
+    for i in counted:
+        vec, c = _tfidf(_terms(answers[i]), idf), characters[i]
+        own = {t: w - refs[i].get(t, 0.0) for t, w in pools[c].items()}  # its own reference left out
+        hits += _cosine(vec, own) > max(_cosine(vec, pool) for name, pool in pools.items() if name != c)
+    return hits / len(counted)
+
+
+def _card(item: dict) -> str:
+    return next((m["content"] for m in item.get("messages", ()) if m["role"] == "system"), "")
+
+
+def _terms(text: str) -> dict[str, int]:
+    words = [w.lower() for w in rouge_tokens(text)]
+    counts: dict[str, int] = {}
+    for t in words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]:
+        counts[t] = counts.get(t, 0) + 1
+    return counts
+
+
+def _document_frequency(docs: list[dict[str, int]]) -> dict[str, int]:
+    df: dict[str, int] = {}
+    for d in docs:
+        for t in d:
+            df[t] = df.get(t, 0) + 1
+    return df
+
+
+def _tfidf(counts: dict[str, int], idf: dict[str, float]) -> dict[str, float]:
+    return {t: n * idf[t] for t, n in counts.items() if t in idf}  # words no reference uses carry no signal
+
+
+def _cosine(a: dict[str, float], b: dict[str, float]) -> float:
+    dot = sum(w * b.get(t, 0.0) for t, w in a.items())
+    norm = math.sqrt(sum(w * w for w in a.values()) * sum(w * w for w in b.values()))
+    return dot / norm if norm > 0 else 0.0
 
 
 # --- judges and GSB -------------------------------------------------------------------------------
@@ -224,6 +295,8 @@ def evaluate_checkpoint(
         row[f"rouge_l_{name}"] = scores["rouge_l"]
         if "accuracy" in scores:
             row["persona_accuracy" if name == "facts" else f"{name}_accuracy"] = scores["accuracy"]
+        if "voice" in scores:
+            row[f"voice_{name}"] = scores["voice"]
     row["rouge_l"] = row.get("rouge_l_facts", next((v for k, v in row.items() if k.startswith("rouge_l_")), None))
     return row, answers
 
