@@ -100,7 +100,7 @@ def save_checkpoint(
         if final.exists():  # the same step saved again after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(folder_root)
+        _fsync(folder_root, folder=True)
         _prune(folder_root, keep)
     barrier()
     return final
@@ -141,20 +141,16 @@ def _fsync_tree(root: Path) -> None:
     """fsync every file and folder under root (whichever rank wrote them: fsync acts on the file)."""
     for folder, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
+            _fsync(Path(folder, name))
+        _fsync(Path(folder), folder=True)
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def _fsync(path: Path, folder: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     except OSError as e:  # some filesystems (network ones) cannot fsync a folder
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+        if not (folder and e.errno in (errno.EINVAL, errno.ENOTSUP)):
             raise
     finally:
         os.close(fd)

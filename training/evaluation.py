@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -157,14 +158,14 @@ def voice_consistency(answers: list[str], references: list[str], characters: lis
         the share in [0, 1]; None with fewer than two characters or none asked twice.
     """
     docs = [_terms(r) for r in references]
-    idf = {t: math.log((1 + len(docs)) / (1 + n)) + 1 for t, n in _document_frequency(docs).items()}
+    frequency = Counter(t for d in docs for t in d)  # how many references hold each term
+    idf = {t: math.log((1 + len(docs)) / (1 + n)) + 1 for t, n in frequency.items()}
     refs = [_tfidf(d, idf) for d in docs]
-    pools: dict[str, dict[str, float]] = {}
+    pools: dict[str, Counter] = {}
     for c, r in zip(characters, refs, strict=True):
-        pool = pools.setdefault(c, {})
-        for t, w in r.items():
-            pool[t] = pool.get(t, 0.0) + w
-    counted = [i for i, c in enumerate(characters) if characters.count(c) > 1]
+        pools.setdefault(c, Counter()).update(r)
+    asked = Counter(characters)
+    counted = [i for i, c in enumerate(characters) if asked[c] > 1]
     if len(pools) < 2 or not counted:
         return None
     hits = 0
@@ -179,23 +180,13 @@ def _card(item: dict) -> str:
     return next((m["content"] for m in item.get("messages", ()) if m["role"] == "system"), "")
 
 
-def _terms(text: str) -> dict[str, int]:
+def _terms(text: str) -> Counter:
+    """Counts of a text's words (lower-cased; CJK characters one by one) and word pairs."""
     words = [w.lower() for w in rouge_tokens(text)]
-    counts: dict[str, int] = {}
-    for t in words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]:
-        counts[t] = counts.get(t, 0) + 1
-    return counts
+    return Counter(words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)])
 
 
-def _document_frequency(docs: list[dict[str, int]]) -> dict[str, int]:
-    df: dict[str, int] = {}
-    for d in docs:
-        for t in d:
-            df[t] = df.get(t, 0) + 1
-    return df
-
-
-def _tfidf(counts: dict[str, int], idf: dict[str, float]) -> dict[str, float]:
+def _tfidf(counts: Counter, idf: dict[str, float]) -> dict[str, float]:
     return {t: n * idf[t] for t, n in counts.items() if t in idf}  # words no reference uses carry no signal
 
 

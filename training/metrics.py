@@ -105,9 +105,10 @@ def _json_safe(value):
     return value
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    # A reader (or a crash) sees the old file or the new one, never half of one.
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomically(path: Path, text: str) -> None:
+    """Replace path's contents with text: a reader (or a crash) sees the old file or the new one,
+    never half of one, even with several processes writing it at once."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -226,7 +227,7 @@ class Reporter:
                 continue
             if keep:
                 kept.append(line + "\n")
-        _write_atomically(self.metrics_path, "".join(kept))
+        write_atomically(self.metrics_path, "".join(kept))
         if n_broken:
             self.print(f"dropped {n_broken} unreadable line(s) from {self.metrics_path}")
 
@@ -238,7 +239,7 @@ class Reporter:
             obj: anything JSON-serialisable.
         """
         if self.enabled:
-            _write_atomically(self.run_dir / name, json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
+            write_atomically(self.run_dir / name, json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
 
     def close(self) -> None:
         """Close the progress bar, the metrics file and the TensorBoard writer."""

@@ -22,6 +22,7 @@ from data_pipeline.records import DataError
 from training.checkpoint import find_latest, read_meta
 from training.config import ConfigError, RunConfig, deepspeed_config, merge
 from training.loop import TrainingError, resume_folder, train
+from training.metrics import write_atomically
 
 FATAL = "fatal_error.json"
 FATAL_ERRORS = {cls.__name__: cls for cls in (ConfigError, DataError, TrainingError)}
@@ -113,11 +114,9 @@ def _worker(config: dict) -> None:
     try:
         train(cfg, on_checkpoint=lambda folder, record: ray.train.report({**record, "checkpoint": str(folder)}))
     except tuple(FATAL_ERRORS.values()) as error:
-        record = json.dumps({"type": type(error).__name__, "message": str(error)})
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(cfg.run_dir) / f"{FATAL}.{os.getpid()}"
-        tmp.write_text(record)
-        os.replace(tmp, tmp.with_name(FATAL))  # whole, whichever rank writes last
+        record = json.dumps({"type": type(error).__name__, "message": str(error)})
+        write_atomically(Path(cfg.run_dir) / FATAL, record)  # whole, whichever rank writes last
         raise
 
 
