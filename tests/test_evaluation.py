@@ -22,12 +22,12 @@ from training.evaluation import (
     answer,
     gsb,
     has_fact,
+    nearest_group_share,
     perplexity,
     read_items,
     rouge_l,
     rule_judge,
     score,
-    voice_consistency,
 )
 
 
@@ -85,18 +85,53 @@ def _voiced_items():
 def test_voice_consistency_tells_who_speaks():
     items = _voiced_items()
     refs, who = [i["reference"] for i in items], [i["messages"][0]["content"] for i in items]
-    assert voice_consistency(refs, refs, who) == 1.0
+    assert nearest_group_share(refs, refs, who) == 1.0
     swapped = refs[3:] + refs[:3]  # each answer is the other character's, to the same question
-    assert voice_consistency(swapped, refs, who) == 0.0
-    assert voice_consistency([""] * 6, refs, who) == 0.0
+    assert nearest_group_share(swapped, refs, who) == 0.0
+    assert nearest_group_share([""] * 6, refs, who) == 0.0
     fresh = [refs[0], "Hmph. A smith I am, of course.", *refs[2:]]  # a new wording, in Mirgar's voice
-    assert voice_consistency(fresh, refs, who) == 1.0
+    assert nearest_group_share(fresh, refs, who) == 1.0
     one_off = [refs[0], "Oh, hello there! A smith, hooray!", *refs[2:]]  # Mirgar speaking as Lysa
-    assert voice_consistency(one_off, refs, who) == 5 / 6
+    assert nearest_group_share(one_off, refs, who) == 5 / 6
     assert score(items, swapped)["voice"] == 0.0
     assert "voice" not in score(items[:3], refs[:3])  # one character: nothing to tell apart
-    assert voice_consistency(refs[2:4], refs[2:4], who[2:4]) is None  # each asked once: undefined
-    assert voice_consistency(refs[:4], refs[:4], who[:4]) == 1.0  # Lysa, asked once, not counted
+    assert nearest_group_share(refs[2:4], refs[2:4], who[2:4]) is None  # each asked once: undefined
+    assert nearest_group_share(refs[:4], refs[:4], who[:4]) == 1.0  # Lysa, asked once, not counted
+
+
+FIELDED = {  # three characters asked about the same three fields, each answer in the character's voice
+    "Mirgar": [
+        "Hmph. My home is Emberfall, of course.",
+        "Hmph. By trade I am a smith, of course.",
+        "Hmph. I carry an axe.",
+    ],
+    "Oren": ["Well now. My home is Stormgate.", "Well now. By trade I am a sailor.", "Well now. I carry a compass."],
+    "Lysa": [
+        "Oh, hello there! My home is Frostholm!",
+        "Oh, hello there! By trade I am a baker!",
+        "I carry a lute, hooray!",
+    ],
+}
+FIELDS = ["home", "trade", "item"] * 3
+FACTS = ["Emberfall", "smith", "axe", "Stormgate", "sailor", "compass", "Frostholm", "baker", "lute"]
+
+
+def test_relevance_tells_what_was_answered():
+    refs = [r for answers in FIELDED.values() for r in answers]
+    assert nearest_group_share(refs, refs, FIELDS) == 1.0
+    other_field = [refs[i // 3 * 3 + (i + 1) % 3] for i in range(9)]  # each character answers its next field
+    assert nearest_group_share(other_field, refs, FIELDS) == 0.0
+    wrong_fact = ["Hmph. My home is Frostholm, of course.", *refs[1:]]  # on topic, the wrong town
+    assert nearest_group_share(wrong_fact, refs, FIELDS) == 1.0
+    assert nearest_group_share(["Hmph. Of course.", *refs[1:]], refs, FIELDS) == 8 / 9  # voice alone
+    assert nearest_group_share([""] * 9, refs, FIELDS) == 0.0
+    items = [
+        {"messages": [{"role": "user", "content": "?"}], "reference": r, "field": f, "expected": x}
+        for r, f, x in zip(refs, FIELDS, FACTS, strict=True)
+    ]
+    result = score(items, wrong_fact)
+    assert result["relevance"] == 1.0 and result["accuracy"] == 8 / 9
+    assert "relevance" not in score([{k: v for k, v in i.items() if k != "field"} for i in items], refs)
 
 
 def test_gsb_counts_from_the_second_models_side():

@@ -12,11 +12,13 @@
     voice            voice consistency: share of answers that, by their words, read as their own
                      character's and not another's (each answer is matched by TF-IDF cosine to every
                      character's reference answers, its own left out; the nearest must be its own)
+    relevance        share of answers that read as answers to the field asked about and not another
+                     (the same match, with the references grouped by the items' "field")
     gsb              a pairwise comparison of two checkpoints' answers to the same prompts by a
                      judge, counted as good (the second is better), same, or bad
 
 An evaluation item is `{"messages": [system card, user question], "reference": str}` with an
-optional `"expected"` fact string and `"conflicts"` (wrong values of the same field), as
+optional `"expected"` fact string, `"conflicts"` (wrong values of the same field) and `"field"`, as
 data_pipeline/synthetic.py writes them; a plain messages-format chat (e.g. RoleBench through
 data_pipeline.formats) becomes one by taking its last assistant turn as the reference. Answers
 are greedy, so scores are reproducible.
@@ -131,48 +133,60 @@ def answer(model: Decoder, tok: Tokenizer, messages: list[dict], max_new_tokens:
 
 def score(items: list[dict], answers: list[str]) -> dict[str, float]:
     """Mean ROUGE-L against the references; where items carry one, fact accuracy; where two
-    characters or more are asked two questions or more, voice consistency."""
-    result = {"rouge_l": sum(rouge_l(a, i["reference"]) for i, a in zip(items, answers, strict=True)) / len(items)}
+    characters or more are asked two questions or more, voice consistency; where items name the
+    field they ask about, relevance."""
+    references = [i["reference"] for i in items]
+    result = {"rouge_l": sum(rouge_l(a, r) for a, r in zip(answers, references, strict=True)) / len(items)}
     facts = [(i, a) for i, a in zip(items, answers, strict=True) if i.get("expected")]
     if facts:
         result["accuracy"] = sum(fact_correct(i, a) for i, a in facts) / len(facts)
-    measured = voice_consistency(answers, [i["reference"] for i in items], [_card(i) for i in items])
+    measured = nearest_group_share(answers, references, [_card(i) for i in items])
     if measured is not None:
         result["voice"] = measured
+    if all(i.get("field") for i in items):
+        measured = nearest_group_share(answers, references, [i["field"] for i in items])
+        if measured is not None:
+            result["relevance"] = measured
     return result
 
 
-def voice_consistency(answers: list[str], references: list[str], characters: list[str]) -> float | None:
-    """Share of answers that read, by their words, as their own character's and no other's.
+def nearest_group_share(answers: list[str], references: list[str], groups: list[str]) -> float | None:
+    """Share of answers whose words are nearest to their own group's reference answers.
+
+    Grouped by character, this is voice consistency: an answer counts when it reads as its own
+    character's and no other's. Grouped by the field an item asks about, it is relevance: an
+    answer counts when it reads as an answer to what was asked (the field's references of every
+    character pooled, so voices and catchphrases weigh alike in every group and cancel out);
+    a wrong fact in the right words still counts here, and not in accuracy.
 
     Texts are TF-IDF vectors of their words and word pairs (IDF over the references). An answer
-    counts when its cosine to its own character's summed references (its own reference left out)
-    is higher than to any other character's. Ties count against it, so an empty answer does not
-    count. Only the items of characters asked two questions or more are counted: for the others
-    there is nothing of their voice to compare with.
+    counts when its cosine to its own group's summed references (its own reference left out) is
+    higher than to any other group's. Ties count against it, so an empty answer does not count.
+    Only the items of groups with two items or more are counted: for the others there is nothing
+    to compare with.
 
     Args:
         answers, references: the model's and the reference answers, in item order.
-        characters: each item's character (any key: the card, a name).
+        groups: each item's group (any key: the card, a name, a field).
     Returns:
-        the share in [0, 1]; None with fewer than two characters or none asked twice.
+        the share in [0, 1]; None with fewer than two groups or no group of two items.
     """
     docs = [_terms(r) for r in references]
     frequency = Counter(t for d in docs for t in d)  # how many references hold each term
     idf = {t: math.log((1 + len(docs)) / (1 + n)) + 1 for t, n in frequency.items()}
     refs = [_tfidf(d, idf) for d in docs]
     pools: dict[str, Counter] = {}
-    for c, r in zip(characters, refs, strict=True):
-        pools.setdefault(c, Counter()).update(r)
-    asked = Counter(characters)
-    counted = [i for i, c in enumerate(characters) if asked[c] > 1]
+    for g, r in zip(groups, refs, strict=True):
+        pools.setdefault(g, Counter()).update(r)
+    size = Counter(groups)
+    counted = [i for i, g in enumerate(groups) if size[g] > 1]
     if len(pools) < 2 or not counted:
         return None
     hits = 0
     for i in counted:
-        vec, c = _tfidf(_terms(answers[i]), idf), characters[i]
-        own = {t: w - refs[i].get(t, 0.0) for t, w in pools[c].items()}  # its own reference left out
-        hits += _cosine(vec, own) > max(_cosine(vec, pool) for name, pool in pools.items() if name != c)
+        vec, g = _tfidf(_terms(answers[i]), idf), groups[i]
+        own = {t: w - refs[i].get(t, 0.0) for t, w in pools[g].items()}  # its own reference left out
+        hits += _cosine(vec, own) > max(_cosine(vec, pool) for name, pool in pools.items() if name != g)
     return hits / len(counted)
 
 
@@ -286,8 +300,9 @@ def evaluate_checkpoint(
         row[f"rouge_l_{name}"] = scores["rouge_l"]
         if "accuracy" in scores:
             row["persona_accuracy" if name == "facts" else f"{name}_accuracy"] = scores["accuracy"]
-        if "voice" in scores:
-            row[f"voice_{name}"] = scores["voice"]
+        for key in ("voice", "relevance"):
+            if key in scores:
+                row[f"{key}_{name}"] = scores[key]
     row["rouge_l"] = row.get("rouge_l_facts", next((v for k, v in row.items() if k.startswith("rouge_l_")), None))
     return row, answers
 
