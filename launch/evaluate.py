@@ -6,7 +6,8 @@ text, ROUGE-L against reference answers, persona-fact accuracy (split a) and lor
 DIR/eval/lore.jsonl, DIR/heldout.jsonl), and, with two or more checkpoints, a good/same/bad
 comparison of the last one against the first by a judge (the built-in rules, or a model given
 as an HF folder). --items adds any messages-format chat file (e.g. RoleBench's test split) for
-ROUGE-L. Prints a table and writes eval.json.
+ROUGE-L. Prints a table and writes eval.json, and every item's question, reference and answers
+(with the GSB verdict) to eval_answers.jsonl beside it, for reading them side by side.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ import json
 import sys
 from pathlib import Path
 
-from training.evaluation import evaluate_checkpoint, gsb, model_judge, read_items, rule_judge
+from training.evaluation import (
+    answer_rows,
+    evaluate_checkpoint,
+    gsb_verdicts,
+    model_judge,
+    read_items,
+    rule_judge,
+    tally,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="at most this many items per split")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("eval.json"))
+    parser.add_argument("--answers", type=Path, help="where the answers go (default: OUT's folder, eval_answers.jsonl)")
     args = parser.parse_args(argv)
     try:
         splits, heldout = _splits(args)
@@ -37,15 +47,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluate: error: {error}", file=sys.stderr)
         return 2
     rows, answers = [row for row, _ in runs], [ans for _, ans in runs]
-    result = {"checkpoints": rows}
+    result, verdicts = {"checkpoints": rows}, None
     if len(rows) > 1:
         judge = rule_judge if args.judge == "rules" else model_judge(args.judge, args.device)
         items = [i for name in splits for i in splits[name]]
         flat = [[a for name in splits for a in ans[name]] for ans in answers]
+        verdicts = gsb_verdicts(items, flat[0], flat[-1], judge)
         result["gsb"] = {"baseline": rows[0]["checkpoint"], "candidate": rows[-1]["checkpoint"], "judge": args.judge}
-        result["gsb"] |= gsb(items, flat[0], flat[-1], judge)
+        result["gsb"] |= tally(verdicts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    by_checkpoint = {row["checkpoint"]: ans for row, ans in zip(rows, answers, strict=True)}
+    lines = [json.dumps(r, ensure_ascii=False) for r in answer_rows(splits, by_checkpoint, verdicts)]
+    (args.answers or args.out.with_name("eval_answers.jsonl")).write_text("".join(f"{line}\n" for line in lines))
     print(table(result))
     return 0
 

@@ -27,6 +27,9 @@ def test_demo_quick_writes_every_output(tmp_path):
         for key in ("perplexity", "rouge_l", "persona_accuracy", "lore_accuracy"):
             assert isinstance(row[key], float), key
     assert sum(result["gsb"][k] for k in ("good", "same", "bad")) > 0
+    answers = [json.loads(line) for line in (out / "eval_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == sum(result["gsb"][k] for k in ("good", "same", "bad"))
+    assert all(set(a["answers"]) == {r["checkpoint"] for r in rows} and a["gsb"] for a in answers)
     report = (out / "report.md").read_text()
     assert "| checkpoint |" in report and "**user:**" in report and (out / "loss.png").stat().st_size > 1000
     for stage in ("pretrain", "sft"):

@@ -20,7 +20,8 @@ from tests.training_data import TEST_MODEL
 from training.checkpoint import load_for_inference, write_export
 from training.evaluation import (
     answer,
-    gsb,
+    answer_rows,
+    gsb_verdicts,
     has_fact,
     nearest_group_share,
     perplexity,
@@ -28,6 +29,7 @@ from training.evaluation import (
     rouge_l,
     rule_judge,
     score,
+    tally,
 )
 
 
@@ -138,7 +140,29 @@ def test_gsb_counts_from_the_second_models_side():
     items = [{"reference": "I am from Emberfall.", "expected": "Emberfall"}] * 3
     a = ["I am from Emberfall.", "No idea.", "I am from Emberfall."]
     b = ["I am from Emberfall.", "I am from Emberfall.", "No idea."]
-    assert gsb(items, a, b, rule_judge) == {"good": 1, "same": 1, "bad": 1}
+    assert gsb_verdicts(items, a, b, rule_judge) == ["same", "good", "bad"]
+    assert tally(["same", "good", "bad", "good"]) == {"good": 2, "same": 1, "bad": 1}
+
+
+def test_answer_rows_put_each_items_answers_side_by_side():
+    card = {"role": "system", "content": "You are Mirgar."}
+    facts = [
+        {"messages": [card, {"role": "user", "content": f"Q{i}?"}], "reference": f"R{i}", "character": "Mirgar"}
+        for i in range(2)
+    ]
+    chat = {"messages": [card, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hmph."}]}
+    chat["messages"].append({"role": "user", "content": "Why?"})
+    splits = {"facts": facts, "chats": [chat | {"reference": "Because."}]}
+    answers = {"a": {"facts": ["x0", "x1"], "chats": ["x2"]}, "b": {"facts": ["y0", "y1"], "chats": ["y2"]}}
+    rows = answer_rows(splits, answers, ["good", "same", "bad"])
+    assert [(r["split"], r["index"], r["question"], r["gsb"]) for r in rows] == [
+        ("facts", 0, "Q0?", "good"),
+        ("facts", 1, "Q1?", "same"),
+        ("chats", 0, "Why?", "bad"),
+    ]
+    assert rows[1]["answers"] == {"a": "x1", "b": "y1"} and rows[1]["character"] == "Mirgar"
+    assert rows[2]["reference"] == "Because." and "character" not in rows[2]
+    assert "gsb" not in answer_rows(splits, answers)[0]
 
 
 def test_read_items_takes_items_or_chats_and_names_a_bad_line(tmp_path):

@@ -237,8 +237,10 @@ def model_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
     return scored
 
 
-def gsb(items: list[dict], answers_a: list[str], answers_b: list[str], judge: Judge, tie: float = 1e-6) -> dict:
-    """Good / same / bad counts of B's answers against A's on the same items, by `judge`.
+def gsb_verdicts(
+    items: list[dict], answers_a: list[str], answers_b: list[str], judge: Judge, tie: float = 1e-6
+) -> list[str]:
+    """Good / same / bad of B's answer against A's on each item, by `judge`.
 
     Args:
         items: the evaluation items.
@@ -246,13 +248,46 @@ def gsb(items: list[dict], answers_a: list[str], answers_b: list[str], judge: Ju
         judge: scores one answer.
         tie: score differences up to this count as "same".
     Returns:
-        {"good": n, "same": n, "bad": n} from B's point of view.
+        "good" (B is better), "same" or "bad", in item order.
     """
-    counts = {"good": 0, "same": 0, "bad": 0}
+    verdicts = []
     for item, a, b in zip(items, answers_a, answers_b, strict=True):
         diff = judge(item, b) - judge(item, a)
-        counts["good" if diff > tie else "bad" if diff < -tie else "same"] += 1
-    return counts
+        verdicts.append("good" if diff > tie else "bad" if diff < -tie else "same")
+    return verdicts
+
+
+def tally(verdicts: list[str]) -> dict[str, int]:
+    """The GSB counts of a list of verdicts: {"good": n, "same": n, "bad": n}."""
+    counts = Counter(verdicts)
+    return {k: counts[k] for k in ("good", "same", "bad")}
+
+
+def answer_rows(
+    splits: dict[str, list[dict]], answers: dict[str, dict[str, list[str]]], verdicts: list[str] | None = None
+) -> list[dict]:
+    """One row per item for reading the answers side by side: split, character and field where
+    the item names them, the question (the last user turn), the reference, the expected fact, each
+    checkpoint's answer and, with `verdicts` (in split order), the GSB verdict.
+
+    Args:
+        splits: evaluation items by split name.
+        answers: checkpoint -> split -> answers in item order.
+        verdicts: gsb_verdicts over the items of every split, in order, or None.
+    """
+    rows = []
+    for name, items in splits.items():
+        for index, item in enumerate(items):
+            row = {"split": name, "index": index}
+            row |= {k: item[k] for k in ("character", "field") if k in item}
+            row["question"] = next(m["content"] for m in reversed(item["messages"]) if m["role"] == "user")
+            row |= {k: item[k] for k in ("reference", "expected") if k in item}
+            row["answers"] = {checkpoint: by_split[name][index] for checkpoint, by_split in answers.items()}
+            rows.append(row)
+    if verdicts is not None:
+        for row, verdict in zip(rows, verdicts, strict=True):
+            row["gsb"] = verdict
+    return rows
 
 
 def read_items(path: str | Path) -> list[dict]:
