@@ -1,13 +1,16 @@
-"""python launch/evaluate.py CHECKPOINT [CHECKPOINT ...] --corpus DIR [--items F] [--judge rules|DIR] [--out eval.json]
+"""python launch/evaluate.py CHECKPOINT [CHECKPOINT ...] --corpus DIR [--items F [--items-format FMT]]
+    [--judge rules|DIR] [--out eval.json]
 
 Evaluate trained models (HF exports, checkpoints or run directories): perplexity on held-out
 text, ROUGE-L against reference answers, persona-fact accuracy (split a) and lore accuracy
 (split b) on a corpus written by data_pipeline/synthetic.py (DIR/eval/facts.jsonl,
 DIR/eval/lore.jsonl, DIR/heldout.jsonl), and, with two or more checkpoints, a good/same/bad
 comparison of the last one against the first by a judge (the built-in rules, or a model given
-as an HF folder). --items adds any messages-format chat file (e.g. RoleBench's test split) for
-ROUGE-L. Prints a table and writes eval.json, and every item's question, reference and answers
-(with the GSB verdict) to eval_answers.jsonl beside it, for reading them side by side.
+as an HF folder). --items adds evaluation items or chats for ROUGE-L and voice consistency:
+item files, messages-format chats, or with --items-format any format prepare_data reads
+(RoleBench's test split: --items-format rolebench --profiles profiles.yaml). Prints a table
+and writes eval.json, and every item's question, reference and answers (with the GSB verdict)
+to eval_answers.jsonl beside it, for reading them side by side.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import json
 import sys
 from pathlib import Path
 
+from data_pipeline.formats import CONVERSATION_FORMATS, load_profiles
 from training.evaluation import (
     answer_rows,
     evaluate_checkpoint,
     gsb_verdicts,
     model_judge,
+    read_chat_items,
     read_items,
     rule_judge,
     tally,
@@ -32,7 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", type=Path, help="HF exports, checkpoints or run directories")
     parser.add_argument("--corpus", type=Path, help="a synthetic corpus folder (eval/ splits and heldout.jsonl)")
-    parser.add_argument("--items", type=Path, action="append", default=[], help="more evaluation chats (.jsonl)")
+    parser.add_argument("--items", type=Path, action="append", default=[], help="more evaluation items or chats")
+    parser.add_argument(
+        "--items-format",
+        choices=("items", *CONVERSATION_FORMATS),
+        default="items",
+        help="the --items files' format: evaluation items or messages chats (default), or a chat format",
+    )
+    parser.add_argument(
+        "--profiles", type=Path, help="role -> character card (.json/.yaml) for --items-format rolebench"
+    )
     parser.add_argument("--judge", default="rules", help="'rules' or an HF folder of a judge model (GSB)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--limit", type=int, help="at most this many items per split")
@@ -71,8 +85,10 @@ def _splits(args) -> tuple[dict[str, list[dict]], list[str]]:
             splits[name] = read_items(args.corpus / "eval" / f"{name}.jsonl")
         lines = (args.corpus / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
         heldout = [json.loads(line)["text"] for line in lines if line.strip()]
+    profiles = load_profiles(args.profiles) if args.profiles else None
     for path in args.items:
-        splits[path.stem] = read_items(path)
+        fmt = args.items_format
+        splits[path.stem] = read_items(path) if fmt == "items" else read_chat_items(path, fmt, profiles)
     if not splits:
         raise ValueError("nothing to evaluate: give --corpus DIR and/or --items FILE")
     return {k: v[: args.limit] for k, v in splits.items()}, heldout[: args.limit]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from data_pipeline.chat import encode_document, encode_prompt
+from data_pipeline.records import DataError
 from data_pipeline.tokenizer import Tokenizer
 from model.config import preset
 from model.decoder import Decoder
@@ -21,10 +22,12 @@ from training.checkpoint import load_for_inference, write_export
 from training.evaluation import (
     answer,
     answer_rows,
+    best_rouge_l,
     gsb_verdicts,
     has_fact,
     nearest_group_share,
     perplexity,
+    read_chat_items,
     read_items,
     rouge_l,
     rule_judge,
@@ -229,3 +232,50 @@ def test_an_overlong_conversation_keeps_the_card_and_drops_the_oldest_exchanges(
     assert (
         "turn 19" in text and "turn 0." not in text and text.endswith("Who are you?<|im_end|>\n<|im_start|>assistant\n")
     )
+
+
+def test_rolebench_chats_become_cleaned_items_one_per_question(shared_data):
+    path = shared_data / "sft" / "rolebench_zh_test.jsonl"
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    items = read_chat_items(path, "rolebench")
+    assert len(items) == len(rows)  # one item per question, its two answers (one row has two) as references
+    twice = next(r for r in rows if len(r["generated"]) == 2)
+    merged = [i for i in items if "references" in i]
+    assert [i["references"] for i in merged] == [[a.strip() for a in twice["generated"]]]
+    first = items[0]
+    assert [m["role"] for m in first["messages"]] == ["system", "user"]
+    assert first["messages"][1]["content"] == rows[0]["question"].strip()  # cleaned, as SFT saw it
+    assert best_rouge_l(twice["generated"][1], merged[0]) == 1.0
+
+
+def test_chats_unfit_for_evaluation_are_named_not_dropped(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    with pytest.raises(DataError, match=r"chats\.jsonl.*\n(.|\n)*no_assistant_reply.*chats\.jsonl:2"):
+        read_chat_items(path, "messages")
+    with pytest.raises(DataError, match=r"chats\.jsonl:1"):
+        path.write_text("{not json\n")
+        read_chat_items(path, "messages")
+
+
+def test_evaluate_cli_scores_rolebench_test_chats(exported, shared_data, tmp_path):
+    from launch.evaluate import main
+
+    source = shared_data / "sft" / "rolebench_zh_test.jsonl"
+    rows = source.read_text(encoding="utf-8").splitlines()
+    path = tmp_path / "rolebench_test.jsonl"
+    path.write_text("\n".join(rows[:2] + rows[-2:]) + "\n", encoding="utf-8")  # two roles, two questions each
+    profiles = tmp_path / "profiles.yaml"
+    roles = {json.loads(r)["role"] for r in rows[:2] + rows[-2:]}
+    profiles.write_text("".join(f"{r}: 你是{r}。\n" for r in roles), encoding="utf-8")
+    out = tmp_path / "eval.json"
+    argv = [str(exported), "--items", str(path), "--items-format", "rolebench", "--profiles", str(profiles)]
+    assert main([*argv, "--max-new-tokens", "4", "--out", str(out), "--device", "cpu"]) == 0
+    row = json.loads(out.read_text())["checkpoints"][0]
+    assert 0 <= row["rouge_l_rolebench_test"] <= 1 and 0 <= row["voice_rolebench_test"] <= 1
+    answers = [json.loads(line) for line in (tmp_path / "eval_answers.jsonl").read_text().splitlines()]
+    assert [a["question"] for a in answers] == [json.loads(r)["question"].strip() for r in rows[:2] + rows[-2:]]
+    assert "perplexity" not in row  # no held-out text given
+    profiles.write_text(f"{sorted(roles)[0]}: 你是谁。\n", encoding="utf-8")
+    assert main([*argv, "--out", str(out)]) == 2  # a role without a card: an error, not a silent default

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 from model.hf import load_hf
 from tests.conftest import ROOT
 from tests.training_data import TEST_MODEL
-from training.checkpoint import find_latest, load_model_weights, read_meta
+from training.checkpoint import find_latest, load_checkpoint, load_model_weights, read_meta
 from training.config import ConfigError, RunConfig, deepspeed_config, find_config_file, load_config, parse_cli
 from training.engine import LossScaler, TorchEngine, init_distributed
 from training.loop import TrainingError, build_model, train
@@ -350,6 +351,37 @@ def test_a_resumed_optimizer_has_its_moments_back(training_data, tmp_path):
         torch.testing.assert_close(param.detach(), saved[name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("damage", ["meta", "rank_file", "engine_file"])
+def test_a_damaged_checkpoint_is_refused_with_its_folder_named(damage, training_data, tmp_path):
+    cfg = single_cfg(tmp_path / "run", training_data, max_steps=1, checkpoint_every=1)
+    cfg.export_hf = False
+    train(cfg)
+    folder = find_latest(cfg.run_dir)
+    if damage == "meta":
+        (folder / "meta.json").write_text('{"engine": "sin')
+    else:
+        path = folder / "rank_00000.pt" if damage == "rank_file" else max((folder / "engine").glob("*.distcp"))
+        path.write_bytes(path.read_bytes()[:100])  # cut short
+    cfg.train.max_steps = 2
+    with pytest.raises(ConfigError, match=rf"checkpoint {re.escape(str(folder))}: .*move the folder out"):
+        train(cfg)
+
+
+def test_a_resume_with_another_precision_does_not_carry_the_loss_scale(training_data, tmp_path):
+    cfg = single_cfg(tmp_path / "run", training_data, max_steps=2, checkpoint_every=2)
+    cfg.train.precision, cfg.export_hf = "fp16", False
+    first = train(cfg)["last_record"]["grad_norm"]
+    cfg.train.precision, cfg.train.max_steps = "fp32", 3  # fp16 → fp32: the scale is not applied any more
+    resumed = train(cfg)["last_record"]["grad_norm"]
+    assert 0.1 < resumed / first < 10, "the gradients are the model's, not multiplied by an fp16 loss scale"
+    # and fp32 → fp16 starts from the initial scale rather than the disabled scaler's 1
+    where = init_distributed(needs_group=False)
+    cfg.train.precision = "fp16"
+    engine = TorchEngine(build_model(cfg, _tokenizer(cfg))[0], cfg, where)
+    load_checkpoint(engine, find_latest(cfg.run_dir), where, "single")
+    assert engine.scaler.scale == 2.0**16
+
+
 def _tokenizer(cfg: RunConfig):
     from data_pipeline.tokenizer import Tokenizer
 
@@ -535,3 +567,42 @@ def test_a_non_finite_step_is_skipped_whole_and_the_step_returns_device_tensors(
         assert torch.equal(p, q), name
         for key, value in skipped.optimizer.state[p].items():
             assert torch.equal(value, plain.optimizer.state[q][key]), (name, key)
+
+
+def test_find_latest_passes_over_copies_and_unfinished_folders(tmp_path, monkeypatch):
+    from training import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for name, meta in [("step_00000004", 1), ("step_00000006", 1), ("step_00000010.bak", 1), ("step_00000008", 0)]:
+        (root / name).mkdir(parents=True)
+        if meta:
+            (root / name / "meta.json").write_text("{}")
+    (root / "step_00000009.tmp").mkdir()
+    with pytest.warns(UserWarning) as caught:
+        assert find_latest(tmp_path) == root / "step_00000006"
+    assert sorted(str(w.message).split(":")[0].rsplit("/", 1)[1] for w in caught) == [
+        "step_00000008",
+        "step_00000009.tmp",
+        "step_00000010.bak",
+    ]
+    (root / "step_100000000").mkdir()  # nine digits: step 10^8 sorts after step 6
+    (root / "step_100000000" / "meta.json").write_text("{}")
+    with pytest.warns(UserWarning):
+        assert find_latest(tmp_path) == root / "step_100000000"
+
+    def crash(path, *args, **kwargs):
+        raise OSError("disk went away")
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", crash)
+    with pytest.raises(OSError):
+        checkpoint._prune(root, keep=2)  # dies deleting step 4
+    assert not (root / "step_00000004" / "meta.json").exists()  # so it can never be taken for complete
+    monkeypatch.undo()
+    checkpoint._prune(root, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == [
+        "step_00000004",  # no meta.json (left by the crash above): not pruned, passed over
+        "step_00000006",
+        "step_00000008",
+        "step_00000010.bak",
+        "step_100000000",
+    ]

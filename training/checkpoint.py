@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from dataclasses import asdict, dataclass
@@ -30,6 +31,7 @@ from training.config import ConfigError
 from training.engine import Dist, barrier, single_process_dcp
 
 META = "meta.json"
+_STEP_NAME = re.compile(r"step_\d{8,}")
 
 
 @dataclass
@@ -52,17 +54,29 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
 
 
 def find_latest(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint in run_dir, or None. Unfinished folders are passed over."""
+    """The newest complete checkpoint in run_dir, or None. Unfinished folders, and folders whose
+    names are not step_XXXXXXXX (a copy such as step_00000100.bak), are passed over."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return None
+    return max(_complete(root, warn=True), key=_step_of, default=None)
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name.removeprefix("step_"))
+
+
+def _complete(root: Path, warn: bool = False) -> list[Path]:
+    """The complete checkpoint folders under root: named step_ and (eight or more) digits, with a meta.json."""
     complete = []
     for folder in root.glob("step_*"):
-        if folder.suffix == ".tmp" or not (folder / META).is_file():
-            warnings.warn(f"{folder}: an unfinished checkpoint (no {META}); passed over", stacklevel=2)
-            continue
-        complete.append(folder)
-    return max(complete, key=lambda f: int(f.name.removeprefix("step_")), default=None)
+        named = _STEP_NAME.fullmatch(folder.name) is not None
+        if named and (folder / META).is_file():
+            complete.append(folder)
+        elif warn:
+            why = "an unfinished checkpoint" if named or folder.suffix == ".tmp" else "not a checkpoint's name"
+            warnings.warn(f"{folder}: {why}; passed over", stacklevel=3)
+    return complete
 
 
 def save_checkpoint(
@@ -111,23 +125,52 @@ def load_checkpoint(engine, folder: Path, where: Dist, engine_name: str) -> tupl
 
     Raises:
         ConfigError: the checkpoint was written by another engine or number of ranks (the data
-            streams are per rank, so a resume needs the same world size).
+            streams are per rank, so a resume needs the same world size), or its files are
+            missing or damaged (the message names the folder).
     """
-    meta = json.loads((folder / META).read_text())
+    meta = read_meta(folder)
     if meta["world_size"] != where.world_size or meta["engine"] != engine_name:
         raise ConfigError(
             f"{folder}: written by {meta['world_size']} rank(s) of engine {meta['engine']}, resumed with "
             f"{where.world_size} of {engine_name}: resume with the same engine and number of ranks"
         )
-    engine.load(folder / "engine")
-    rank_state = torch.load(folder / f"rank_{where.rank:05d}.pt", weights_only=False)
+    from torch.distributed.checkpoint import CheckpointException
+
+    rank_file = folder / f"rank_{where.rank:05d}.pt"
+    try:
+        engine.load(folder / "engine")
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        raise _damaged(folder, f"its engine/ files do not load ({_first_line(e)})") from e
+    try:
+        rank_state = torch.load(rank_file, weights_only=False)
+    except Exception as e:
+        raise _damaged(folder, f"{rank_file.name} does not load ({_first_line(e)})") from e
     engine.load_extra_state(rank_state["engine"])
     _set_rng_state(rank_state["rng"])
     return TrainState(**meta["state"]), rank_state["stream"]
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
-    return json.loads((Path(folder) / META).read_text())
+    """A checkpoint's meta.json. Raises ConfigError naming the folder when it is missing or damaged."""
+    try:
+        return json.loads((Path(folder) / META).read_text())
+    except (OSError, ValueError) as e:
+        raise _damaged(Path(folder), f"its {META} is missing or unreadable ({e})") from e
+
+
+def _first_line(error: BaseException) -> str:
+    failures = getattr(error, "failures", None)  # DCP's CheckpointException: {rank: (error, trace)}
+    if failures:
+        error = next(iter(failures.values()))[0]
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _damaged(folder: Path, why: str) -> ConfigError:
+    return ConfigError(
+        f"checkpoint {folder}: {why}; move the folder out of {folder.parent} (resume=auto then continues "
+        "from the checkpoint before it)"
+    )
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -157,10 +200,9 @@ def _fsync(path: Path, folder: bool = False) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
-    complete = sorted(
-        (f for f in root.glob("step_*") if (f / META).is_file() and f.suffix != ".tmp"), key=lambda f: f.name
-    )
-    for old in complete[:-keep]:
+    for old in sorted(_complete(root), key=_step_of)[:-keep]:
+        # meta.json first: a crash halfway through leaves an unfinished folder, never a complete-looking one.
+        (old / META).unlink()
         shutil.rmtree(old)
     for stale in root.glob("step_*.tmp"):  # left by a crash; the rename above has finished ours
         shutil.rmtree(stale, ignore_errors=True)

@@ -158,10 +158,14 @@ class LossScaler:
                 self.scale *= 2
 
     def state_dict(self) -> dict:
-        return {"scale": self.scale, "good_steps": self.good_steps}
+        return {"scale": self.scale, "good_steps": self.good_steps, "enabled": self.enabled}
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale, self.good_steps = state["scale"], state["good_steps"]
+        # Only fp16 to fp16 carries the scale over: a disabled scaler must stay at 1 (an fp16
+        # scale kept after a switch to bf16/fp32 would multiply every gradient by it, unscaled),
+        # and an fp16 run resumed from a bf16/fp32 checkpoint starts from the initial scale.
+        if self.enabled and state.get("enabled", True):
+            self.scale, self.good_steps = state["scale"], state["good_steps"]
 
 
 class TorchEngine:

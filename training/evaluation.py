@@ -36,6 +36,9 @@ from pathlib import Path
 import torch
 
 from data_pipeline.chat import encode_document, encode_prompt, fit_prompt
+from data_pipeline.clean import CleanOptions, clean_conversations
+from data_pipeline.formats import read_conversations
+from data_pipeline.records import DataError, DropReport
 from data_pipeline.tokenizer import Tokenizer
 from model.decoder import Decoder
 from model.generate import generate
@@ -72,6 +75,12 @@ def rouge_l(candidate: str, reference: str) -> float:
         return 0.0
     precision, recall = lcs / len(a), lcs / len(b)
     return 2 * precision * recall / (precision + recall)
+
+
+def best_rouge_l(candidate: str, item: dict) -> float:
+    """ROUGE-L against the item's reference, or the best of its `references` where it has several
+    (RoleBench gives some questions more than one answer)."""
+    return max(rouge_l(candidate, r) for r in item.get("references") or [item["reference"]])
 
 
 def _lcs_length(a: list[str], b: list[str]) -> int:
@@ -136,7 +145,7 @@ def score(items: list[dict], answers: list[str]) -> dict[str, float]:
     characters or more are asked two questions or more, voice consistency; where items name the
     field they ask about, relevance."""
     references = [i["reference"] for i in items]
-    result = {"rouge_l": sum(rouge_l(a, r) for a, r in zip(answers, references, strict=True)) / len(items)}
+    result = {"rouge_l": sum(best_rouge_l(a, i) for i, a in zip(items, answers, strict=True)) / len(items)}
     facts = [(i, a) for i, a in zip(items, answers, strict=True) if i.get("expected")]
     if facts:
         result["accuracy"] = sum(fact_correct(i, a) for i, a in facts) / len(facts)
@@ -216,7 +225,7 @@ def _cosine(a: dict[str, float], b: dict[str, float]) -> float:
 def rule_judge(item: dict, reply: str) -> float:
     """The default judge: the fact right counts most, then closeness to the reference answer."""
     fact = fact_correct(item, reply) if item.get("expected") else 0.0
-    return 2.0 * fact + rouge_l(reply, item["reference"])
+    return 2.0 * fact + best_rouge_l(reply, item)
 
 
 def model_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
@@ -281,7 +290,7 @@ def answer_rows(
             row = {"split": name, "index": index}
             row |= {k: item[k] for k in ("character", "field") if k in item}
             row["question"] = next(m["content"] for m in reversed(item["messages"]) if m["role"] == "user")
-            row |= {k: item[k] for k in ("reference", "expected") if k in item}
+            row |= {k: item[k] for k in ("reference", "references", "expected") if k in item}
             row["answers"] = {checkpoint: by_split[name][index] for checkpoint, by_split in answers.items()}
             rows.append(row)
     if verdicts is not None:
@@ -308,6 +317,36 @@ def read_items(path: str | Path) -> list[dict]:
     return items
 
 
+def read_chat_items(path: str | Path, fmt: str, profiles: dict[str, str] | None = None) -> list[dict]:
+    """Evaluation items from chat data in a format prepare_data reads (data_pipeline.formats:
+    messages, sharegpt, alpaca, rolebench), cleaned as for SFT so the prompts are the ones
+    training saw: the last assistant turn is the reference, the turns before it the prompt.
+    Chats with the same prompt (RoleBench's several answers to one question) are one item, with
+    every answer in `references`.
+
+    Args:
+        path: a file or folder.
+        fmt: one of data_pipeline.formats.CONVERSATION_FORMATS.
+        profiles: for rolebench, role -> character card (data_pipeline.formats.load_profiles).
+    Raises:
+        DataError: a bad record (naming path:line), or chats that SFT would drop (with the
+            drop table): nothing is left out of an evaluation unnoticed.
+    """
+    report = DropReport()
+    chats = list(clean_conversations(read_conversations(path, fmt, profiles=profiles), CleanOptions(), report))
+    if report.dropped:
+        raise DataError(f"{path}: chats that cannot be evaluation items (fix or remove them):\n{report.table()}")
+    items: dict[str, dict] = {}
+    for chat in chats:
+        prompt, reference = chat.messages[:-1], chat.messages[-1]["content"]
+        item = items.setdefault(json.dumps(prompt), {"messages": prompt, "reference": reference, "references": []})
+        item["references"].append(reference)
+    for item in items.values():
+        if len(item["references"]) == 1:
+            del item["references"]
+    return list(items.values())
+
+
 # --- one checkpoint on a corpus's splits ------------------------------------------------------------
 
 
@@ -320,14 +359,16 @@ def evaluate_checkpoint(
         path: an HF export, checkpoint or run directory.
         splits: evaluation items by split name; "facts" gives persona_accuracy, "lore"
             lore_accuracy, every split a ROUGE-L (rouge_l is the "facts" one when present).
-        heldout: documents for perplexity.
+        heldout: documents for perplexity (none: no perplexity).
         max_new_tokens: the longest answer.
         device: where to run.
     Returns:
         (the eval.json row, the answers by split for GSB).
     """
     model, model_cfg, tok = _load(path, device)
-    row: dict = {"checkpoint": str(path), "perplexity": perplexity(model, tok, heldout, model_cfg.max_seq_len)}
+    row: dict = {"checkpoint": str(path)}
+    if heldout:
+        row["perplexity"] = perplexity(model, tok, heldout, model_cfg.max_seq_len)
     answers = {}
     for name, items in splits.items():
         answers[name] = [answer(model, tok, item["messages"], max_new_tokens) for item in items]
