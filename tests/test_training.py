@@ -367,13 +367,16 @@ def test_a_damaged_checkpoint_is_refused_with_its_folder_named(damage, training_
         train(cfg)
 
 
-def test_a_resume_with_another_precision_does_not_carry_the_loss_scale(training_data, tmp_path):
+def test_a_resume_with_another_precision_does_not_carry_the_loss_scale(training_data, tmp_path, capsys):
     cfg = single_cfg(tmp_path / "run", training_data, max_steps=2, checkpoint_every=2)
     cfg.train.precision, cfg.export_hf = "fp16", False
     first = train(cfg)["last_record"]["grad_norm"]
     cfg.train.precision, cfg.train.max_steps = "fp32", 3  # fp16 → fp32: the scale is not applied any more
+    capsys.readouterr()
     resumed = train(cfg)["last_record"]["grad_norm"]
     assert 0.1 < resumed / first < 10, "the gradients are the model's, not multiplied by an fp16 loss scale"
+    notice = "resume: changed since the checkpoint, in effect from step 3: train.max_steps 2 -> 3, train.precision"
+    assert f"{notice} fp16 -> fp32" in capsys.readouterr().out
     # and fp32 → fp16 starts from the initial scale rather than the disabled scaler's 1
     where = init_distributed(needs_group=False)
     cfg.train.precision = "fp16"

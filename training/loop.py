@@ -15,6 +15,7 @@ world 2 × accumulation 2 × micro-batch 2 gives the losses and weights of world
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -299,7 +300,12 @@ def _checkpoint_meta(cfg: RunConfig, engine, model_cfg: ModelConfig, tokenizer: 
         "model": asdict(model_cfg),
         "tokenizer_dir": str((Path(cfg.data.train) / "tokenizer").resolve()),
         "tokenizer_sha256": tokenizer.sha256,
+        "train": _plain(asdict(cfg.train)),
     }
+
+
+def _plain(value):
+    return json.loads(json.dumps(value))  # as meta.json gives it back (tuples are lists)
 
 
 def resume_folder(cfg: RunConfig) -> Path | None:
@@ -333,6 +339,11 @@ def _resume(cfg: RunConfig, engine, stream, where: Dist, model_cfg: ModelConfig,
     state.resumes += 1
     if where.is_main:
         print(f"resumed from {folder} at step {state.step}", flush=True)
+        saved, now = meta.get("train", {}), _plain(asdict(cfg.train))
+        changed = [f"train.{k} {saved[k]} -> {v}" for k, v in now.items() if k in saved and saved[k] != v]
+        changed = [c for c in changed if not c.startswith("train.exit_at_step ")]
+        if changed:  # allowed (a longer run, a lower lr), but never unnoticed
+            print(f"resume: changed since the checkpoint, in effect from step {state.step + 1}: {', '.join(changed)}")
     return state
 
 
