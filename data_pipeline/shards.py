@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import webdataset
 
+from data_pipeline.files import write_atomically
 from data_pipeline.records import DataError, DropReport, Sample
 from model.loss import IGNORE_INDEX
 
@@ -283,12 +284,7 @@ def write_manifest(
         "extra": extra or {},
     }
     path = Path(out_dir) / MANIFEST_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(manifest, indent=1))
     return path
 
 

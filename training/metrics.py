@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import resource
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from data_pipeline.files import write_atomically
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks from NVIDIA's datasheets, keyed by a word of
 # torch.cuda.get_device_name(). Checked in order, so a more specific name comes first.
@@ -103,17 +104,6 @@ def _json_safe(value):
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
     return value
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Replace path's contents with text: a reader (or a crash) sees the old file or the new one,
-    never half of one, even with several processes writing it at once."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _summary_writer(log_dir: Path, purge_step: int | None):

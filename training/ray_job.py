@@ -18,11 +18,11 @@ import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from data_pipeline.files import write_atomically
 from data_pipeline.records import DataError
 from training.checkpoint import find_latest, read_meta
 from training.config import ConfigError, RunConfig, deepspeed_config, merge
 from training.loop import TrainingError, resume_folder, train
-from training.metrics import write_atomically
 
 FATAL = "fatal_error.json"
 FATAL_ERRORS = {cls.__name__: cls for cls in (ConfigError, DataError, TrainingError)}
