@@ -19,9 +19,10 @@
 
 An evaluation item is `{"messages": [system card, user question], "reference": str}` with an
 optional `"expected"` fact string, `"conflicts"` (wrong values of the same field) and `"field"`, as
-data_pipeline/synthetic.py writes them; a plain messages-format chat (e.g. RoleBench through
-data_pipeline.formats) becomes one by taking its last assistant turn as the reference. Answers
-are greedy, so scores are reproducible.
+data_pipeline/synthetic.py writes them; a chat becomes one by taking its last assistant turn as
+the reference (read_items for messages-format lines, read_chat_items for every format
+data_pipeline.formats reads, RoleBench's included). Answers are greedy, so scores are
+reproducible.
 """
 
 from __future__ import annotations
