@@ -28,6 +28,10 @@ the current shard, the shuffle buffer as (shard, sample) references, the sample 
 next window as (shard, sample, token offset), and the counters; `load_state_dict()` on a fresh
 stream built with the same arguments re-reads the referenced samples and continues with exactly
 the batches the uninterrupted stream would have given.
+
+One stream per rank, in the training process: packing is cheap numpy work, and the loop reads
+the next batches on a thread while the step runs (training/prefetch.py), so there are no loader
+worker processes whose states a resume would have to gather.
 """
 
 from __future__ import annotations
@@ -83,31 +87,6 @@ def assign_shards(n_shards: int, rank: int, world_size: int, epoch: int, seed: i
         )
     order = np.random.default_rng([seed, epoch, _SHARD_ORDER]).permutation(n_shards)
     return [int(i) for i in order[rank::world_size]]
-
-
-def worker_shards(shard_ids: list[int], worker_id: int, num_workers: int) -> list[int]:
-    """Split one rank's shards among DataLoader workers: worker w takes every num_workers-th one.
-
-    PackedStream does not use this itself: packing is cheap numpy work, so one stream per rank,
-    iterated in the training process (or a single loader worker), keeps the equal-batch-count and
-    resume guarantees simple. A loader that wants several workers per rank can give worker w the
-    shards `worker_shards(assign_shards(...), w, num_workers)`; it then has to save one state per
-    worker and apply the equal-count rule over all (rank, worker) pairs.
-
-    Args:
-        shard_ids: the rank's shards from `assign_shards`.
-        worker_id: this worker (0-based), e.g. `torch.utils.data.get_worker_info().id`.
-        num_workers: workers per rank.
-    Returns:
-        This worker's shards, in the rank's order.
-    Raises:
-        DataError: fewer shards than workers.
-    """
-    if not 0 <= worker_id < num_workers:
-        raise ValueError(f"worker_id {worker_id} is outside 0..{num_workers - 1}")
-    if len(shard_ids) < num_workers:
-        raise DataError(f"{len(shard_ids)} shard(s) for {num_workers} loader workers: use fewer workers")
-    return shard_ids[worker_id::num_workers]
 
 
 def manifest_fingerprint(manifest: dict) -> str:

@@ -17,7 +17,7 @@ import pytest
 
 from data_pipeline.records import DataError, Sample
 from data_pipeline.shards import load_manifest
-from data_pipeline.stream import PackedStream, assign_shards, worker_shards
+from data_pipeline.stream import PackedStream, assign_shards
 from model.loss import IGNORE_INDEX
 from tests.test_shards import make_samples, write_dataset
 
@@ -118,13 +118,6 @@ def test_assign_shards_partitions_each_epoch():
     assert assign_shards(10, 0, 1, 0, 5) == assign_shards(10, 0, 1, 0, 5)
     with pytest.raises(DataError, match="2 shard.*3 ranks"):
         assign_shards(2, 0, 3, 0, 0)
-
-
-def test_worker_shards_split_a_ranks_shards():
-    mine = [7, 2, 9, 4, 0]
-    assert worker_shards(mine, 0, 2) + worker_shards(mine, 1, 2) == [7, 9, 0, 2, 4]
-    with pytest.raises(DataError, match="loader workers"):
-        worker_shards([1, 2], 0, 3)
 
 
 # --- packing --------------------------------------------------------------------------------
