@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields, replace
+
+_FIELD_KINDS = {"int": numbers.Integral, "float": numbers.Real, "bool": bool}
 
 
 @dataclass
@@ -33,6 +36,10 @@ class ModelConfig:
     """Standard deviation of the normal init of embeddings and linear weights."""
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a string or None would otherwise fail below with no field named
+            value = getattr(self, f.name)
+            if not isinstance(value, _FIELD_KINDS[f.type]) or (f.type != "bool" and isinstance(value, bool)):
+                raise TypeError(f"model.{f.name}={value!r} must be of type {f.type}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be at least 1")

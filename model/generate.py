@@ -32,6 +32,9 @@ def sample_next(
     if temperature <= 0:
         return int(logits.argmax())
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # (V,)
+    if top_p >= 1:
+        # No cut: the fp32 cumsum below reaches 1 before the tail (~10k tokens at 128k vocab).
+        return int(torch.multinomial(probs, 1, generator=generator))
     probs, order = probs.sort(descending=True)
     # Keep a token while the mass before it is still short of top_p, and always the most likely.
     keep = probs.cumsum(-1) - probs < top_p

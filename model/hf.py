@@ -15,6 +15,8 @@ from model.config import ModelConfig
 from model.decoder import Decoder
 
 _SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+"""config.json fields without a default: a checkpoint lacking one is refused, naming it."""
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
@@ -57,21 +59,31 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     if model_type not in _SUPPORTED:
         raise ValueError(f"{source}: model_type {model_type!r} is not supported (only {sorted(_SUPPORTED)})")
     _refuse_unsupported(hf, model_type, source)
+    missing = [key for key in _REQUIRED if hf.get(key) is None]
+    if missing:
+        raise ValueError(f"{source}: required field(s) {', '.join(missing)} missing")
+
+    def get(key, default):  # a field written as null means the HF default, as in transformers
+        return default if hf.get(key) is None else hf[key]
+
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    cfg = ModelConfig(
-        vocab_size=hf["vocab_size"],
-        dim=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
-        n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        ffn_dim=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-        qkv_bias=model_type == "qwen2",
-        init_std=hf.get("initializer_range", 0.02),
-    )
+    try:
+        cfg = ModelConfig(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            n_kv_heads=get("num_key_value_heads", hf["num_attention_heads"]),
+            ffn_dim=hf["intermediate_size"],
+            norm_eps=get("rms_norm_eps", 1e-6),
+            rope_theta=get("rope_theta", 10000.0) if rope.get("rope_theta") is None else rope["rope_theta"],
+            max_seq_len=get("max_position_embeddings", 2048),
+            tie_embeddings=get("tie_word_embeddings", False),
+            qkv_bias=model_type == "qwen2",
+            init_std=get("initializer_range", 0.02),
+        )
+    except (TypeError, ValueError) as e:  # name the file: the message names our field
+        raise ValueError(f"{source}: {e}") from None
     if hf.get("head_dim") is not None and hf["head_dim"] != cfg.head_dim:
         raise ValueError(
             f"{source}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads = {cfg.head_dim} "
@@ -83,7 +95,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
 def _refuse_unsupported(hf: dict, model_type: str, source: str) -> None:
     """Raise on a config field that would change the math of the Decoder if it were ignored."""
     act = hf.get("hidden_act", "silu")
-    if act != "silu":
+    if act not in ("silu", "swish"):  # transformers' ACT2FN maps both to SiLU
         raise ValueError(f"{source}: hidden_act {act!r} is not supported (only silu, as in SwiGLU)")
     if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise ValueError(f"{source}: Llama attention_bias/mlp_bias (bias on o_proj or the MLP) is not supported")

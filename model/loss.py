@@ -55,7 +55,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0
     valid = labels != IGNORE_INDEX
     if z_loss:
         lse = torch.logsumexp(logits, dim=-1)
-        loss_sum = loss_sum + z_loss * (lse.square() * valid).sum()
+        # where, not a product: an ignored row's lse may be inf (inf · 0 is NaN)
+        loss_sum = loss_sum + z_loss * torch.where(valid, lse.square(), 0.0).sum()
     return loss_sum, valid.sum()
 
 
@@ -91,7 +92,13 @@ def chunked_causal_lm_loss(
         rows = valid.nonzero().squeeze(1)
         if len(rows) < len(labels):
             hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)
+    if chunk_tokens is not None and chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be positive (or 0/None for the default)")
     chunk_tokens = chunk_tokens or default_chunk_tokens(hidden.device, weight.shape[0])
+    if not torch.is_grad_enabled():
+        # Inside forward, needs_input_grad follows requires_grad, not the grad mode: without this,
+        # evaluation under no_grad would compute both gradients (and a (V, dim) fp32 buffer).
+        hidden, weight = hidden.detach(), weight.detach()
     loss_sum = _ChunkedCrossEntropy.apply(hidden, weight, labels, chunk_tokens, z_loss)
     return loss_sum, valid.sum()
 

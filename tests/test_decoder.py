@@ -115,6 +115,10 @@ def test_bad_shapes_are_rejected_naming_the_field():
         preset("huge")
     with pytest.raises(KeyError, match="'dimm'"):
         preset("tiny", dimm=3)
+    with pytest.raises(TypeError, match="model.dim='64' must be of type int"):
+        ModelConfig(dim="64", n_heads=4, n_kv_heads=4)
+    with pytest.raises(TypeError, match="model.n_layers=None must be of type int"):
+        ModelConfig(n_layers=None)
 
 
 @requires_cuda

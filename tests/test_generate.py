@@ -85,6 +85,19 @@ def test_sample_next_greedy_and_nucleus():
     assert draws[0] == draws[1] and len(set(draws[0])) > 1
 
 
+def test_top_p_one_samples_from_the_whole_vocabulary(monkeypatch):
+    """At 128k tokens the fp32 running sum of sorted probabilities reaches 1 before the tail; with
+    top_p = 1 (no nucleus) no token may be cut."""
+    logits = torch.randn(128256, generator=torch.Generator().manual_seed(3)) * 3
+    weights = []
+    real = torch.multinomial
+    monkeypatch.setattr(
+        torch, "multinomial", lambda p, n, generator=None: weights.append(p) or real(p, n, generator=generator)
+    )
+    sample_next(logits, temperature=1.0, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(weights[0]) == torch.count_nonzero(torch.softmax(logits, -1)) == 128256
+
+
 def test_sampled_generation_is_reproducible_with_a_generator():
     model = small_model(n_kv_heads=2)
 

@@ -170,6 +170,28 @@ def test_config_fields_that_would_change_the_math_are_refused(change, named):
         config_from_hf({**config_to_hf(SMALL), **change}, source="x/config.json")
 
 
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ({"vocab_size": None}, "x/config.json: required field.* vocab_size"),
+        ({"intermediate_size": "96"}, "x/config.json: model.ffn_dim='96' must be of type int"),
+        ({"num_attention_heads": 0}, "x/config.json: model.n_heads=0 must be at least 1"),
+        ({"tie_word_embeddings": "yes"}, "x/config.json: model.tie_embeddings='yes' must be of type bool"),
+    ],
+)
+def test_a_missing_or_bad_config_value_is_one_error_naming_file_and_field(change, named):
+    hf = {**config_to_hf(SMALL), **change}
+    with pytest.raises(ValueError, match=named):
+        config_from_hf({k: v for k, v in hf.items() if v is not None}, source="x/config.json")
+
+
+def test_null_optional_fields_and_swish_take_the_transformers_meaning():
+    hf = config_to_hf(SMALL)
+    nulls = dict(rope_theta=None, rope_parameters=None, rms_norm_eps=None, tie_word_embeddings=None)
+    cfg = config_from_hf({**hf, **nulls, "hidden_act": "swish"})  # ACT2FN["swish"] is SiLU
+    assert (cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings) == (10000.0, 1e-6, False)
+
+
 def test_config_fields_that_keep_the_math_are_accepted():
     hf = config_to_hf(SMALL)
     assert config_from_hf(hf) == SMALL

@@ -71,6 +71,16 @@ def test_z_loss_matches_naive():
     assert n.item() == naive_count
 
 
+def test_z_loss_ignores_rows_without_a_target_even_when_their_lse_is_infinite():
+    logits = torch.randn(3, 17, generator=torch.Generator().manual_seed(6))
+    logits[0] = float("-inf")  # a row no target reads (lse = -inf, and -inf² · 0 would be NaN)
+    labels = torch.tensor([IGNORE_INDEX, 4, 9])
+    loss_sum, n = causal_lm_loss(logits, labels, z_loss=1e-2)
+    ref_sum, _ = causal_lm_loss(logits[1:], labels[1:], z_loss=1e-2)
+    assert n.item() == 2
+    torch.testing.assert_close(loss_sum, ref_sum, rtol=0, atol=0)
+
+
 def _loss_and_grads(fn, hidden, weight, labels, **kw):
     h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
     loss_sum, n = fn(h, w, labels, **kw)
@@ -203,6 +213,21 @@ class OpsSeen(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.add(func)
         return func(*args, **(kwargs or {}))
+
+
+def test_chunked_under_no_grad_computes_no_gradients():
+    """Evaluation runs the loss under no_grad with weights that require grad: only the logits'
+    matmuls may run, not those of the two gradients (and no (V, dim) buffer)."""
+    B, T, D, V = 2, 10, 16, 53
+    hidden, weight = torch.randn(B, T, D, requires_grad=True), torch.randn(V, D, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(11))
+    with OpsSeen() as seen, torch.no_grad():
+        got = chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=7)
+    gradient_ops = {torch.ops.aten.addmm_.default, torch.ops.aten.scatter_add_.default}
+    assert not seen.ops & gradient_ops
+    torch.testing.assert_close(got[0], _unchunked(hidden, weight, labels)[0].detach(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="chunk_tokens=-1"):
+        chunked_causal_lm_loss(hidden, weight, labels, chunk_tokens=-1)  # not a silent loss of 0
 
 
 @pytest.mark.skipif(not loss_module._ONEDNN_LINEAR, reason="this torch has no oneDNN matmul op")
