@@ -255,8 +255,10 @@ class Tokenizer:
 
         The folder holds tokenizer.json (a fast BPE tokenizer with byte fallback that encodes
         and decodes exactly as this one), tokenizer_config.json (special tokens and the chat
-        template of data_pipeline.chat), special_tokens_map.json, and tokenizer.model itself
-        (so that `Tokenizer.load(out_dir)` also works).
+        template of data_pipeline.chat), special_tokens_map.json, tokenizer.model itself
+        (so that `Tokenizer.load(out_dir)` also works), and generation_config.json: the export
+        of a model copies it, and transformers' `generate` then stops at `<|im_end|>` (the end
+        of an assistant turn) or `</s>`, as launch/chat.py does; config.json names no eos.
 
         Args:
             out_dir: the folder (created if missing); its tokenizer files are overwritten.
@@ -282,6 +284,8 @@ class Tokenizer:
         _write_json(out / "tokenizer_config.json", config)
         _write_json(out / "special_tokens_map.json", {**special, "additional_special_tokens": [IM_START, IM_END]})
         (out / MODEL_FILE).write_bytes(self._model_bytes)
+        stop = {"bos_token_id": self.bos_id, "eos_token_id": [self.im_end_id, self.eos_id], "pad_token_id": self.pad_id}
+        _write_json(out / "generation_config.json", stop)
         return out
 
     def _fast_tokenizer(self):

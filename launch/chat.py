@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from data_pipeline.chat import fit_prompt
 from data_pipeline.records import DataError
@@ -37,22 +38,30 @@ def read_card(args: argparse.Namespace) -> str | None:
     if args.system is not None:
         return args.system
     if args.card is not None:
-        if not args.card.is_file():
-            raise ChatError(f"{args.card}: no such card file")
-        return args.card.read_text().strip()
+        return _read_text(args.card, "card").strip()
     if args.character is None:
         return None
-    if not args.world.is_file():
-        raise ChatError(f"{args.world}: no such world file")
     try:
-        characters = json.loads(args.world.read_text())["characters"]
+        characters = json.loads(_read_text(args.world, "world"))["characters"]
         cards = {c["name"].lower(): c["card"] for c in characters}
         names = [c["name"] for c in characters]
+        if not all(isinstance(card, str) for card in cards.values()):
+            raise TypeError("a card is not a string")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ChatError(f'{args.world}: expected {{"characters": [{{"name": ..., "card": ...}}]}} ({e!r})') from e
     if args.character.lower() not in cards:
         raise ChatError(f"{args.world}: no character {args.character!r}; it has {', '.join(names)}")
     return cards[args.character.lower()]
+
+
+def _read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of a --card or --world file; ChatError naming it when it cannot be read."""
+    if not path.is_file():
+        raise ChatError(f"{path}: no such {what} file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ChatError(f"{path}: cannot read the {what} file as UTF-8 text ({e})") from e
 
 
 def load_model(path: Path, device: torch.device) -> tuple[Decoder, Tokenizer]:
@@ -61,8 +70,12 @@ def load_model(path: Path, device: torch.device) -> tuple[Decoder, Tokenizer]:
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     try:
         model, _, tok = load_for_inference(path, device, dtype)
+    except json.JSONDecodeError as e:  # from config.json or the weight index: it names neither
+        raise ChatError(f"{path}: the export's config.json or weight index is not valid JSON ({e})") from e
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise ChatError(str(e)) from e
+    except SafetensorError as e:
+        raise ChatError(f"{path}: its safetensors weights are damaged ({e})") from e
     return model, tok
 
 

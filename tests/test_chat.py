@@ -209,3 +209,109 @@ def test_document_has_bos_eos_and_every_target(tok, shared_data):
     assert sample.input_ids.dtype == sample.labels.dtype == np.int32
     empty = encode_document("", tok)
     assert empty.input_ids.tolist() == [tok.bos_id] and empty.labels.tolist() == [tok.eos_id]
+
+
+# --- the exported model in transformers, and launch/export_hf.py, launch/chat.py -------------
+
+
+def stop_at_once_model(tok):
+    """A tiny decoder whose greedy answer is always <|im_end|>: attention and MLP write nothing,
+    so the final hidden state is the (all-ones) embedding, which only <|im_end|>'s row scores."""
+    import torch
+
+    from model.config import preset
+    from model.decoder import Decoder
+
+    cfg = preset("tiny", vocab_size=tok.vocab_size, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32)
+    cfg.tie_embeddings, cfg.max_seq_len = False, 256
+    model = Decoder(cfg)
+    state = {k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    for name in state:
+        if name.endswith("norm.weight") or name == "tok_embeddings.weight":
+            state[name].fill_(1.0)
+    state["output.weight"][tok.im_end_id] = 1.0
+    return state, cfg
+
+
+@pytest.fixture(scope="module")
+def export(tok, tmp_path_factory):
+    """The model above exported as training writes it: weights plus the save_hf tokenizer folder."""
+    from training.checkpoint import write_export
+
+    root = tmp_path_factory.mktemp("export")
+    state, cfg = stop_at_once_model(tok)
+    write_export(state, cfg, root / "hf", tok.save_hf(root / "tokenizer"))
+    return root / "hf"
+
+
+def test_transformers_generate_stops_at_the_end_of_a_turn(tok, export, shared_data):
+    """config.json names no eos (transformers' Llama default is </s>): generation_config.json
+    must, or `generate` talks past <|im_end|> until max_new_tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32)
+    hf_tok = AutoTokenizer.from_pretrained(export)
+    messages = rolebench_chat(shared_data, "zh")[:-1]
+    prompt = encode_prompt(messages, tok)
+    assert template_ids(hf_tok, messages, add_generation_prompt=True) == prompt
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    assert out[0].tolist() == [*prompt, tok.im_end_id]
+    assert model.generation_config.pad_token_id == tok.pad_id
+
+
+def test_export_hf_writes_the_tokenizer_files_of_its_tokenizer_model(tok, shared_data, tmp_path):
+    """`--tokenizer DIR` needs only tokenizer.model (what train_tokenizer writes): the export
+    still gets the HF tokenizer, its chat template and the stop ids, all of that tokenizer."""
+    from dataclasses import asdict
+
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from launch.export_hf import main as export_hf
+    from training.engine import single_process_dcp
+
+    state, cfg = stop_at_once_model(tok)
+    folder = tmp_path / "run" / "checkpoints" / "step_00000001"
+    with single_process_dcp():
+        dcp.save({"model": state}, checkpoint_id=str(folder / "engine"))
+    meta = {"engine": "single", "model": asdict(cfg), "tokenizer_sha256": tok.sha256, "state": {"step": 1}}
+    (folder / "meta.json").write_text(json.dumps({**meta, "tokenizer_dir": str(tok.path.parent)}))
+    assert sorted(p.name for p in tok.path.parent.iterdir()) == ["tokenizer.model"]
+
+    assert export_hf([str(folder), "--out", str(tmp_path / "out")]) == 0
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    messages = rolebench_chat(shared_data, "zh")[:-1]
+    assert template_ids(hf_tok, messages, add_generation_prompt=True) == encode_prompt(messages, tok)
+    assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == [tok.im_end_id, tok.eos_id]
+
+
+def one_error_line(capsys, *args) -> str:
+    """launch/chat.py's stderr for `args`, checked to be one line after exit code 2."""
+    from launch import chat
+
+    assert chat.main([*map(str, args), "--prompt", "hi", "--max-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_chat_unreadable_card_or_world_is_one_error_line(export, tmp_path, capsys):
+    latin1 = tmp_path / "card_latin1.txt"
+    latin1.write_bytes("Tu es Zoë, une sorcière.".encode("latin-1"))
+    assert str(latin1) in one_error_line(capsys, export, "--card", latin1)
+    assert str(latin1) in one_error_line(capsys, export, "--character", "Zoë", "--world", latin1)
+    world = tmp_path / "world.json"
+    world.write_text(json.dumps({"characters": [{"name": "Ada", "card": ["You are Ada."]}]}))
+    assert str(world) in one_error_line(capsys, export, "--character", "Ada", "--world", world)
+
+
+def test_chat_damaged_export_is_one_error_line(export, tmp_path, capsys):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(export, damaged)
+    (damaged / "model.safetensors").write_bytes(b"not safetensors at all")
+    assert str(damaged) in one_error_line(capsys, damaged)
+    (damaged / "config.json").write_text('{"model_type": "llama",')
+    assert str(damaged) in one_error_line(capsys, damaged)

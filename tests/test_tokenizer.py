@@ -152,6 +152,9 @@ def test_hf_folder_contents(tok, tmp_path):
         SPECIAL_TOKENS[4:]
     )
     assert Tokenizer.load(folder).sha256 == tok.sha256
+    # copied into a model's export, so that transformers' generate ends a turn at <|im_end|>
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": 1, "eos_token_id": [5, 2], "pad_token_id": 3}
 
 
 def test_training_input_is_split_at_newlines_and_long_lines_are_chunked(tok):

@@ -224,13 +224,14 @@ def _set_rng_state(state: dict) -> None:
 
 
 def write_export(state_dict: dict[str, torch.Tensor], model_cfg, out: Path, tokenizer_dir: Path) -> Path:
-    """A Hugging Face folder: config.json + model.safetensors (model/hf.py) + the tokenizer files."""
+    """A Hugging Face folder: config.json + model.safetensors (model/hf.py) + the tokenizer files,
+    made from tokenizer_dir's tokenizer.model (not copied: the folder may hold that file alone, or
+    beside the files of a tokenizer it has since replaced), generation_config.json included."""
+    from data_pipeline.tokenizer import Tokenizer
     from model.hf import save_hf
 
     save_hf(None, model_cfg, out, state_dict=state_dict)
-    for file in Path(tokenizer_dir).iterdir():
-        if file.is_file():
-            shutil.copyfile(file, Path(out) / file.name)
+    Tokenizer.load(tokenizer_dir).save_hf(out)
     return Path(out)
 
 
