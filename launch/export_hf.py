@@ -19,6 +19,7 @@ from pathlib import Path
 
 from model.config import ModelConfig
 from training.checkpoint import find_latest, load_model_weights, read_meta, write_export
+from training.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,12 +36,15 @@ def main(argv: list[str] | None = None) -> int:
         folder = find_latest(folder)
         if folder is None:
             parser.error(f"{args.checkpoint}: neither a complete checkpoint nor a run directory with one")
-    meta = read_meta(folder)
-    tokenizer = args.tokenizer or Path(meta["tokenizer_dir"])
-    problem = tokenizer_problem(tokenizer, meta, folder, args.force)
-    if problem:
-        parser.error(problem)
-    write_export(load_model_weights(folder), ModelConfig(**meta["model"]), args.out, tokenizer)
+    try:
+        meta = read_meta(folder)
+        tokenizer = args.tokenizer or Path(meta["tokenizer_dir"])
+        problem = tokenizer_problem(tokenizer, meta, folder, args.force)
+        if problem:
+            parser.error(problem)
+        write_export(load_model_weights(folder), ModelConfig(**meta["model"]), args.out, tokenizer)
+    except ConfigError as e:  # a damaged checkpoint
+        parser.error(str(e))
     print(f"exported {folder} (step {meta['state']['step']}) → {args.out}")
     return 0
 

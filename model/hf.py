@@ -207,11 +207,20 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
     tensors: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
         tensors.update(load_file(str(file), device=str(device)))
-    sd = state_dict_from_hf(tensors, cfg, source=str(path))
+    try:
+        sd = state_dict_from_hf(tensors, cfg, source=str(path))
+    except RuntimeError as e:  # q/k/v or gate/up of shapes that do not concatenate
+        raise ValueError(f"{path}: the weights do not fit {config_file.name} ({str(e).splitlines()[0]})") from None
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     with torch.device("meta"):
         model = Decoder(cfg)
+    expected = model.state_dict()
+    wrong = [
+        f"{k} {tuple(v.shape)}, not {tuple(expected[k].shape)}" for k, v in sd.items() if v.shape != expected[k].shape
+    ]
+    if wrong:
+        raise ValueError(f"{path}: the weights do not fit {config_file.name}: {'; '.join(wrong[:3])}")
     model.load_state_dict(sd, strict=True, assign=True)
     return model, cfg
 

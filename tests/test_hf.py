@@ -200,3 +200,14 @@ def test_config_fields_that_keep_the_math_are_accepted():
     assert config_from_hf({**hf, "head_dim": None}) == SMALL
     qwen = {**hf, "model_type": "qwen2", "use_sliding_window": False, "sliding_window": 4096, "max_window_layers": 1}
     assert config_from_hf(qwen).qkv_bias
+
+
+@pytest.mark.parametrize("field", ["intermediate_size", "vocab_size"])
+def test_weights_that_do_not_fit_the_config_are_one_error_naming_the_folder(field, tmp_path):
+    model = Decoder(SMALL)
+    save_hf(model, SMALL, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[field] *= 2  # an edited config.json beside the old weights
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"{tmp_path}: the weights do not fit config.json"):
+        load_hf(tmp_path)

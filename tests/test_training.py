@@ -363,8 +363,17 @@ def test_a_damaged_checkpoint_is_refused_with_its_folder_named(damage, training_
         path = folder / "rank_00000.pt" if damage == "rank_file" else max((folder / "engine").glob("*.distcp"))
         path.write_bytes(path.read_bytes()[:100])  # cut short
     cfg.train.max_steps = 2
-    with pytest.raises(ConfigError, match=rf"checkpoint {re.escape(str(folder))}: .*move the folder out"):
+    named = rf"checkpoint {re.escape(str(folder))}: .*move the folder out"
+    with pytest.raises(ConfigError, match=named):
         train(cfg)
+    if damage != "rank_file":  # export and chat read the weights alone: the same one line, no traceback
+        done = subprocess.run(
+            [sys.executable, "launch/export_hf.py", str(folder), "--out", str(tmp_path / "hf")],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 2 and re.search(named, done.stderr) and "Traceback" not in done.stderr
 
 
 def test_a_resume_with_another_precision_does_not_carry_the_loss_scale(training_data, tmp_path, capsys):

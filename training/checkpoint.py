@@ -14,6 +14,7 @@ shared file system on a cluster).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -134,17 +135,11 @@ def load_checkpoint(engine, folder: Path, where: Dist, engine_name: str) -> tupl
             f"{folder}: written by {meta['world_size']} rank(s) of engine {meta['engine']}, resumed with "
             f"{where.world_size} of {engine_name}: resume with the same engine and number of ranks"
         )
-    from torch.distributed.checkpoint import CheckpointException
-
     rank_file = folder / f"rank_{where.rank:05d}.pt"
-    try:
+    with _named_if_damaged(folder, "its engine/ files do not load"):
         engine.load(folder / "engine")
-    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-        raise _damaged(folder, f"its engine/ files do not load ({_first_line(e)})") from e
-    try:
+    with _named_if_damaged(folder, f"{rank_file.name} does not load"):
         rank_state = torch.load(rank_file, weights_only=False)
-    except Exception as e:
-        raise _damaged(folder, f"{rank_file.name} does not load ({_first_line(e)})") from e
     engine.load_extra_state(rank_state["engine"])
     _set_rng_state(rank_state["rng"])
     return TrainState(**meta["state"]), rank_state["stream"]
@@ -156,6 +151,19 @@ def read_meta(folder: str | os.PathLike) -> dict:
         return json.loads((Path(folder) / META).read_text())
     except (OSError, ValueError) as e:
         raise _damaged(Path(folder), f"its {META} is missing or unreadable ({e})") from e
+
+
+@contextlib.contextmanager
+def _named_if_damaged(folder: Path, what: str):
+    """Turn any failure to read the checkpoint's files into one ConfigError naming the folder."""
+    from torch.distributed.checkpoint import CheckpointException
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        raise _damaged(folder, f"{what} ({_first_line(e)})") from e
 
 
 def _first_line(error: BaseException) -> str:
@@ -245,6 +253,11 @@ def load_model_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     folder = Path(folder)
     meta = read_meta(folder)
+    with _named_if_damaged(folder, "its engine/ files do not load"):
+        return _model_weights(folder, meta)
+
+
+def _model_weights(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
     if meta["engine"] != "deepspeed":
         import torch.distributed.checkpoint as dcp
 
