@@ -1,7 +1,8 @@
-"""python benchmarks/bench_loss.py [--tokens 2048] [--dim 256] [--vocab 8192] [--chunk-tokens N]
+"""python benchmarks/bench_loss.py [--tokens 2048] [--dim 256] [--vocab 8192] [--chunk-tokens N] [--eval]
 
-The output projection and the loss alone, forward + backward, three ways on the same hidden
-states, weight and labels:
+The output projection and the loss alone, forward + backward (with --eval: forward alone under
+torch.no_grad, with the weights requiring grad as a model's do, as in validation and perplexity),
+three ways on the same hidden states, weight and labels:
 
 - `chunked`: Crucible's `chunked_causal_lm_loss` as the Decoder calls it (on CPU in fp32 the
   logits go through oneDNN's matmul and the softmax is taken in place);
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--masked", type=float, default=0.0, help="fraction of labels set to IGNORE_INDEX (SFT)")
     parser.add_argument("--chunk-tokens", type=int, default=None, help="default: model.loss.default_chunk_tokens")
+    parser.add_argument("--eval", action="store_true", help="forward only, under torch.no_grad")
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
     return parser.parse_args(argv)
@@ -71,16 +73,19 @@ def logits_through_onednn(on: bool):
         loss_module._ONEDNN_LINEAR = before
 
 
-def run(way: str, hidden, weight, labels, chunk_tokens) -> float:
-    """One forward + backward of `way`; the mean loss per target."""
+def run(way: str, hidden, weight, labels, chunk_tokens, evaluating: bool = False) -> float:
+    """One forward + backward of `way` (forward alone under no_grad when evaluating); the mean
+    loss per target."""
     h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-    if way == "full":
-        loss_sum, count = causal_lm_loss(h @ w.t(), labels)
-    else:
-        with logits_through_onednn(way == "chunked" and ONEDNN):
-            loss_sum, count = chunked_causal_lm_loss(h, w, labels, chunk_tokens=chunk_tokens)
-    loss = loss_sum / count
-    loss.backward()
+    with torch.no_grad() if evaluating else contextlib.nullcontext():
+        if way == "full":
+            loss_sum, count = causal_lm_loss(h @ w.t(), labels)
+        else:
+            with logits_through_onednn(way == "chunked" and ONEDNN):
+                loss_sum, count = chunked_causal_lm_loss(h, w, labels, chunk_tokens=chunk_tokens)
+        loss = loss_sum / count
+    if not evaluating:
+        loss.backward()
     return float(loss.detach())
 
 
@@ -89,10 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     hidden, weight, labels = inputs(args)
     print(
         f"{args.tokens} tokens × dim {args.dim} × vocab {args.vocab}, {args.masked:.0%} masked, fp32, "
+        f"{'forward under no_grad' if args.eval else 'forward + backward'}, "
         f"{torch.get_num_threads()} threads, oneDNN {'available' if ONEDNN else 'unavailable'}, "
         f"torch {torch.__version__}"
     )
-    losses = {way: run(way, hidden, weight, labels, args.chunk_tokens) for way in WAYS}
+    losses = {way: run(way, hidden, weight, labels, args.chunk_tokens, args.eval) for way in WAYS}
     if max(abs(v - losses["full"]) for v in losses.values()) > 1e-5 * abs(losses["full"]):
         raise SystemExit(f"the losses differ: {losses}; the three do not do the same work")
     times = {way: [] for way in WAYS}
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         random.Random(r).shuffle(order)
         for way in order:
             started = time.perf_counter()
-            run(way, hidden, weight, labels, args.chunk_tokens)
+            run(way, hidden, weight, labels, args.chunk_tokens, args.eval)
             if r >= args.warmup:
                 times[way].append(time.perf_counter() - started)
     median = {way: statistics.median(t) for way, t in times.items()}

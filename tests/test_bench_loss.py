@@ -15,6 +15,8 @@ def test_smoke_run_prints_the_ratios_and_restores_the_matmul_choice(capsys):
     ratios = dict(field.split("=") for field in lines[-1].split())
     assert set(ratios) == {"speedup_vs_full", "onednn_speedup"} and all(float(v) > 0 for v in ratios.values())
     assert loss_module._ONEDNN_LINEAR == before
+    assert bench_loss.main("--tokens 96 --dim 16 --vocab 101 --rounds 1 --warmup 0 --eval".split()) == 0
+    assert "forward under no_grad" in capsys.readouterr().out
 
 
 def test_ways_that_disagree_stop_it(monkeypatch):
