@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from data_pipeline.chat import fit_prompt
+from data_pipeline.chat import encode_prompt, fit_prompt
 from data_pipeline.records import DataError
 from data_pipeline.tokenizer import Tokenizer
 from model.decoder import Decoder
@@ -77,6 +77,15 @@ def load_model(path: Path, device: torch.device) -> tuple[Decoder, Tokenizer]:
     except SafetensorError as e:
         raise ChatError(f"{path}: its safetensors weights are damaged ({e})") from e
     return model, tok
+
+
+def check_card(system: str | None, tok: Tokenizer, max_seq_len: int) -> None:
+    """ChatError when the card alone leaves no room for a question and an answer: every turn
+    would be refused otherwise, as if the user's line were too long."""
+    if system:
+        size = len(encode_prompt([{"role": "system", "content": system}], tok))
+        if size + 8 > max_seq_len:  # room for a short question and the first tokens of an answer
+            raise ChatError(f"the character card is {size} tokens; the model's context is {max_seq_len}: shorten it")
 
 
 def build_prompt(
@@ -166,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         system = read_card(args)
         model, tok = load_model(args.model, device)
+        check_card(system, tok, model.cfg.max_seq_len)
         if args.prompt is not None:
             prompt, _ = build_prompt(system, [], args.prompt, tok, model.cfg.max_seq_len, args.max_tokens)
     except (ChatError, DataError) as error:

@@ -304,6 +304,9 @@ def test_chat_unreadable_card_or_world_is_one_error_line(export, tmp_path, capsy
     world = tmp_path / "world.json"
     world.write_text(json.dumps({"characters": [{"name": "Ada", "card": ["You are Ada."]}]}))
     assert str(world) in one_error_line(capsys, export, "--character", "Ada", "--world", world)
+    long = tmp_path / "long_card.txt"
+    long.write_text("You are Ada. " * 400)  # more tokens than the context
+    assert "the character card is" in one_error_line(capsys, export, "--card", long)
 
 
 def test_chat_damaged_export_is_one_error_line(export, tmp_path, capsys):
