@@ -76,6 +76,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --- packed documents ---------------------------------------------------------------------
 
 
+def document_runs(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Document ids renumbered so that each run of equal ids is its own document: [0,0,1,1,0,0]
+    is three documents, as positions_from_doc_ids counts them, and never lets the last two
+    tokens attend to the first two. (B, T) → (B, T)."""
+    runs = torch.zeros_like(doc_ids)
+    runs[:, 1:] = (doc_ids[:, 1:] != doc_ids[:, :-1]).cumsum(dim=1)
+    return runs
+
+
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
     """Position ids that restart at 0 wherever the document id changes. (B, T) → (B, T)."""
     idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
@@ -379,6 +388,8 @@ class Decoder(nn.Module):
             logits (B, T, vocab_size), hidden states, or (loss_sum, n_target_tokens).
         """
         past = 0 if cache is None else cache.length
+        if doc_ids is not None:
+            doc_ids = document_runs(doc_ids)
         if position_ids is None:
             position_ids = (
                 positions_from_doc_ids(doc_ids)

@@ -28,6 +28,10 @@ def test_packed_documents_match_each_document_alone():
         alone = torch.cat([model(d[None])[0] for d in docs])
     # fp32, the same arithmetic on fewer keys: 1e-5.
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    # A document is a run of equal ids: ids reused further on (0/1 alternating) are new documents.
+    with torch.no_grad():
+        alternating = model(tokens, doc_ids=doc_ids % 2)[0]
+    torch.testing.assert_close(alternating, alone, rtol=1e-5, atol=1e-5)
     # Without doc_ids the later documents see the earlier ones, so the logits differ.
     with torch.no_grad():
         unmasked = model(tokens)[0]
