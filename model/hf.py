@@ -77,7 +77,7 @@ def config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
             ffn_dim=hf["intermediate_size"],
             norm_eps=get("rms_norm_eps", 1e-6),
             rope_theta=get("rope_theta", 10000.0) if rope.get("rope_theta") is None else rope["rope_theta"],
-            max_seq_len=get("max_position_embeddings", 2048),
+            max_seq_len=get("max_position_embeddings", 32768 if model_type == "qwen2" else 2048),  # their defaults
             tie_embeddings=get("tie_word_embeddings", False),
             qkv_bias=model_type == "qwen2",
             init_std=get("initializer_range", 0.02),

@@ -190,6 +190,9 @@ def test_null_optional_fields_and_swish_take_the_transformers_meaning():
     nulls = dict(rope_theta=None, rope_parameters=None, rms_norm_eps=None, tie_word_embeddings=None)
     cfg = config_from_hf({**hf, **nulls, "hidden_act": "swish"})  # ACT2FN["swish"] is SiLU
     assert (cfg.rope_theta, cfg.norm_eps, cfg.tie_embeddings) == (10000.0, 1e-6, False)
+    absent = {k: v for k, v in hf.items() if k != "max_position_embeddings"}
+    assert config_from_hf(absent).max_seq_len == 2048  # LlamaConfig's default
+    assert config_from_hf({**absent, "model_type": "qwen2"}).max_seq_len == 32768  # Qwen2Config's
 
 
 def test_config_fields_that_keep_the_math_are_accepted():
