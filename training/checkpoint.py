@@ -270,15 +270,10 @@ def _model_weights(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
         with single_process_dcp():
             dcp.load({"model": state}, checkpoint_id=str(folder / "engine"))
         return state
-    zero_files = list((folder / "engine").glob("*zero_pp_rank_*optim_states.pt"))
-    stage = meta.get("zero_stage") or 0
-    if zero_files and stage >= 1:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="engine")
-    # ZeRO-0 keeps whole weights in the model-states file (in the training dtype)
-    module = torch.load(folder / "engine" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    return {k: v.float() for k, v in module.items()}
+    # ZeRO stages 1-3 (the config refuses 0): the fp32 masters, merged from every rank's partition.
+    return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="engine")
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

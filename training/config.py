@@ -519,6 +519,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int | None) -> dict:
                 f"deepspeed.{owned}: the loop builds the optimizer and learning-rate schedule from train.*; "
                 f"remove the {owned!r} section from the DeepSpeed JSON"
             )
+    _check_deepspeed_values(ds)
     t = cfg.train
     wanted = {
         "train_micro_batch_size_per_gpu": ("train.micro_batch", t.micro_batch),
@@ -541,14 +542,44 @@ def deepspeed_config(cfg: RunConfig, world_size: int | None) -> dict:
     if cfg.train.precision == "fp16":
         ds["fp16"].setdefault("loss_scale", 0)  # 0: dynamic loss scaling
     stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage == 0 and cfg.train.precision != "bf16":
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.zero_optimization.stage={stage!r}; choose 1, 2 or 3")
+    if stage == 0:
         # fp32: DeepSpeed steps the client optimizer directly, without the non-finite check every
-        # other setting has; fp16: its FP16_Optimizer unscales a loss that backward never scaled.
+        # other setting has; fp16: its FP16_Optimizer unscales a loss that backward never scaled;
+        # bf16: the same FP16_Optimizer takes a zero-gradient AdamW step at start (weight decay at
+        # train.lr, Adam's step count one ahead) and accumulates and all-reduces in bf16.
         raise ConfigError(
             f"deepspeed.zero_optimization.stage=0 with train.precision={cfg.train.precision}: use stage >= 1 or fsdp"
         )
     ds.setdefault("steps_per_print", 1 << 30)  # the loop reports; keep DeepSpeed's own log quiet
     return ds
+
+
+# DeepSpeed fields whose other values would silently undo what the loop relies on: the value it
+# needs, and why (each checked only when the JSON sets it).
+_DEEPSPEED_FIXED = {
+    "gradient_allreduce_op": ("mean", "the loop's loss scaling (× world size) undoes a mean over ranks, not a sum"),
+    "bf16.check_grad_overflow": (True, "a non-finite gradient norm must skip the step on every rank"),
+    "zero_optimization.compute_grad_norm": (True, "the loop reports the gradient norm and skips non-finite steps"),
+    "torch_autocast.enabled": (False, "train.precision sets the precision (bf16 or fp16 sections, filled by the loop)"),
+}
+_DEEPSPEED_SECTIONS = ("bf16", "fp16", "zero_optimization", "torch_autocast")
+
+
+def _check_deepspeed_values(ds: dict) -> None:
+    """Refuse a section that is not a mapping, and a field of `_DEEPSPEED_FIXED` set otherwise."""
+    for section in _DEEPSPEED_SECTIONS:
+        if not isinstance(ds.get(section, {}), dict):
+            raise ConfigError(f"deepspeed.{section}={ds[section]!r} must be a mapping of its keys to values")
+    for dotted, (needed, why) in _DEEPSPEED_FIXED.items():
+        *section, key = dotted.split(".")
+        block = ds.get(section[0], {}) if section else ds
+        if key not in block:
+            continue
+        given = block[key].lower() if isinstance(block[key], str) else block[key]
+        if given != needed:
+            raise ConfigError(f"deepspeed.{dotted}={block[key]!r} is not supported: {why}; remove it")
 
 
 def _agree(ds: dict, key: str, value, source: str) -> None:

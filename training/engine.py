@@ -299,7 +299,13 @@ class DeepSpeedEngine:
             deepspeed.utils.set_z3_leaf_modules(model, [Block])
         t = cfg.train
         optimizer = build_optimizer(model, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
+        # DeepSpeed casts the module to bf16/fp16 and copies its fp32 master weights from that
+        # cast; the original fp32 values (held, not copied) are put back into the masters below.
+        fp32 = {n: p.data for n, p in model.named_parameters()} if t.precision != "fp32" else {}
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        for name, param in self.model.module.named_parameters():
+            if name in fp32:
+                deepspeed.utils.safe_set_full_fp32_param(param, fp32.pop(name).to(where.device))
         if self.stage == 3:
             # The output projection is used inside Decoder.forward, not through its own module's
             # forward, so ZeRO-3 must be told to gather it with the root module.
@@ -345,8 +351,7 @@ class DeepSpeedEngine:
 
         state = {}
         for name, param in self.model.module.named_parameters():
-            full = safe_get_full_fp32_param(param)
-            full = param.float() if full is None else full  # ZeRO-0 without a master copy
+            full = safe_get_full_fp32_param(param)  # ZeRO 1-3 keep fp32 masters (stage 0 is refused)
             if self.where.is_main:
                 state[name] = full.detach().cpu().clone()
         return state if self.where.is_main else None
