@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("eval.json"))
     parser.add_argument("--answers", type=Path, help="where the answers go (default: OUT's folder, eval_answers.jsonl)")
     args = parser.parse_args(argv)
+    if args.profiles and args.items_format != "rolebench":
+        parser.error(f"--profiles is for --items-format rolebench, not {args.items_format}")
     try:
         splits, heldout = _splits(args)
         runs = [evaluate_checkpoint(c, splits, heldout, args.max_new_tokens, args.device) for c in args.checkpoints]

@@ -279,3 +279,5 @@ def test_evaluate_cli_scores_rolebench_test_chats(exported, shared_data, tmp_pat
     assert "perplexity" not in row  # no held-out text given
     profiles.write_text(f"{sorted(roles)[0]}: 你是谁。\n", encoding="utf-8")
     assert main([*argv, "--out", str(out)]) == 2  # a role without a card: an error, not a silent default
+    with pytest.raises(SystemExit):  # profiles that would be ignored
+        main([str(exported), "--items", str(path), "--profiles", str(profiles)])
