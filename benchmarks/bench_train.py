@@ -48,7 +48,7 @@ from model.hf import config_to_hf, state_dict_to_hf  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 from training.engine import Dist, TorchEngine  # noqa: E402
 from training.metrics import peak_rss_bytes  # noqa: E402
-from training.optim import build_optimizer  # noqa: E402
+from training.optim import FUSED_ADAMW_DEVICES, param_groups  # noqa: E402
 
 SIDES = ("crucible", "hf")
 
@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--memory-of", choices=SIDES, help=argparse.SUPPRESS)  # the CPU memory subprocess
     args = parser.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must each be at least 1")  # the first loss is checked in warm-up
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
 
@@ -140,6 +142,7 @@ class HFSide:
 
     def __init__(self, cfg: ModelConfig, state: dict, args):
         self.model = hf_llama(cfg, state)
+        self.model.config.use_cache = False  # as Trainer sets it: no KV cache copied in training
         self.model.to(args.device).train()
         if args.ac != "none":
             kwargs = {"use_reentrant": False}  # both recompute whole decoder layers
@@ -150,9 +153,13 @@ class HFSide:
         if args.compile == "both":
             self.model = torch.compile(self.model)
         run = RunConfig().train
-        self.optimizer = build_optimizer(
-            self.model, lr=run.lr, betas=run.betas, eps=run.eps, weight_decay=run.weight_decay
-        )
+        # training.optim's groups and fused AdamW; the (tied) embedding is undecayed under its HF name too
+        groups = param_groups(self.model, run.weight_decay)
+        embedding = self.model.get_input_embeddings().weight
+        groups[0]["params"] = [p for p in groups[0]["params"] if p is not embedding]
+        groups[-1]["params"].append(embedding)
+        fused = torch.device(args.device).type in FUSED_ADAMW_DEVICES
+        self.optimizer = torch.optim.AdamW(groups, lr=run.lr, betas=run.betas, eps=run.eps, fused=fused)
         self.clip = run.grad_clip
         self.autocast = args.precision == "bf16"
         self.device_type = torch.device(args.device).type
@@ -208,11 +215,10 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def peak_memory(side: str) -> int:
-    """Peak memory of `side`'s steps, measured in a fresh subprocess (measure_memory_here)."""
-    done = subprocess.run(
-        [sys.executable, __file__, *sys.argv[1:], "--memory-of", side], capture_output=True, text=True
-    )
+def peak_memory(side: str, argv: list[str]) -> int:
+    """Peak memory of `side`'s steps, measured in a fresh subprocess (measure_memory_here) run
+    with this run's arguments `argv`."""
+    done = subprocess.run([sys.executable, __file__, *argv, "--memory-of", side], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"the memory run of {side} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -256,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     times = alternate(sides, data, args)
     speed = {name: tokens_per_step * len(t) / sum(t) for name, t in times.items()}
     del sides
-    memory = {name: peak_memory(name) for name in SIDES}
+    memory = {name: peak_memory(name, sys.argv[1:] if argv is None else argv) for name in SIDES}
     for name in SIDES:
         print(
             f"{name:9s} {speed[name]:12,.0f} tokens/s  (median step {statistics.median(times[name]) * 1e3:8.1f} ms)  "
