@@ -12,8 +12,11 @@ Shingles are character n-grams rather than words so that Chinese, written withou
 deduplicates as well as English.
 
 Conversations are judged on their user and assistant contents together, with the role of each
-turn marked and the system message left out (one persona prompt is shared by thousands of
-conversations and says nothing about whether two are the same). RoleBench gives several
+turn marked and the system message left out of the text (one persona prompt is shared by
+thousands of conversations and would make any two of them look alike). The system message
+instead sets the conversation's group (`conversation_group`): only conversations under the same
+card are compared, since the same answer in another character's voice is another sample for
+role-play SFT, not a copy. RoleBench gives several
 different answers to one question: they differ in their exact keys, so none is an exact
 duplicate. Near-duplicate detection on whole conversations still merges two answers that share
 most of their text with each other, which is the redundancy it is for; different answers stay,
@@ -176,9 +179,12 @@ class NearDuplicateIndex:
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         self.threshold, self.num_perm, self.seed = threshold, num_perm, seed
-        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        # Bands chosen for recall: with datasketch's default equal weights (b=9, r=13 at 0.8) a
+        # pair at Jaccard 0.85 is a candidate only 69% of the time. The Jaccard check below
+        # removes the extra candidates, so a pair at the threshold is missed ~1.5% of the time.
+        self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.01, 0.99))
         # Internal integer ids in the LSH, so that callers' keys need not be unique.
-        self._entries: list[tuple[Hashable, LeanMinHash]] = []
+        self._entries: list[tuple[Hashable, LeanMinHash, str]] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -188,11 +194,12 @@ class NearDuplicateIndex:
             raise ValueError(f"expected a signature of {self.num_perm} values, got shape {signature.shape}")
         return LeanMinHash(seed=self.seed, hashvalues=signature, scheme=_SCHEME)
 
-    def find(self, signature: np.ndarray) -> Hashable | None:
+    def find(self, signature: np.ndarray, group: str = "") -> Hashable | None:
         """The key of an indexed text that `signature` is a near duplicate of, or None.
 
         Args:
             signature: from minhash_signature.
+            group: only texts indexed under the same group are compared (see conversation_group).
 
         Returns:
             The most similar such key, or None.
@@ -200,27 +207,30 @@ class NearDuplicateIndex:
         query = self._lean(signature)
         best, best_key = self.threshold, None
         for i in self._lsh.query(query):
-            key, lean = self._entries[i]
+            key, lean, other_group = self._entries[i]
+            if other_group != group:
+                continue
             similarity = query.jaccard(lean)
             if similarity >= best:
                 best, best_key = similarity, key
         return best_key
 
-    def add(self, key: Hashable, signature: np.ndarray) -> bool:
-        """Index a text unless it is a near duplicate of one already indexed.
+    def add(self, key: Hashable, signature: np.ndarray, group: str = "") -> bool:
+        """Index a text unless it is a near duplicate of one already indexed in its group.
 
         Args:
             key: the caller's name for the text (its source, a row id).
             signature: from minhash_signature.
+            group: see `find`.
 
         Returns:
             True when it is a near duplicate (and was not added), False when it was added.
         """
-        if self.find(signature) is not None:
+        if self.find(signature, group) is not None:
             return True
         lean = self._lean(signature)
         self._lsh.insert(len(self._entries), lean, check_duplication=False)
-        self._entries.append((key, lean))
+        self._entries.append((key, lean, group))
         return False
 
 
@@ -233,24 +243,25 @@ class Deduplicator:
         num_perm: signature length.
         seed: signature seed.
         """
-        self._seen: set[str] = set()
+        self._seen: set[tuple[str, str]] = set()
         self.near = NearDuplicateIndex(near_threshold, num_perm, seed) if near_threshold else None
 
-    def check(self, key: Hashable, exact: str, signature: np.ndarray | None) -> str | None:
+    def check(self, key: Hashable, exact: str, signature: np.ndarray | None, group: str = "") -> str | None:
         """Decide on one record, in input order; a kept record is remembered.
 
         Args:
             key: the record's name (its source).
             exact: its exact_key.
             signature: its minhash_signature (unused, may be None, when near-dedup is off).
+            group: records are duplicates only within one group (conversation_group; "" for documents).
 
         Returns:
             "exact_duplicate", "near_duplicate", or None to keep it.
         """
-        if exact in self._seen:
+        if (group, exact) in self._seen:
             return "exact_duplicate"
-        self._seen.add(exact)
-        if self.near is not None and self.near.add(key, signature):
+        self._seen.add((group, exact))
+        if self.near is not None and self.near.add(key, signature, group):
             return "near_duplicate"
         return None
 
@@ -267,9 +278,23 @@ def conversation_dedup_text(conv: Conversation) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in conv.messages if m["role"] != "system")
 
 
+def conversation_group(conv: Conversation) -> str:
+    """The group a conversation is deduplicated in: the exact_key of its system message, "" without one.
+
+    Args:
+        conv: a conversation.
+
+    Returns:
+        The group; conversations under different cards are never each other's duplicates.
+    """
+    system = [m["content"] for m in conv.messages if m["role"] == "system"]
+    return exact_key(system[0]) if system else ""
+
+
 def _dedup(
     records: Iterable,
     text_of: Callable[[Any], str],
+    group_of: Callable[[Any], str],
     report: DropReport,
     near_threshold: float | None,
     num_perm: int,
@@ -279,7 +304,7 @@ def _dedup(
     for record in records:
         text = text_of(record)
         signature = minhash_signature(text, num_perm=num_perm, ngram=ngram) if dedup.near is not None else None
-        reason = dedup.check(record.source, exact_key(text), signature)
+        reason = dedup.check(record.source, exact_key(text), signature, group_of(record))
         if reason is not None:
             report.drop(reason, record.source)
             continue
@@ -306,7 +331,7 @@ def dedup_documents(
     Returns:
         An iterator of the documents kept.
     """
-    return _dedup(docs, lambda d: d.text, report, near_threshold, num_perm, ngram)
+    return _dedup(docs, lambda d: d.text, lambda d: "", report, near_threshold, num_perm, ngram)
 
 
 def dedup_conversations(
@@ -317,7 +342,8 @@ def dedup_conversations(
     num_perm: int = 128,
     ngram: int = 5,
 ) -> Iterator[Conversation]:
-    """Drop conversations whose user and assistant turns repeat an earlier one's exactly or nearly.
+    """Drop conversations whose user and assistant turns repeat an earlier one's under the same
+    system message, exactly or nearly.
 
     Args:
         convs: cleaned conversations, first copy kept.
@@ -329,4 +355,4 @@ def dedup_conversations(
     Returns:
         An iterator of the conversations kept.
     """
-    return _dedup(convs, conversation_dedup_text, report, near_threshold, num_perm, ngram)
+    return _dedup(convs, conversation_dedup_text, conversation_group, report, near_threshold, num_perm, ngram)

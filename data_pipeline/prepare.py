@@ -150,13 +150,23 @@ def dedup_text(payload: str, kind: str) -> str:
     return dedup.conversation_dedup_text(Conversation(json.loads(payload), source=""))
 
 
+def dedup_group(payload: str, kind: str) -> str:
+    """The group that duplicates are looked for in: "" for documents, the system card's key for
+    conversations (dedup.conversation_group)."""
+    if kind == "pretrain":
+        return ""
+    return dedup.conversation_group(Conversation(json.loads(payload), source=""))
+
+
 # --- stage 2: dedup keys (parallel); the decisions are dedup.Deduplicator's (sequential) ----
 
 
 def add_dedup_keys(batch: dict[str, np.ndarray], kind: str, num_perm: int = 128) -> dict[str, np.ndarray]:
-    """Add the exact-duplicate key and the MinHash signature (as bytes) to a batch of kept rows."""
+    """Add the exact-duplicate key, the MinHash signature (as bytes) and the dedup group to a batch
+    of kept rows."""
     texts = [dedup_text(p, kind) for p in batch["payload"]]
     batch["exact_key"] = np.array([dedup.exact_key(t) for t in texts], dtype=object)
+    batch["group"] = np.array([dedup_group(p, kind) for p in batch["payload"]], dtype=object)
     batch["signature"] = np.array(
         [dedup.minhash_signature(t, num_perm=num_perm).tobytes() for t in texts], dtype=object
     )

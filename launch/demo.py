@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             size.vocab,
             "--shard-mb",
             size.shard_mb,
+            "--overwrite",  # a second `make demo` prepares the same corpus again
         ],
     )
     for name, part in (("sft_train", 0.4), ("sft_val", 0.04)):
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 "256",
                 "--shard-mb",
                 size.shard_mb * part,
+                "--overwrite",
             ],
         )
 

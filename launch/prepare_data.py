@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -31,7 +32,8 @@ from data_pipeline.prepare import (
     write_outputs,
 )
 from data_pipeline.records import DataError, DropReport, Sample
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from data_pipeline.shards import MANIFEST_NAME
+from data_pipeline.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 from launch.ray_cluster import init_ray
 
 
@@ -44,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p = sub.add_parser(kind, help=f"prepare {kind} data")
         p.add_argument("--input", nargs="+", required=True, help="input files or folders")
         p.add_argument("--out", required=True, help="output folder (shards, manifest.json, tokenizer/)")
+        p.add_argument(
+            "--overwrite", action="store_true", help="replace the shards and manifest an earlier run left in --out"
+        )
         p.add_argument("--tokenizer", help="an existing tokenizer.model (or a folder holding one)")
         p.add_argument(
             "--on-error", choices=("raise", "skip"), default="raise", help="invalid records: stop, or skip and count"
@@ -80,7 +85,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for path in args.input + ([args.tokenizer] if args.tokenizer else []):
         if not Path(path).exists():
             parser.error(f"{path}: no such file or folder")
+        if not os.access(path, os.R_OK):
+            parser.error(f"{path}: cannot be read (permission denied)")
+    _check_values(parser, args)
     return args
+
+
+def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flag values that would fail only inside a Ray worker, or after the whole import: usage errors now."""
+    if not 0.0 <= args.near_dup_threshold <= 1.0:
+        parser.error(f"--near-dup-threshold must be in [0, 1] (0 disables near-dedup), not {args.near_dup_threshold}")
+    if args.shard_mb <= 0:
+        parser.error(f"--shard-mb must be positive, not {args.shard_mb}")
+    if args.kind == "pretrain":
+        if args.vocab_size is not None and args.vocab_size <= len(SPECIAL_TOKENS) + 256:
+            parser.error(
+                f"--vocab-size must exceed the {len(SPECIAL_TOKENS)} special and 256 byte tokens, not {args.vocab_size}"
+            )
+        if args.min_chars < 1:
+            parser.error(f"--min-chars must be at least 1, not {args.min_chars}")
+        if args.max_chars is not None and args.max_chars < args.min_chars:
+            parser.error(f"--max-chars ({args.max_chars}) must be at least --min-chars ({args.min_chars})")
+    elif args.max_len < 1:
+        parser.error(f"--max-len must be at least 1, not {args.max_len}")
+    if args.tokenizer:
+        try:
+            Tokenizer.load(args.tokenizer)
+        except DataError as error:
+            parser.error(f"--tokenizer {args.tokenizer}: {error}")
+    if _earlier_outputs(Path(args.out)) and not args.overwrite:
+        parser.error(
+            f"--out {args.out} already holds shards or a manifest from another run; give an empty or new folder, "
+            "or pass --overwrite to replace them"
+        )
+
+
+def _earlier_outputs(out: Path) -> list[Path]:
+    """What an earlier run left in --out that a new one would mix with (its tokenizer is rewritten)."""
+    if not out.is_dir():
+        return []
+    return [p for p in (out / MANIFEST_NAME, *out.glob("*.tar"), *out.glob("*.tar.tmp")) if p.exists()]
 
 
 def options(args: argparse.Namespace) -> PrepareOptions:
@@ -127,9 +171,10 @@ def run(opts: PrepareOptions, tokenizer: str | None, vocab_size: int | None) -> 
     )
 
     decide, duplicates = Deduplicator(opts.near_dup_threshold), set()
-    keys = kept.select_columns(["id", "source", "exact_key", "signature"]).iter_rows()
+    keys = kept.select_columns(["id", "source", "exact_key", "signature", "group"]).iter_rows()
     for row in tqdm(keys, desc="dedup", unit=" rec", total=kept.count(), disable=not sys.stderr.isatty()):
-        reason = decide.check(row["id"], row["exact_key"], np.frombuffer(row["signature"], dtype=np.uint64))
+        signature = np.frombuffer(row["signature"], dtype=np.uint64)
+        reason = decide.check(row["id"], row["exact_key"], signature, row["group"])
         if reason:
             duplicates.add(row["id"])
             report.drop(reason, row["source"])
@@ -161,6 +206,8 @@ def _samples(encoded, report: DropReport):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    for stale in _earlier_outputs(Path(args.out)):  # only with --overwrite (parse_args refuses otherwise)
+        stale.unlink()
     opts = options(args)
     init_ray(args.address)
     import ray  # after init_ray, which sets how a local Ray binds

@@ -127,3 +127,60 @@ def test_bad_arguments_exit_nonzero_with_one_line(tmp_path):
     result = prepare("pretrain", "--input", SCRIPT, "--out", str(tmp_path))
     assert result.returncode == 2 and "--tokenizer MODEL or --vocab-size N" in result.stderr
     assert "usage:" in prepare("--help").stdout
+
+
+def test_wrong_values_are_usage_errors_before_ray_starts(tmp_path, capsys):
+    """Values that used to fail inside a Ray worker (a traceback) or after the whole import
+    (exit 1) are one usage line naming the flag, exit 2, before any work."""
+    from launch.prepare_data import parse_args
+
+    text = tmp_path / "a.txt"
+    text.write_text("a document long enough to keep\n", encoding="utf-8")
+    not_a_model = tmp_path / "fake.model"
+    not_a_model.write_text("not a sentencepiece model", encoding="utf-8")
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "shard-000003.tar").write_bytes(b"")  # left by an earlier run with more shards
+    base = ["pretrain", "--input", str(text), "--out", str(tmp_path / "o")]
+    cases = {
+        "--near-dup-threshold": [*base, "--vocab-size", "300", "--near-dup-threshold", "1.5"],
+        "--shard-mb": [*base, "--vocab-size", "300", "--shard-mb", "0"],
+        "--min-chars": [*base, "--vocab-size", "300", "--min-chars", "0"],
+        "--max-chars": [*base, "--vocab-size", "300", "--max-chars", "5"],
+        "--vocab-size": [*base, "--vocab-size", "5"],
+        f"--tokenizer {not_a_model}": [*base, "--tokenizer", str(not_a_model)],
+        f"--tokenizer {tmp_path}": [*base, "--tokenizer", str(tmp_path)],  # a folder without tokenizer.model
+        f"--out {used}": ["pretrain", "--input", str(text), "--out", str(used), "--vocab-size", "300"],
+    }
+    for flag, argv in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, flag
+        assert f"error: {flag}" in err and "Traceback" not in err, (flag, err)
+    assert parse_args(["pretrain", "--input", str(text), "--out", str(used), "--vocab-size", "300", "--overwrite"])
+
+
+def test_sft_same_turns_under_another_card_are_kept_copies_across_files_are_not(tmp_path):
+    from data_pipeline.tokenizer import train_tokenizer
+
+    train_tokenizer(["Who are you? I am the Great Sage, Equal of Heaven."] * 50, 300, tmp_path / "tok")
+
+    def chat(card: str) -> str:
+        turns = [("user", "Who are you?"), ("assistant", "I am the Great Sage, Equal of Heaven.")]
+        messages = [{"role": "system", "content": card}] + [{"role": r, "content": c} for r, c in turns]
+        return json.dumps({"messages": messages}) + "\n"
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text(chat("You are Sun Wukong.") + chat("You are Zhang Fei."), encoding="utf-8")
+    second.write_text(chat("You are Sun Wukong."), encoding="utf-8")  # a copy of a.jsonl:1
+    out = tmp_path / "o"
+    result = prepare(
+        "sft", "--format", "messages", "--input", str(first), str(second),
+        "--tokenizer", str(tmp_path / "tok"), "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = load_manifest(out)
+    assert manifest["input_records"] == 3 and manifest["dropped"] == {"exact_duplicate": 1}
+    assert manifest["kept_records"] == sum(s["samples"] for s in manifest["shards"]) == 2
+    assert re.search(rf"dropped: exact_duplicate +1 +{re.escape(str(second))}:1", result.stdout), result.stdout
