@@ -68,45 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"[demo] wrote the game-world corpus to {corpus}", flush=True)
     data = out / "data"
-    prepare = [sys.executable, "launch/prepare_data.py"]
-    _run(
-        "tokenizer + pretraining shards",
-        [
-            *prepare,
-            "pretrain",
-            "--input",
-            paths["lore"],
-            "--out",
-            data / "pretrain",
-            "--vocab-size",
-            size.vocab,
-            "--shard-mb",
-            size.shard_mb,
-            "--overwrite",  # a second `make demo` prepares the same corpus again
-        ],
-    )
-    for name, part in (("sft_train", 0.4), ("sft_val", 0.04)):
-        folder = data / ("sft" if name == "sft_train" else "sft_val")
-        _run(
-            f"{name} shards",
-            [
-                *prepare,
-                "sft",
-                "--format",
-                "messages",
-                "--input",
-                paths[name],
-                "--out",
-                folder,
-                "--tokenizer",
-                data / "pretrain" / "tokenizer",
-                "--max-len",
-                "256",
-                "--shard-mb",
-                size.shard_mb * part,
-                "--overwrite",
-            ],
-        )
+    _prepare_shards(paths, data, size)
 
     gpus = _gpus()
     workers = min(gpus, 2) if gpus else 2
@@ -187,6 +149,49 @@ def main(argv: list[str] | None = None) -> int:
         f"{out / 'eval.json'}, exports in {pretrain / 'hf'} and {sft / 'hf'}"
     )
     return 0
+
+
+def _prepare_shards(paths: dict[str, Path], data: Path, size: Size) -> None:
+    """The three prepare_data runs: the tokenizer and pretraining shards, then SFT train and val."""
+    prepare = [sys.executable, "launch/prepare_data.py"]
+    _run(
+        "tokenizer + pretraining shards",
+        [
+            *prepare,
+            "pretrain",
+            "--input",
+            paths["lore"],
+            "--out",
+            data / "pretrain",
+            "--vocab-size",
+            size.vocab,
+            "--shard-mb",
+            size.shard_mb,
+            "--overwrite",  # a second `make demo` prepares the same corpus again
+        ],
+    )
+    for name, part in (("sft_train", 0.4), ("sft_val", 0.04)):
+        folder = data / ("sft" if name == "sft_train" else "sft_val")
+        _run(
+            f"{name} shards",
+            [
+                *prepare,
+                "sft",
+                "--format",
+                "messages",
+                "--input",
+                paths[name],
+                "--out",
+                folder,
+                "--tokenizer",
+                data / "pretrain" / "tokenizer",
+                "--max-len",
+                "256",
+                "--shard-mb",
+                size.shard_mb * part,
+                "--overwrite",
+            ],
+        )
 
 
 def _dialogue(model: Path, paths: dict[str, Path]) -> str:
