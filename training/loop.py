@@ -340,8 +340,11 @@ def _resume(cfg: RunConfig, engine, stream, where: Dist, model_cfg: ModelConfig,
     if where.is_main:
         print(f"resumed from {folder} at step {state.step}", flush=True)
         saved, now = meta.get("train", {}), _plain(asdict(cfg.train))
-        changed = [f"train.{k} {saved[k]} -> {v}" for k, v in now.items() if k in saved and saved[k] != v]
-        changed = [c for c in changed if not c.startswith("train.exit_at_step ")]
+        changed = [
+            f"train.{k} {saved[k]} -> {v}"
+            for k, v in now.items()
+            if k != "exit_at_step" and k in saved and saved[k] != v  # exit_at_step ends a run, changes no step
+        ]
         if changed:  # allowed (a longer run, a lower lr), but never unnoticed
             print(f"resume: changed since the checkpoint, in effect from step {state.step + 1}: {', '.join(changed)}")
     return state
