@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except (ConfigError, DataError, TrainingError) as error:
         print(f"sft: error: {error}", file=sys.stderr)
-        return 1
+        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -5,10 +5,12 @@ Weights travel through safetensors only: nothing here unpickles a file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
@@ -198,31 +200,87 @@ def load_hf(path: str | Path, device: str | torch.device = "cpu", dtype: torch.d
         dtype: cast the weights to this dtype (default: keep the stored dtype).
     Returns:
         (Decoder, ModelConfig).
+    Raises:
+        FileNotFoundError: no config.json or weights there.
+        ValueError: config.json or a weight file does not read, or the weights do not fit the
+            config (a missing or unexpected tensor, a wrong shape); the message names the file.
     """
     path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: not found; is {path} a Hugging Face model folder?")
-    cfg = config_from_hf(json.loads(config_file.read_text()), source=str(config_file))
+    cfg = read_hf_config(path)
     tensors: dict[str, torch.Tensor] = {}
     for file in _weight_files(path):
-        tensors.update(load_file(str(file), device=str(device)))
-    try:
-        sd = state_dict_from_hf(tensors, cfg, source=str(path))
-    except RuntimeError as e:  # q/k/v or gate/up of shapes that do not concatenate
-        raise ValueError(f"{path}: the weights do not fit {config_file.name} ({str(e).splitlines()[0]})") from None
+        with _named(file):
+            tensors.update(load_file(str(file), device=str(device)))
+    sd = _fitted(tensors, cfg, path)
     if dtype is not None:
         sd = {k: v.to(dtype) for k, v in sd.items()}
     with torch.device("meta"):
         model = Decoder(cfg)
-    expected = model.state_dict()
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model, cfg
+
+
+def check_hf(path: str | Path) -> ModelConfig:
+    """What `load_hf` checks, from config.json and the safetensors headers alone (no weights read).
+
+    For a preflight: a folder that passes loads, one that does not fails before any worker starts.
+
+    Returns:
+        the folder's ModelConfig.
+    Raises:
+        FileNotFoundError, ValueError: as `load_hf`.
+    """
+    path = Path(path)
+    cfg = read_hf_config(path)
+    tensors = {}
+    for file in _weight_files(path):
+        with _named(file), safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                tensors[name] = torch.empty(f.get_slice(name).get_shape(), device="meta")
+    _fitted(tensors, cfg, path)
+    return cfg
+
+
+def read_hf_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of an HF folder's config.json. Raises FileNotFoundError, or ValueError
+    naming the file (not JSON, not a JSON object, an unsupported or missing field)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: not found; is {path} a Hugging Face model folder?")
+    try:
+        hf = json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{config_file}: not readable JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_file}: must be a JSON object of config fields, not {type(hf).__name__}")
+    return config_from_hf(hf, source=str(config_file))
+
+
+def _fitted(tensors: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+    """HF tensors → the Decoder's state dict, checked name by name and shape by shape."""
+    try:
+        sd = state_dict_from_hf(tensors, cfg, source=str(path))
+    except KeyError as e:  # a missing or unexpected tensor (the message names it)
+        raise ValueError(e.args[0]) from None
+    except RuntimeError as e:  # q/k/v or gate/up of shapes that do not concatenate
+        raise ValueError(f"{path}: the weights do not fit config.json ({str(e).splitlines()[0]})") from None
+    with torch.device("meta"):
+        expected = Decoder(cfg).state_dict()
     wrong = [
         f"{k} {tuple(v.shape)}, not {tuple(expected[k].shape)}" for k, v in sd.items() if v.shape != expected[k].shape
     ]
     if wrong:
-        raise ValueError(f"{path}: the weights do not fit {config_file.name}: {'; '.join(wrong[:3])}")
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model, cfg
+        raise ValueError(f"{path}: the weights do not fit config.json: {'; '.join(wrong[:3])}")
+    return sd
+
+
+@contextlib.contextmanager
+def _named(file: Path):
+    """A weight file that does not read (cut short, not safetensors) is a ValueError naming it."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
 def _weight_files(path: Path) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import pickle
 from pathlib import Path
@@ -71,6 +72,31 @@ def run_processes(cfg: RunConfig, world: int, out: Path, batches: list[dict] | N
         with open(out / f"rank{rank}.pkl", "rb") as f:
             results.append(pickle.load(f))
     return results
+
+
+def _failing_worker(rank: int, world: int, port: int, cfg: RunConfig, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    from training import loop
+
+    try:
+        loop.train(cfg)
+        outcome = None
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    Path(out, f"rank{rank}.txt").write_text(repr(outcome))
+
+
+def errors_of_processes(cfg: RunConfig, world: int, out: Path) -> list[str | None]:
+    """Run `loop.train(cfg)` on `world` gloo processes; each rank's error as "Type: message" (or None)."""
+    out.mkdir(parents=True, exist_ok=True)
+    mp.start_processes(_failing_worker, args=(world, free_port(), cfg, str(out)), nprocs=world, start_method="spawn")
+    return [ast.literal_eval(Path(out, f"rank{rank}.txt").read_text()) for rank in range(world)]
 
 
 def global_batches(stream, n: int) -> list[dict]:

@@ -98,7 +98,8 @@ def test_patience_needs_evaluations(training_data):
 def test_init_from_must_fit_the_data(training_data, tmp_path):
     """check() reads init_from/config.json: its vocabulary and context are those the workers get."""
     from model.config import ModelConfig
-    from model.hf import config_to_hf
+    from model.decoder import Decoder
+    from model.hf import config_to_hf, save_hf
 
     base = [*data_overrides(training_data), f"init_from={tmp_path}"]
     for shape, named in [
@@ -108,12 +109,80 @@ def test_init_from_must_fit_the_data(training_data, tmp_path):
         ),
         (dict(vocab_size=1000, max_seq_len=256), rf"init_from={tmp_path}: vocab_size=1000 is smaller than the 1024"),
     ]:
-        (tmp_path / "config.json").write_text(json.dumps(config_to_hf(ModelConfig(**TEST_MODEL, **shape))))
+        model_cfg = ModelConfig(**TEST_MODEL, **shape)
+        save_hf(Decoder(model_cfg), model_cfg, tmp_path)
         with pytest.raises(ConfigError, match=named):
             load_config([], base)
     (tmp_path / "config.json").write_text(json.dumps({**config_to_hf(ModelConfig(**TEST_MODEL)), "hidden_act": "gelu"}))
     with pytest.raises(ConfigError, match=rf"init_from={tmp_path}: .*hidden_act 'gelu'"):
         load_config([], base)
+
+
+def _damage_weights(folder: Path, how: str) -> str:
+    """Break an HF export's weights as a user might meet it; returns what the error must name."""
+    from safetensors.torch import save_file
+
+    weights = folder / "model.safetensors"
+    if how == "cut short":
+        weights.write_bytes(weights.read_bytes()[:1000])
+        return rf"{weights}: not a readable safetensors file"
+    tensors = load_file(str(weights))
+    if how == "missing tensor":
+        del tensors["model.norm.weight"]
+        save_file(tensors, str(weights))
+        return r"tensor 'model\.norm\.weight' is missing"
+    if how == "wrong shape":
+        tensors["model.norm.weight"] = torch.ones(3)
+        save_file(tensors, str(weights))
+        return r"norm\.weight \(3,\), not \(64,\)"
+    (folder / "config.json").write_text("[1, 2]")  # "not an object"
+    return rf"{folder / 'config.json'}: must be a JSON object"
+
+
+@pytest.mark.parametrize("how", ["cut short", "missing tensor", "wrong shape", "not an object"])
+def test_init_from_weights_that_do_not_load_are_one_config_error_before_training(how, training_data, tmp_path):
+    from model.config import ModelConfig
+    from model.decoder import Decoder
+    from model.hf import save_hf
+
+    model_cfg = ModelConfig(**TEST_MODEL, vocab_size=1024, max_seq_len=256)
+    save_hf(Decoder(model_cfg), model_cfg, tmp_path / "init")
+    named = _damage_weights(tmp_path / "init", how)
+    overrides = [*data_overrides(training_data), f"init_from={tmp_path / 'init'}", f"run_dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match=rf"init_from={tmp_path / 'init'}: .*{named}"):
+        load_config([], overrides)  # the preflight reads only config.json and the safetensors headers
+    cmd = [sys.executable, "launch/sft.py", *overrides, "data.val=null", "train.eval_every=0", "train.patience=0"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and re.search(rf"\nsft.py: error: init_from=.*{named}.*\n$", done.stderr)
+    assert not (tmp_path / "run").exists()
+
+
+def test_init_from_damaged_after_the_check_is_a_config_error_in_the_loop(training_data, tmp_path):
+    from model.config import ModelConfig
+    from model.decoder import Decoder
+    from model.hf import save_hf
+
+    model_cfg = ModelConfig(**TEST_MODEL, vocab_size=1024, max_seq_len=256)
+    save_hf(Decoder(model_cfg), model_cfg, tmp_path / "init")
+    cfg = single_cfg(tmp_path / "run", training_data, max_steps=1)
+    cfg.init_from = str(tmp_path / "init")
+    named = _damage_weights(tmp_path / "init", "cut short")
+    with pytest.raises(ConfigError, match=rf"init_from={tmp_path / 'init'}: {named}"):
+        train(cfg)
+
+
+def test_precision_auto_is_fp32_on_a_cpu_and_the_choice_is_printed_and_recorded(training_data, tmp_path, capsys):
+    from training.engine import resolve_precision
+
+    cfg = single_cfg(tmp_path / "run", training_data, max_steps=1)
+    cfg.train.precision = "auto"
+    assert RunConfig().train.precision == "auto"  # the default
+    assert resolve_precision(cfg, torch.device("cpu")).train.precision == "fp32"
+    assert cfg.train.precision == "auto"  # a copy: the caller's config is unchanged
+    train(cfg)
+    assert "single engine on 1 × cpu, fp32 (train.precision=auto)" in capsys.readouterr().out
+    assert "precision: fp32" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 def test_missing_data_and_files_are_named(tmp_path):

@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file
 
 from data_pipeline.shards import load_manifest
-from data_pipeline.stream import PackedStream
+from data_pipeline.stream import PackedStream, assign_shards
 from model.loss import IGNORE_INDEX
 from tests.conftest import ROOT
-from tests.dist_helpers import global_batches, run_processes
+from tests.dist_helpers import errors_of_processes, global_batches, run_processes
 from tests.training_data import TEST_MODEL
 from training.checkpoint import find_latest, read_meta
 from training.config import RunConfig, find_config_file
@@ -140,6 +140,22 @@ def test_nan_on_one_rank_skips_that_step_on_both(engine, training_data, tmp_path
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [line["skipped"] for line in lines] == [False, False, True, False, False]
     assert all(torch.isfinite(t).all() for t in exported(tmp_path / "run").values())
+
+
+def test_a_bad_shard_on_one_rank_fails_every_rank_at_once_with_the_same_error(training_data, tmp_path):
+    data = tmp_path / "sft"
+    shutil.copytree(training_data["sft"], data)
+    shards = load_manifest(data)["shards"]
+    for sid in assign_shards(len(shards), 1, 2, 0, 0):  # every shard rank 1 reads in epoch 0
+        path = data / shards[sid]["path"]
+        path.write_bytes(path.read_bytes()[:-100] + b"x" * 100)
+    cfg = make_cfg(tmp_path / "run", {"sft": data}, "fsdp", max_steps=3, micro_batch=2)
+    cfg.data.on_error, cfg.collective_timeout_s = "raise", 60  # a rank left waiting would fail the test late
+    started = time.monotonic()
+    errors = errors_of_processes(cfg, 2, tmp_path / "out")
+    assert errors[0] == errors[1], errors
+    assert errors[0].startswith("DataError: reading the step's data failed on rank 1: ") and "checksum mismatch" in errors[0]
+    assert time.monotonic() - started < 50
 
 
 # --- exact resume through the real launchers -----------------------------------------------------

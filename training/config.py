@@ -28,11 +28,11 @@ from data_pipeline.records import DataError
 from data_pipeline.tokenizer import Tokenizer
 from model.config import ModelConfig, preset, preset_names
 from model.decoder import RECOMPUTE_MODES
-from model.hf import config_from_hf
+from model.hf import check_hf
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ENGINES = ("single", "fsdp", "deepspeed")
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 class ConfigError(ValueError):
@@ -91,8 +91,9 @@ class TrainSection:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
-    precision: str = "bf16"
-    """bf16 (default), fp16 (dynamic loss scaling) or fp32."""
+    precision: str = "auto"
+    """auto (bf16 on a GPU that supports it, else fp32: bf16 on a CPU runs through slow autocast
+    kernels), bf16, fp16 (dynamic loss scaling) or fp32. The run prints and records the choice."""
     z_loss: float = 0.0
     """Weight of the z-loss (PaLM) on log Z of the output logits."""
     activation_checkpointing: str = "none"
@@ -149,6 +150,9 @@ class RunConfig:
     """Write a Hugging Face export to run_dir/hf at the end."""
     deepspeed: dict | None = None
     """The DeepSpeed JSON; its batch, precision and clipping fields come from this config."""
+    collective_timeout_s: int = 1800
+    """Seconds a rank waits in a collective (all-reduce, barrier) for the others before the run
+    fails; ranks that meet an error agree on it at once, so this bounds only a rank that hangs."""
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -369,6 +373,8 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError(f"data.shuffle_buffer={cfg.data.shuffle_buffer} must not be negative (0: no shuffling)")
     if cfg.ray.num_workers < 1:
         raise ConfigError(f"ray.num_workers={cfg.ray.num_workers} must be at least 1")
+    if cfg.collective_timeout_s < 1:
+        raise ConfigError(f"collective_timeout_s={cfg.collective_timeout_s} must be at least 1")
     if cfg.engine == "deepspeed" and cfg.deepspeed is None:
         raise ConfigError("engine=deepspeed needs a DeepSpeed JSON: --config zero3.json (or zero2.json, ...)")
     if cfg.engine != "deepspeed" and cfg.deepspeed is not None:
@@ -469,11 +475,12 @@ def _check_model_fits_data(cfg: RunConfig) -> None:
 
 
 def init_from_config(folder: str) -> ModelConfig:
-    """The ModelConfig of a Hugging Face export, from its config.json alone (no weights read)."""
-    path = Path(folder) / "config.json"
+    """The ModelConfig of a Hugging Face export, with its weights checked against it from the
+    safetensors headers (names and shapes; no weights read), so that a folder that would not
+    load fails here, before any worker starts."""
     try:
-        return config_from_hf(json.loads(path.read_text()), source=str(path))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        return check_hf(folder)
+    except (OSError, ValueError) as e:
         raise ConfigError(f"init_from={folder}: {e}") from None
 
 
@@ -532,6 +539,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int | None) -> dict:
     for key, (source, value) in wanted.items():
         _agree(ds, key, value, source)
     for section, precision in (("bf16", "bf16"), ("fp16", "fp16")):
+        if cfg.train.precision == "auto":
+            break  # decided on the worker's device (training.engine.resolve_precision), checked there
         block = ds.setdefault(section, {})
         enabled = cfg.train.precision == precision
         if block.get("enabled", "auto") not in ("auto", enabled):

@@ -18,13 +18,14 @@ import datetime
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_pipeline.records import DataError
 from model.decoder import Block, Decoder
 from training.config import ConfigError, RunConfig, deepspeed_config
 from training.optim import build_optimizer, set_lr
@@ -46,7 +47,7 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(needs_group: bool) -> Dist:
+def init_distributed(needs_group: bool, timeout_s: float = 1800) -> Dist:
     """Join the process group that the launcher (torchrun, deepspeed, Ray Train) describes.
 
     A process started without a launcher is rank 0 of 1; engines that need a process group
@@ -55,6 +56,7 @@ def init_distributed(needs_group: bool) -> Dist:
 
     Args:
         needs_group: create a group even for a single process.
+        timeout_s: how long a rank waits in a collective for the others before failing.
     Returns:
         this process's Dist.
     """
@@ -77,12 +79,22 @@ def init_distributed(needs_group: bool) -> Dist:
             backend,
             rank=rank,
             world_size=world,
-            timeout=datetime.timedelta(minutes=30),
+            timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if device.type == "cuda" else None,  # binds NCCL to this rank's GPU
         )
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
     return Dist(rank, world, local_rank, device)
+
+
+def resolve_precision(cfg: RunConfig, device: torch.device) -> RunConfig:
+    """cfg with train.precision "auto" decided for this device (a copy; cfg itself unchanged):
+    bf16 on a GPU that supports it, else fp32 (on a CPU, bf16 autocast runs ~10x slower than
+    fp32 for the tiny model)."""
+    if cfg.train.precision != "auto":
+        return cfg
+    precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return replace(cfg, train=replace(cfg.train, precision=precision))
 
 
 def free_port() -> int:
@@ -113,6 +125,99 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _multi_rank() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+class RankError(RuntimeError):
+    """A rank-local part of a collective step failed on some rank (named in the message)."""
+
+
+# Errors that keep their type when every rank raises another rank's failure.
+_SHARED_ERRORS = {cls.__name__: cls for cls in (ConfigError, DataError)}
+
+
+@contextlib.contextmanager
+def together(what: str):
+    """Run a rank-local part of a collective step, then agree on its outcome (a collective).
+
+    A rank that fails alone would leave the others waiting in their next collective until the
+    process-group timeout. After the body, every rank learns whether any rank failed, and if one
+    did, all of them raise the same error: "{what} failed on rank R: {cause}" (a ConfigError or
+    DataError keeps its type; anything else becomes a RankError). Without other ranks the
+    body's own error is raised unchanged.
+
+    Args:
+        what: the step, for the message ("saving checkpoint step_00000100").
+    """
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as e:
+        if not _multi_rank():
+            raise
+        error = e
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if not _multi_rank() or isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        error = e
+    if not _multi_rank():
+        return
+    agreed = agree_on_failure(what, error)
+    if agreed is not None:
+        raise agreed from error
+
+
+def agree_on_failure(what: str, error: BaseException | None) -> Exception | None:
+    """Every rank's error (None for success) → one error all ranks raise alike, or None.
+
+    A collective: one all-reduce of a flag, and only after a failure an all-gather of the causes.
+    """
+    failed = torch.tensor([float(error is not None)], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(failed)
+    if not failed.item():
+        return None
+    causes: list = [None] * dist.get_world_size()
+    mine = None if error is None else (type(error).__name__, _one_line(error))
+    dist.all_gather_object(causes, mine)
+    failures = [(r, c) for r, c in enumerate(causes) if c is not None]
+    rank, (kind, message) = failures[0]
+    others = f" (and on rank(s) {', '.join(str(r) for r, _ in failures[1:])})" if len(failures) > 1 else ""
+    text = f"{what} failed on rank {rank}{others}: {message}"
+    if kind in _SHARED_ERRORS:
+        return _SHARED_ERRORS[kind](text)
+    return RankError(f"{text} ({kind})")
+
+
+def raise_together(what: str, error: BaseException | None):
+    """Raise on every rank alike the error some rank met in `what` (this rank's, or None here);
+    for callers that already know, from a reduction of their own, that a rank failed."""
+    if not _multi_rank():
+        raise error
+    raise agree_on_failure(what, error) from error
+
+
+def _one_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def _collective_device() -> torch.device:
+    """The device the group's backend reduces on (NCCL: this rank's GPU; gloo: CPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_from_main(value):
+    """Rank 0's value of a small picklable object, on every rank (itself without other ranks)."""
+    if not _multi_rank():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def parallelize(model: Decoder, cfg: RunConfig, where: Dist) -> nn.Module:
@@ -365,6 +470,7 @@ class DeepSpeedEngine:
 
 def build_engine(model: Decoder, cfg: RunConfig, where: Dist) -> TorchEngine | DeepSpeedEngine:
     """The engine named by cfg.engine around an initialised Decoder."""
+    cfg = resolve_precision(cfg, where.device)
     if cfg.engine == "deepspeed":
         return DeepSpeedEngine(model, cfg, where)
     return TorchEngine(model, cfg, where)

@@ -15,6 +15,7 @@ world 2 × accumulation 2 × micro-batch 2 gives the losses and weights of world
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -42,7 +43,18 @@ from training.checkpoint import (
     write_export,
 )
 from training.config import ConfigError, RunConfig, model_config, save_resolved
-from training.engine import Dist, all_reduce_sum, all_reduce_sum_, barrier, build_engine, init_distributed
+from training.engine import (
+    Dist,
+    all_reduce_sum,
+    all_reduce_sum_,
+    barrier,
+    broadcast_from_main,
+    build_engine,
+    init_distributed,
+    raise_together,
+    resolve_precision,
+    together,
+)
 from training.metrics import Reporter, peak_flops, peak_memory_bytes, throughput
 from training.optim import lr_at
 from training.prefetch import StepPrefetcher
@@ -78,23 +90,27 @@ def train(
     Returns:
         a summary: losses and skipped steps of this attempt, final step, tokens, run_dir, export.
     """
-    where = init_distributed(needs_group=cfg.engine != "single")
-    tokenizer = Tokenizer.load(Path(cfg.data.train) / "tokenizer")
-    model, model_cfg = build_model(cfg, tokenizer)
-    if model_hook is not None:
-        model_hook(model)
+    where = init_distributed(needs_group=cfg.engine != "single", timeout_s=cfg.collective_timeout_s)
+    asked, cfg = cfg.train.precision, resolve_precision(cfg, where.device)  # recorded as chosen
+    # Each rank-local part that can fail ends in an agreement, so no rank waits for a failed one.
+    with together("loading the tokenizer and the model"):
+        tokenizer = Tokenizer.load(Path(cfg.data.train) / "tokenizer")
+        model, model_cfg = build_model(cfg, tokenizer)
+        if model_hook is not None:
+            model_hook(model)
     flops_per_token = model.num_flops_per_token(cfg.data.seq_len)
     n_params = model.num_params()
     engine = build_engine(model, cfg, where)
-    stream = data if data is not None else make_stream(cfg, where, cfg.data.train, tokenizer)
-    if cfg.data.val is not None:  # a bad validation split fails now, not after hours of training
-        make_stream(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1).close()
+    with together("opening the data"):
+        stream = data if data is not None else make_stream(cfg, where, cfg.data.train, tokenizer)
+        if cfg.data.val is not None:  # a bad validation split fails now, not after hours of training
+            make_stream(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1).close()
     state = _resume(cfg, engine, stream, where, model_cfg, tokenizer)
     report = Reporter(cfg.run_dir, where.rank, cfg.train.max_steps, start_step=state.step)
     if where.is_main:
         save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
         report.truncate_after(state.step)
-    report.print(_announce(cfg, where, n_params, state))
+    report.print(_announce(cfg, where, n_params, state, asked))
     meta = _checkpoint_meta(cfg, engine, model_cfg, tokenizer)
     tokens_per_step = cfg.batch_arithmetic(where.world_size)["tokens_per_step"]
     peak, losses, skipped, record = peak_flops(where.device), [], [], {}
@@ -104,7 +120,7 @@ def train(
     with contextlib.closing(StepPrefetcher(stream, cfg.train.grad_accum, pin=where.device.type == "cuda")) as steps:
         while state.step < cfg.train.max_steps and not state.stopped_early:
             started = time.perf_counter()
-            micro = next(steps)
+            micro = _next_or_error(steps)
             data_wait = time.perf_counter() - started
             lr = _lr(cfg, state.step + 1)
             result = train_step(engine, micro, cfg, where, lr)
@@ -173,14 +189,19 @@ def train(
     }
 
 
-def train_step(engine, micro: list[dict], cfg: RunConfig, where: Dist, lr: float) -> StepResult:
+def train_step(engine, micro: list[dict] | Exception, cfg: RunConfig, where: Dist, lr: float) -> StepResult:
     """One optimizer step over this rank's `cfg.train.grad_accum` micro-batches (see module doc).
 
+    `micro` is the error instead when reading them failed on this rank: the count's all-reduce
+    carries a failure flag, so every rank raises the same error rather than wait for this one.
     The step is queued without waiting for the device: the loss, the gradient norm and whether
     the step was applied are read back together once its work is queued (one transfer)."""
-    local_count = sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)  # on the host: no device sync
+    failed = isinstance(micro, Exception)
+    local_count = 0 if failed else sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)  # host: no sync
+    global_count, failures = all_reduce_sum([local_count, failed], where.device)
+    if failures:
+        raise_together("reading the step's data", micro if failed else None)
     micro = [_to_device(m, where.device) for m in micro]
-    (global_count,) = all_reduce_sum([local_count], where.device)
     if global_count == 0:  # only padding on every rank (corrupt shards skipped): nothing to learn
         return StepResult(math.nan, 0, math.nan, False)
     scale = engine.grad_divisor / global_count
@@ -205,9 +226,13 @@ def evaluate(engine, cfg: RunConfig, where: Dist, tokenizer: Tokenizer) -> dict:
     stream = make_stream(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1)
     engine.model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=where.device)
-    count = 0
-    for i, batch in enumerate(stream):
+    count, batches = 0, iter(stream)
+    for i in itertools.count():
         if cfg.train.eval_batches and i >= cfg.train.eval_batches:
+            break
+        with together(f"reading data.val={cfg.data.val}"):  # agreed before the forward's collectives
+            batch = next(batches, None)
+        if batch is None:  # every rank has the same number of batches
             break
         m = _to_device(batch, where.device)
         with engine.forward_context():
@@ -241,7 +266,10 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> tuple[Decoder, ModelCon
     Every rank builds the same weights (same seed), so FSDP and ZeRO shard identical copies.
     """
     if cfg.init_from is not None:
-        model, model_cfg = load_hf(cfg.init_from, dtype=torch.float32)
+        try:
+            model, model_cfg = load_hf(cfg.init_from, dtype=torch.float32)
+        except (OSError, ValueError) as e:  # a missing tensor, a wrong shape, a damaged file
+            raise ConfigError(f"init_from={cfg.init_from}: {e}") from None
         source = Path(cfg.init_from) / "tokenizer.model"
         if source.is_file() and sha256_file(source) != tokenizer.sha256:
             raise ConfigError(
@@ -278,6 +306,7 @@ def make_stream(
         shuffle_buffer=cfg.data.shuffle_buffer if shuffle else 0,
         on_error=cfg.data.on_error,
         tokenizer_sha256=tokenizer.sha256,
+        vocab_size=tokenizer.vocab_size,
         epochs=epochs,
         pad_id=tokenizer.pad_id,
     )
@@ -325,7 +354,11 @@ def resume_folder(cfg: RunConfig) -> Path | None:
 def _resume(cfg: RunConfig, engine, stream, where: Dist, model_cfg: ModelConfig, tokenizer: Tokenizer) -> TrainState:
     """Load the checkpoint that `resume` names (none for a fresh start), after checking that it
     fits this run (see resume_folder for the run_dir check)."""
-    folder = resume_folder(cfg)
+    folder = None
+    with together("choosing the checkpoint to resume from"):
+        if where.is_main:
+            folder = resume_folder(cfg)
+    folder = broadcast_from_main(folder)  # one choice, even if a checkpoint completes meanwhile
     if folder is None:
         return TrainState()
     meta = read_meta(folder)
@@ -335,7 +368,8 @@ def _resume(cfg: RunConfig, engine, stream, where: Dist, model_cfg: ModelConfig,
             "resume with the same model and data, or use another run_dir"
         )
     state, stream_state = load_checkpoint(engine, folder, where, cfg.engine)
-    stream.load_state_dict(stream_state)
+    with together(f"restoring the data stream from {folder}"):
+        stream.load_state_dict(stream_state)
     state.resumes += 1
     if where.is_main:
         print(f"resumed from {folder} at step {state.step}", flush=True)
@@ -348,6 +382,16 @@ def _resume(cfg: RunConfig, engine, stream, where: Dist, model_cfg: ModelConfig,
         if changed:  # allowed (a longer run, a lower lr), but never unnoticed
             print(f"resume: changed since the checkpoint, in effect from step {state.step + 1}: {', '.join(changed)}")
     return state
+
+
+def _next_or_error(steps: Iterator):
+    """The next step's micro-batches, or the error reading them raised (see train_step)."""
+    try:
+        return next(steps)
+    except StopIteration:
+        raise
+    except Exception as e:  # a corrupt shard under on_error=raise, an id outside the vocabulary
+        return e
 
 
 def _lr(cfg: RunConfig, step: int) -> float:
@@ -363,10 +407,11 @@ def _lr(cfg: RunConfig, step: int) -> float:
     )
 
 
-def _announce(cfg: RunConfig, where: Dist, n_params: int, state: TrainState) -> str:
+def _announce(cfg: RunConfig, where: Dist, n_params: int, state: TrainState, asked_precision: str) -> str:
     t, arithmetic = cfg.train, cfg.batch_arithmetic(where.world_size)
+    precision = f"{t.precision} (train.precision=auto)" if asked_precision == "auto" else t.precision
     return (
-        f"{cfg.engine} engine on {where.world_size} × {where.device.type}, {t.precision}, {n_params / 1e6:.2f}M "
+        f"{cfg.engine} engine on {where.world_size} × {where.device.type}, {precision}, {n_params / 1e6:.2f}M "
         f"parameters\nglobal batch {arithmetic['global_batch']} rows = micro batch {t.micro_batch} × accumulation "
         f"{t.grad_accum} × {where.world_size} rank(s); {arithmetic['tokens_per_step']:,} tokens per step; "
         f"steps {state.step + 1}..{t.max_steps}"
