@@ -298,8 +298,9 @@ def load_manifest(data_dir: str | os.PathLike, *, tokenizer_sha256: str | None =
     Returns:
         The manifest as a dict (see `write_manifest`).
     Raises:
-        DataError: naming the file, for a missing or unreadable manifest, an unknown format
-            version, a malformed entry, or a tokenizer mismatch.
+        DataError: naming the file (and the field), for a missing or unreadable manifest, an
+            unknown format version, a field missing or of the wrong type, a shard path outside
+            the folder, or a tokenizer mismatch.
     """
     path = Path(data_dir)
     if path.is_dir() or path.name != MANIFEST_NAME:
@@ -313,7 +314,9 @@ def load_manifest(data_dir: str | os.PathLike, *, tokenizer_sha256: str | None =
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable manifest ({e}): re-run launch/prepare_data.py") from e
-    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: holds a JSON {_json_type(manifest)}, not an object: re-run launch/prepare_data.py")
+    version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise DataError(
             f"{path} was written by format version {version}; this Crucible reads version {FORMAT_VERSION}: "
@@ -329,19 +332,82 @@ def load_manifest(data_dir: str | os.PathLike, *, tokenizer_sha256: str | None =
 
 
 def _check_manifest_fields(path: Path, manifest: dict) -> None:
+    """Each field the stream reads, with its type: a hand-edited or foreign manifest is one DataError
+    naming the field, not a TypeError deep in a training rank or a file read from elsewhere."""
     if manifest.get("kind") not in KINDS:
         raise DataError(f"{path}: kind is {manifest.get('kind')!r}, expected one of {KINDS}")
     for key in ("tokenizer_sha256", "shards"):
         if key not in manifest:
             raise DataError(f"{path}: the manifest lacks {key!r}: re-run launch/prepare_data.py")
+    _expect(path, "tokenizer_sha256", manifest["tokenizer_sha256"], str)
+    _expect(path, "shards", manifest["shards"], list)
+    seen: dict[Path, int] = {}
     for i, entry in enumerate(manifest["shards"]):
+        where = f"shards[{i}]"
+        _expect(path, where, entry, dict)
         missing = [k for k in _SHARD_KEYS if k not in entry]
         if missing:
-            raise DataError(f"{path}: shard entry {i} lacks {missing}: re-run launch/prepare_data.py")
-        if "lengths" in entry and len(entry["lengths"]) != entry["samples"]:
+            raise DataError(f"{path}: {where} lacks {missing}: re-run launch/prepare_data.py")
+        for key, kind in (("path", str), ("samples", int), ("tokens", int), ("sha256", str)):
+            _expect(path, f"{where}.{key}", entry[key], kind)
+        target = _shard_file(path, where, entry["path"])
+        if target in seen:
             raise DataError(
-                f"{path}: shard {entry['path']} lists {len(entry['lengths'])} lengths for {entry['samples']} samples"
+                f"{path}: {where}.path {entry['path']!r} is also shards[{seen[target]}].path (its samples would be "
+                "trained twice an epoch): re-run launch/prepare_data.py"
             )
+        seen[target] = i
+        if "lengths" in entry:
+            _check_entry_lengths(path, where, entry)
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "array", str: "string", int: "integer", float: "number", bool: "boolean"}
+    return names.get(type(value), "null")
+
+
+def _expect(path: Path, where: str, value, kind: type) -> None:
+    """value is a `kind` (an int: a non-negative one, and not a bool)."""
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok and kind is int and value < 0:
+        raise DataError(f"{path}: {where} is {value}, a count must not be negative: re-run launch/prepare_data.py")
+    if not ok:
+        want = {int: "an integer", str: "a string", list: "an array", dict: "an object"}[kind]
+        raise DataError(
+            f"{path}: {where} is a JSON {_json_type(value)} ({json.dumps(value)[:40]}), expected {want}: "
+            "re-run launch/prepare_data.py"
+        )
+
+
+def _shard_file(path: Path, where: str, rel: str) -> Path:
+    """The resolved file a shard path names, which must be in the manifest's folder (symlinks
+    resolved): one pointing elsewhere would read, and hash, whatever file it names."""
+    root = path.parent.resolve()
+    target = (root / rel).resolve()
+    if not rel or Path(rel).is_absolute() or target == root or not target.is_relative_to(root):
+        raise DataError(
+            f"{path}: {where}.path {rel!r} is outside the data folder {path.parent}: a manifest lists the shards "
+            "beside it; re-run launch/prepare_data.py"
+        )
+    return target
+
+
+def _check_entry_lengths(path: Path, where: str, entry: dict) -> None:
+    """One positive int per sample, adding up to the shard's tokens: the stream plans batch counts
+    from them, and a plan that disagrees with the data would cut or pad an epoch."""
+    lengths = entry["lengths"]
+    _expect(path, f"{where}.lengths", lengths, list)
+    bad = next((j for j, n in enumerate(lengths) if type(n) is not int or n < 1), None)  # bool is not int here
+    if bad is not None:
+        raise DataError(
+            f"{path}: {where}.lengths[{bad}] is {json.dumps(lengths[bad])[:40]}, expected a positive integer: "
+            "re-run launch/prepare_data.py"
+        )
+    if len(lengths) != entry["samples"] or sum(lengths) != entry["tokens"]:
+        raise DataError(
+            f"{path}: {where} ({entry['path']}) lists {len(lengths)} lengths adding up to {sum(lengths)} tokens for "
+            f"{entry['samples']} samples of {entry['tokens']} tokens: re-run launch/prepare_data.py"
+        )
 
 
 # --- reading -------------------------------------------------------------------------------

@@ -1,33 +1,47 @@
 """The training side of the data: each rank streams its own shards, shuffles and packs them.
 
-    manifest.json ─► assign_shards (per epoch, seeded) ─► read_shard (sha256 checked)
-        ─► shuffle buffer ─► pack into seq_len windows ─► batches of
+    manifest.json ─► assign_shards (per epoch, seeded) ─► read_shard (sha256, token ids checked)
+        ─► shuffle buffer ─► pack into seq_len windows ─► [fewer shards than ranks: every
+           world_size-th window] ─► batches of
            {tokens, labels, position_ids, doc_ids}, each int64 (batch_size, seq_len)
 
-Randomness. Every draw is derived from (seed, epoch, rank, shard position), never from a running
+Randomness. Every draw is derived from (seed, epoch, walk, shard position), never from a running
 generator: the shard order of an epoch from (seed, epoch); the shuffle buffer's choices for the
-samples of the k-th shard a rank reads from (seed, epoch, rank, k). The shuffle therefore depends
-only on how many samples each shard holds, not on their contents, which lets every rank replay
-the packing of every other rank from the manifest's sample lengths, and it keeps the resume state
-to plain integers.
+samples of the k-th shard a walk reads from (seed, epoch, walk, k), where the walk is the rank
+(or 0 for all ranks when windows are dealt, below). The shuffle therefore depends only on how
+many samples each shard holds, not on their contents, which lets every rank replay the packing
+of every other rank from the manifest's sample lengths, and it keeps the resume state to plain
+integers.
+
+Whole shards or dealt windows. With at least as many shards as ranks, each rank reads whole
+shards (shard i of the epoch's order goes to rank i % world_size). With fewer (one 3 MB shard on
+eight ranks, or a corpus that is one long document), whole shards would leave a rank without
+data, so every rank reads all shards in the epoch's order with the same draws, packs the same
+global windows, and keeps window i when i % world_size == rank. Building a window it skips is
+cheap next to a training step, and reading every shard on every rank costs little while there
+are fewer shards than ranks. Every rank then counts every dropped sample and corrupt shard in its
+own `report` and `stats`.
 
 Equal batch count. A rank that runs out of data early would leave the others waiting forever at
 the next collective, so every rank yields the same number of batches in an epoch. At the start of
-an epoch each rank computes, for every rank, how many full windows its shards give: pretraining
-(samples split across windows) gets tokens // seq_len; SFT (whole samples, padded windows) gets
-the count from replaying the same shuffle and packing on the lengths. `batches_per_epoch` is the
-minimum over ranks of windows // batch_size; the windows a rank has beyond that are not used and
-are counted in `stats` ("tail_windows_not_used" for this rank, "..._all_ranks" for all). The count
-can differ by a little from one epoch to the next because the shard assignment is reshuffled. If
-a corrupt shard is skipped (on_error="skip") and a rank runs short, it fills its remaining windows
-with padding (labels all IGNORE_INDEX, so they add nothing to the loss) rather than hang the
-others; these are counted in stats["padding_windows"].
+an epoch each rank computes, for every rank, how many full windows it gets: pretraining (samples
+split across windows) gets tokens // seq_len; SFT (whole samples, padded windows) gets the count
+from replaying the same shuffle and packing on the lengths. Whole shards: that count over the
+rank's shards. Dealt windows: the count G over all shards, of which rank r gets the i < G with
+i % world_size == r. `batches_per_epoch` is the minimum over ranks of windows // batch_size; the
+windows a rank has beyond that are not used and are counted in `stats` ("tail_windows_not_used"
+for this rank, "..._all_ranks" for all; the last partial pretraining window's tokens go to the
+rank that would have had it). The count can differ by a little from one epoch to the next
+because the shard order is reshuffled. If a corrupt shard is skipped (on_error="skip") and a rank
+runs short, it fills its remaining windows with padding (labels all IGNORE_INDEX, so they add
+nothing to the loss) rather than hang the others; these are counted in stats["padding_windows"].
 
 Resume. `state_dict()` after any batch holds the epoch, the shard cursor, the sample offset in
 the current shard, the shuffle buffer as (shard, sample) references, the sample carried into the
-next window as (shard, sample, token offset), and the counters; `load_state_dict()` on a fresh
-stream built with the same arguments re-reads the referenced samples and continues with exactly
-the batches the uninterrupted stream would have given.
+next window as (shard, sample, token offset), the windows built so far in the epoch (all ranks'
+when dealing) and the counters; `load_state_dict()` on a fresh stream built with the same
+arguments re-reads the referenced samples and continues with exactly the batches the
+uninterrupted stream would have given.
 
 One stream per rank, in the training process: packing is cheap numpy work, and the loop reads
 the next batches on a thread while the step runs (training/prefetch.py), so there are no loader
@@ -78,13 +92,10 @@ def assign_shards(n_shards: int, rank: int, world_size: int, epoch: int, seed: i
     Returns:
         Indices into the manifest's shard list.
     Raises:
-        DataError: fewer shards than ranks (a rank would get no data).
+        DataError: fewer shards than ranks (PackedStream deals windows then, see the module docstring).
     """
     if n_shards < world_size:
-        raise DataError(
-            f"{n_shards} shard(s) for {world_size} ranks: every rank needs at least one shard; prepare the "
-            f"data with a smaller shard size (ShardWriter target_bytes) so that there are at least {world_size}"
-        )
+        raise DataError(f"{n_shards} shard(s) for {world_size} ranks: whole-shard assignment needs one per rank")
     order = np.random.default_rng([seed, epoch, _SHARD_ORDER]).permutation(n_shards)
     return [int(i) for i in order[rank::world_size]]
 
@@ -99,9 +110,9 @@ def manifest_fingerprint(manifest: dict) -> str:
 # --- the seeded shuffle buffer, shared by the real stream and the planner ------------------
 
 
-def _uniforms(seed: int, epoch: int, rank: int, cursor: int, n: int) -> np.ndarray:
-    """The buffer's draws for the n samples of the cursor-th shard a rank reads."""
-    return np.random.default_rng([seed, epoch, _SAMPLE_SHUFFLE, rank, cursor]).random(n)
+def _uniforms(seed: int, epoch: int, walk: int, cursor: int, n: int) -> np.ndarray:
+    """The buffer's draws for the n samples of the cursor-th shard a walk reads."""
+    return np.random.default_rng([seed, epoch, _SAMPLE_SHUFFLE, walk, cursor]).random(n)
 
 
 def _push(buffer: list, item, u: float, size: int):
@@ -116,21 +127,21 @@ def _push(buffer: list, item, u: float, size: int):
     return out
 
 
-def _drain_order(buffer: list, seed: int, epoch: int, rank: int) -> list:
+def _drain_order(buffer: list, seed: int, epoch: int, walk: int) -> list:
     """The buffer's leftovers at the end of the epoch, in random order, reversed for pop()."""
-    perm = np.random.default_rng([seed, epoch, _DRAIN, rank]).permutation(len(buffer))
+    perm = np.random.default_rng([seed, epoch, _DRAIN, walk]).permutation(len(buffer))
     return [buffer[i] for i in perm[::-1]]
 
 
-def _shuffled(items_by_shard: list[list], size: int, seed: int, epoch: int, rank: int) -> Iterator:
+def _shuffled(items_by_shard: list[list], size: int, seed: int, epoch: int, walk: int) -> Iterator:
     """What the stream's buffer does to samples, applied to anything (here: their lengths)."""
     buffer: list = []
     for cursor, items in enumerate(items_by_shard):
-        for item, u in zip(items, _uniforms(seed, epoch, rank, cursor, len(items)), strict=True):
+        for item, u in zip(items, _uniforms(seed, epoch, walk, cursor, len(items)), strict=True):
             out = _push(buffer, item, u, size)
             if out is not None:
                 yield out
-    buffer = _drain_order(buffer, seed, epoch, rank)
+    buffer = _drain_order(buffer, seed, epoch, walk)
     while buffer:
         yield buffer.pop()
 
@@ -169,13 +180,16 @@ class EpochPlan:
 class _EpochReader:
     """Shards in order → shuffle buffer → packed windows, for one rank and one epoch.
 
-    Windows are built whole within one `next_window` call, so between calls the only partial
-    state is `pending`: the sample (or the remainder of one) that goes first into the next window.
+    Windows are built whole within one `_build` call, so between calls the only partial state is
+    `pending`: the sample (or the remainder of one) that goes first into the next window.
     """
 
     def __init__(self, stream: PackedStream, epoch: int, report: DropReport, stats: dict):
         self.s, self.epoch, self.report, self.stats = stream, epoch, report, stats
-        self.shard_ids = assign_shards(len(stream.shards), stream.rank, stream.world_size, epoch, stream.seed)
+        self.shard_ids, self.walk = stream.reading_order(epoch, stream.rank)
+        # this rank keeps built window i when i % stride == phase (all of them for whole shards)
+        self.stride, self.phase = (stream.world_size, stream.rank) if stream.deal_windows else (1, 0)
+        self.built = 0  # windows built this epoch, kept or not
         self.cursor = 0  # position in shard_ids of the shard being read
         self.offset = 0  # samples of that shard already taken into the buffer
         self.buffer: list[tuple[tuple[int, int], Sample]] = []
@@ -190,7 +204,7 @@ class _EpochReader:
         while self.cursor < len(self.shard_ids):
             sid = self.shard_ids[self.cursor]
             if self._it is None:
-                self._u = _uniforms(s.seed, self.epoch, s.rank, self.cursor, s.shards[sid]["samples"])
+                self._u = _uniforms(s.seed, self.epoch, self.walk, self.cursor, s.shards[sid]["samples"])
                 self._it = s._shard_samples(sid, self.offset, self.report, self.stats)
             sample = next(self._it, None)
             if sample is None:
@@ -208,7 +222,7 @@ class _EpochReader:
                 return self.buffer.pop() if self.buffer else None
             got = self._read()
             if got is None:
-                self.buffer = _drain_order(self.buffer, self.s.seed, self.epoch, self.s.rank)
+                self.buffer = _drain_order(self.buffer, self.s.seed, self.epoch, self.walk)
                 self.draining = True
                 continue
             ref, sample, u = got
@@ -217,7 +231,15 @@ class _EpochReader:
                 return out
 
     def next_window(self) -> dict[str, np.ndarray] | None:
-        """The next packed window of seq_len, or None when the epoch's data is used up."""
+        """This rank's next packed window of seq_len, or None when the epoch's data is used up."""
+        while (window := self._build()) is not None:
+            index, self.built = self.built, self.built + 1
+            if index % self.stride == self.phase:
+                return window
+        return None
+
+    def _build(self) -> dict[str, np.ndarray] | None:
+        """The next window in packing order (any rank's), or None when the data is used up."""
         T, split = self.s.seq_len, self.s.split_samples
         tokens = np.full(T, self.s.pad_id, np.int64)
         labels = np.full(T, IGNORE_INDEX, np.int64)
@@ -264,12 +286,15 @@ class _EpochReader:
             "buffer": [list(ref) for ref, _ in self.buffer],
             "draining": self.draining,
             "carry": pending,
+            "windows_built": self.built,
         }
 
     def restore(self, state: dict) -> None:
         """Put the reader back where `state()` was taken, re-reading the referenced samples."""
         self.cursor, self.offset = int(state["shard_cursor"]), int(state["sample_offset"])
         self.draining = bool(state["draining"])
+        # only dealt windows read it, and states saved with whole shards may lack it
+        self.built = int(state.get("windows_built", 0))
         if not 0 <= self.cursor <= len(self.shard_ids):
             raise DataError(f"stream state: shard cursor {self.cursor} is outside this epoch's shards")
         refs = [(int(sid), int(idx)) for sid, idx in state["buffer"]]
@@ -315,6 +340,9 @@ class PackedStream:
         tokenizer_sha256: when given, must match the tokenizer the shards were made with.
         epochs: stop after this many epochs; None streams forever.
         pad_id: token id of SFT padding (its labels are IGNORE_INDEX either way).
+        vocab_size: when given, every sample read is checked to hold ids in 0..vocab_size-1
+            (input ids and labels other than IGNORE_INDEX); one that does not is a DataError
+            naming the shard and sample, under on_error like any damaged shard.
     """
 
     def __init__(
@@ -332,8 +360,11 @@ class PackedStream:
         tokenizer_sha256: str | None = None,
         epochs: int | None = None,
         pad_id: int = 0,
+        vocab_size: int | None = None,
     ):
         _check_args(seq_len, batch_size, rank, world_size, seed, on_error, epochs)
+        if vocab_size is not None and vocab_size < 1:
+            raise ValueError(f"vocab_size must be positive or None, got {vocab_size}")
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir, tokenizer_sha256=tokenizer_sha256)
         self.shards: list[dict] = self.manifest["shards"]
@@ -342,7 +373,9 @@ class PackedStream:
         self.seq_len, self.batch_size = seq_len, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.on_error = max(int(shuffle_buffer), 0), on_error
-        self.epochs, self.pad_id = epochs, pad_id
+        self.epochs, self.pad_id, self.vocab_size = epochs, pad_id, vocab_size
+        # too few shards to give each rank whole ones: deal windows (module docstring)
+        self.deal_windows = len(self.shards) < world_size
         self.split_samples = self.manifest["kind"] == "pretrain" if split_samples is None else bool(split_samples)
         if not self.split_samples:
             self._check_lengths()
@@ -351,7 +384,7 @@ class PackedStream:
         self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
         self._plans: dict[int, EpochPlan] = {}
         self._epoch, self._batches = 0, 0
-        self._reader = _EpochReader(self, 0, self.report, self.stats)  # raises for too few shards
+        self._reader = _EpochReader(self, 0, self.report, self.stats)
         self._begin_epoch()
 
     # -- planning --
@@ -367,7 +400,7 @@ class PackedStream:
             warnings.warn(
                 f"{self.data_dir}: {n_long} of {self.manifest.get('samples', '?')} samples are longer than "
                 f"seq_len={self.seq_len} and will be dropped (counted as longer_than_seq_len): prepare the "
-                "data with max_len <= seq_len",
+                f"data with launch/prepare_data.py --max-len {self.seq_len} or raise data.seq_len",
                 stacklevel=3,
             )
 
@@ -381,31 +414,55 @@ class PackedStream:
         """
         if epoch in self._plans:
             return self._plans[epoch]
-        windows, tail_tokens = [], []
-        for r in range(self.world_size):
-            ids = assign_shards(len(self.shards), r, self.world_size, epoch, self.seed)
-            if self.split_samples:
-                tokens = sum(self.shards[i]["tokens"] for i in ids)
-                windows.append(tokens // self.seq_len)
-                tail_tokens.append(tokens % self.seq_len)
-            else:
-                lengths = _shuffled([self.shards[i]["lengths"] for i in ids], self.shuffle_buffer, self.seed, epoch, r)
-                windows.append(_count_sft_windows(lengths, self.seq_len))
-                tail_tokens.append(0)
+        W = self.world_size
+        if self.deal_windows:
+            built, tail = self._count_windows(*self.reading_order(epoch, 0), epoch)
+            windows = [len(range(r, built, W)) for r in range(W)]
+            tail_tokens = [tail if r == built % W else 0 for r in range(W)]  # whose next window it was
+        else:
+            counts = [self._count_windows(*self.reading_order(epoch, r), epoch) for r in range(W)]
+            windows, tail_tokens = [w for w, _ in counts], [t for _, t in counts]
         bpe = min(windows) // self.batch_size
         plan = EpochPlan(epoch, windows, bpe, [w - bpe * self.batch_size for w in windows], tail_tokens)
         self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1} | {epoch: plan}
         return plan
+
+    def reading_order(self, epoch: int, rank: int) -> tuple[list[int], int]:
+        """The shards a rank reads in an epoch, in order, and the walk its shuffle draws use.
+
+        Args:
+            epoch: the epoch (0-based).
+            rank: the data-parallel rank.
+        Returns:
+            (indices into the manifest's shards, walk): whole shards: the rank's own and the rank;
+            dealt windows: all shards and 0, the same on every rank.
+        """
+        if self.deal_windows:
+            return assign_shards(len(self.shards), 0, 1, epoch, self.seed), 0
+        return assign_shards(len(self.shards), rank, self.world_size, epoch, self.seed), rank
+
+    def _count_windows(self, shard_ids: list[int], walk: int, epoch: int) -> tuple[int, int]:
+        """(full windows, tokens of the last partial window) that packing these shards gives."""
+        if self.split_samples:
+            tokens = sum(self.shards[i]["tokens"] for i in shard_ids)
+            return tokens // self.seq_len, tokens % self.seq_len
+        lengths = _shuffled([self.shards[i]["lengths"] for i in shard_ids], self.shuffle_buffer, self.seed, epoch, walk)
+        return _count_sft_windows(lengths, self.seq_len), 0
 
     def _begin_epoch(self) -> None:
         """Plan the current epoch; refuse one that gives a rank no whole batch."""
         plan = self.plan(self._epoch)
         if plan.batches_per_epoch == 0:
             worst = int(np.argmin(plan.windows))
+            ranks = ""
+            if self.world_size > 1:
+                # with whole shards, smaller shards even out what the ranks get
+                shards = "" if self.deal_windows else ", smaller shards (launch/prepare_data.py --shard-mb)"
+                ranks = f"{shards}, fewer ranks (ray.num_workers)"
             raise DataError(
-                f"{self.data_dir}: in epoch {self._epoch} rank {worst} gets {plan.windows[worst]} window(s) of "
-                f"seq_len={self.seq_len}, fewer than one batch of {self.batch_size}: use more data, fewer "
-                "ranks or a smaller batch"
+                f"{self.data_dir}: in epoch {self._epoch} rank {worst} of {self.world_size} gets "
+                f"{plan.windows[worst]} window(s) of seq_len={self.seq_len}, fewer than one batch of "
+                f"{self.batch_size}: use more data{ranks}, a smaller train.micro_batch or a shorter data.seq_len"
             )
 
     @property
@@ -463,7 +520,7 @@ class PackedStream:
         }
 
     def epoch_windows(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """Every window this rank's shards give in `epoch`, before the equal-count cut.
+        """Every window this rank gets in `epoch`, before the equal-count cut.
 
         For checks and tests; it reads the data afresh and leaves the stream's position, report
         and stats alone.
@@ -490,6 +547,8 @@ class PackedStream:
                     raise DataError(
                         f"shard {path}: holds more than the {entry['samples']} samples of its manifest entry"
                     )
+                if self.vocab_size is not None:
+                    _check_ids(sample, self.vocab_size, path, n)
                 n += 1
                 yield sample
             if n < entry["samples"]:
@@ -529,7 +588,8 @@ class PackedStream:
             {"version", the layout it is valid for (fingerprint, rank, world_size, seq_len,
             batch_size, seed, shuffle_buffer, split_samples), "epoch", "batches_in_epoch",
             "shard_cursor", "sample_offset", "buffer" ([shard, sample] references), "draining",
-            "carry" ([shard, sample, token offset] or None), "stats", "dropped"}.
+            "carry" ([shard, sample, token offset] or None), "windows_built" (this epoch's, all
+            ranks' when dealing windows), "stats", "dropped"}.
         """
         return {
             "version": STATE_VERSION,
@@ -555,8 +615,9 @@ class PackedStream:
         diff = [f"{k}={state.get(k)!r} (now {getattr(self, k)!r})" for k in _LAYOUT if state.get(k) != getattr(self, k)]
         if diff:
             raise DataError(
-                f"{self.data_dir}: the stream state was saved with " + ", ".join(diff) + ": resume with the same "
-                "data and data layout, or start the data stream afresh"
+                f"{self.data_dir}: the stream state was saved with " + ", ".join(diff) + ": resume with the "
+                "checkpoint's data (data.train), ray.num_workers, data.seq_len, train.micro_batch, train.seed and "
+                "data.shuffle_buffer, or start a new run (another run_dir)"
             )
         epoch, batches = int(state["epoch"]), int(state["batches_in_epoch"])
         self._reader.close()
@@ -573,6 +634,22 @@ class PackedStream:
     def close(self) -> None:
         """Close the open shard, if any."""
         self._reader.close()
+
+
+def _check_ids(sample: Sample, vocab_size: int, path: Path, index: int) -> None:
+    """An id outside the vocabulary would end one rank with an IndexError in the embedding (or the
+    loss) and leave the others waiting at the next collective: refuse it here, with its place."""
+    labels = sample.labels
+    if labels.min() < 0:  # the mask only when something is ignored
+        labels = labels[labels != IGNORE_INDEX]
+    for field, ids in (("input_ids", sample.input_ids), ("labels", labels)):
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            bad = int(ids.min() if ids.min() < 0 else ids.max())
+            raise DataError(
+                f"shard {path}: sample {index} holds {field} id {bad}, outside the vocabulary 0..{vocab_size - 1}: "
+                "the shards were made with another tokenizer; re-run launch/prepare_data.py with this run's "
+                "tokenizer"
+            )
 
 
 def _check_args(seq_len, batch_size, rank, world_size, seed, on_error, epochs) -> None:

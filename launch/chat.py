@@ -1,9 +1,12 @@
 """python launch/chat.py MODEL [--character NAME --world FILE | --card FILE | --system TEXT] [--prompt TEXT] [--seed N]
+    [--trust-checkpoint]
 
 Talk to a model in the terminal, its answers streamed as they are generated. MODEL is a Hugging
 Face export folder (config.json, model.safetensors and the tokenizer files, as training and
-launch/export_hf.py write it), a training checkpoint folder, or a run directory (its newest
-checkpoint). The character card becomes the system message: a character of a world file
+launch/export_hf.py write it), or a run directory with one (RUN/hf). A training checkpoint
+folder, or a run directory without an export (its newest checkpoint), needs --trust-checkpoint:
+a checkpoint is code (loading it unpickles files, which can run code), so load only your own
+runs' checkpoints. The character card becomes the system message: a character of a world file
 ({"characters": [{"name": ..., "card": ...}]}), a text file, or text given here. Each line typed
 is a user turn; the answer ends at <|im_end|>. The oldest exchanges are dropped when the
 conversation would not fit the model's context. With --prompt it answers once, prints only the
@@ -64,12 +67,12 @@ def _read_text(path: Path, what: str) -> str:
         raise ChatError(f"{path}: cannot read the {what} file as UTF-8 text ({e})") from e
 
 
-def load_model(path: Path, device: torch.device) -> tuple[Decoder, Tokenizer]:
-    """The model (eval mode, bf16 on a GPU, fp32 on CPU) and its tokenizer from an HF export, a
-    checkpoint folder or a run directory."""
+def load_model(path: Path, device: torch.device, trust_checkpoint: bool = False) -> tuple[Decoder, Tokenizer]:
+    """The model (eval mode, bf16 on a GPU, fp32 on CPU) and its tokenizer from an HF export, or
+    with trust_checkpoint from a checkpoint folder or a run directory."""
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     try:
-        model, _, tok = load_for_inference(path, device, dtype)
+        model, _, tok = load_for_inference(path, device, dtype, trust_checkpoint=trust_checkpoint)
     except json.JSONDecodeError as e:  # from config.json or the weight index: it names neither
         raise ChatError(f"{path}: the export's config.json or weight index is not valid JSON ({e})") from e
     except (FileNotFoundError, KeyError, ValueError) as e:
@@ -156,7 +159,7 @@ def chat_loop(model: Decoder, tok: Tokenizer, system: str | None, args, generato
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, help="HF export folder, checkpoint folder or run directory")
+    parser.add_argument("model", type=Path, help="HF export folder (or, with --trust-checkpoint, a checkpoint)")
     card = parser.add_mutually_exclusive_group()
     card.add_argument("--character", help="a character's name in --world (any case)")
     card.add_argument("--card", type=Path, help="a text file holding the character card")
@@ -167,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (default 0.9)")
     parser.add_argument("--max-tokens", type=int, default=200, help="longest answer in tokens (default 200)")
     parser.add_argument("--seed", type=int, help="seed the sampling, for reproducible answers")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="MODEL may be a checkpoint or run directory of your own (a checkpoint is code: loading it unpickles)",
+    )
     args = parser.parse_args(argv)
     if (args.character is None) != (args.world is None):
         parser.error("--character and --world go together")
@@ -174,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         system = read_card(args)
-        model, tok = load_model(args.model, device)
+        model, tok = load_model(args.model, device, args.trust_checkpoint)
         check_card(system, tok, model.cfg.max_seq_len)
         if args.prompt is not None:
             prompt, _ = build_prompt(system, [], args.prompt, tok, model.cfg.max_seq_len, args.max_tokens)

@@ -1,7 +1,7 @@
-"""python launch/evaluate.py CHECKPOINT [CHECKPOINT ...] --corpus DIR [--items F [--items-format FMT]]
-    [--judge rules|DIR] [--out eval.json]
+"""python launch/evaluate.py MODEL [MODEL ...] --corpus DIR [--items F [--items-format FMT]]
+    [--judge rules|DIR] [--out eval.json] [--trust-checkpoint]
 
-Evaluate trained models (HF exports, checkpoints or run directories): perplexity on held-out
+Evaluate trained models (HF exports, or run directories with one): perplexity on held-out
 text, ROUGE-L against reference answers, persona-fact accuracy (split a) and lore accuracy
 (split b) on a corpus written by data_pipeline/synthetic.py (DIR/eval/facts.jsonl,
 DIR/eval/lore.jsonl, DIR/heldout.jsonl), and, with two or more checkpoints, a good/same/bad
@@ -11,6 +11,10 @@ item files, messages-format chats, or with --items-format any format prepare_dat
 (RoleBench's test split: --items-format rolebench --profiles profiles.yaml). Prints a table
 and writes eval.json, and every item's question, reference and answers (with the GSB verdict)
 to eval_answers.jsonl beside it, for reading them side by side.
+
+A training checkpoint, or a run directory without an export, as a MODEL or the --judge needs
+--trust-checkpoint: a checkpoint is code (loading it unpickles files, which can run code), so
+load only your own runs' checkpoints. HF exports (safetensors and JSON) are data.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 from pathlib import Path
 
 from data_pipeline.formats import CONVERSATION_FORMATS, load_profiles
+from training.checkpoint import model_source
 from training.evaluation import (
     answer_rows,
     evaluate_checkpoint,
@@ -35,7 +40,9 @@ from training.evaluation import (
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoints", nargs="+", type=Path, help="HF exports, checkpoints or run directories")
+    parser.add_argument(
+        "checkpoints", nargs="+", type=Path, help="HF exports (or, with --trust-checkpoint, checkpoints)"
+    )
     parser.add_argument("--corpus", type=Path, help="a synthetic corpus folder (eval/ splits and heldout.jsonl)")
     parser.add_argument("--items", type=Path, action="append", default=[], help="more evaluation items or chats")
     parser.add_argument(
@@ -48,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         "--profiles", type=Path, help="role -> character card (.json/.yaml) for --items-format rolebench"
     )
     parser.add_argument("--judge", default="rules", help="'rules' or an HF folder of a judge model (GSB)")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="the models and judge may be checkpoints or run directories of your own (a checkpoint is code)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--limit", type=int, help="at most this many items per split")
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -56,16 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.profiles and args.items_format != "rolebench":
         parser.error(f"--profiles is for --items-format rolebench, not {args.items_format}")
+    trust = args.trust_checkpoint
+    judged = len(args.checkpoints) > 1 and args.judge != "rules"
     try:
+        for path in [*args.checkpoints, *([args.judge] if judged else [])]:
+            model_source(path, trust)  # every model refused now, not after evaluating the first ones
         splits, heldout = _splits(args)
-        runs = [evaluate_checkpoint(c, splits, heldout, args.max_new_tokens, args.device) for c in args.checkpoints]
+        runs = [
+            evaluate_checkpoint(c, splits, heldout, args.max_new_tokens, args.device, trust_checkpoint=trust)
+            for c in args.checkpoints
+        ]
+        judge = model_judge(args.judge, args.device, trust_checkpoint=trust) if judged else rule_judge
     except (OSError, ValueError) as error:
         print(f"evaluate: error: {error}", file=sys.stderr)
         return 2
     rows, answers = [row for row, _ in runs], [ans for _, ans in runs]
     result, verdicts = {"checkpoints": rows}, None
     if len(rows) > 1:
-        judge = rule_judge if args.judge == "rules" else model_judge(args.judge, args.device)
         items = [i for name in splits for i in splits[name]]
         flat = [[a for name in splits for a in ans[name]] for ans in answers]
         verdicts = gsb_verdicts(items, flat[0], flat[-1], judge)

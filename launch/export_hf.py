@@ -1,4 +1,4 @@
-"""python launch/export_hf.py CHECKPOINT --out DIR [--tokenizer DIR [--force]]
+"""python launch/export_hf.py CHECKPOINT --out DIR [--overwrite] [--tokenizer DIR [--force]]
 
 Write a Hugging Face export (config.json, model.safetensors, tokenizer files) from a training
 checkpoint, in one process: run_dir/checkpoints/step_XXXXXXXX of any engine (FSDP/single through
@@ -6,9 +6,18 @@ torch.distributed.checkpoint, DeepSpeed ZeRO through its own files). CHECKPOINT 
 run directory, whose newest complete checkpoint is used. transformers' AutoModelForCausalLM and
 launch/sft.py (init_from=DIR) load the result.
 
-The tokenizer must be the one the checkpoint was trained with (its sha256 is in the checkpoint's
-meta.json): another one, or the run's tokenizer folder re-prepared since, is refused unless
---force. A tokenizer with more pieces than the model's vocab_size is always refused.
+A checkpoint is code: reading it unpickles files (DCP's metadata, DeepSpeed's files), which can
+run code. Export only your own runs' checkpoints, and share the export: safetensors and JSON,
+data that is never run.
+
+The tokenizer is the checkpoint's own copy (CHECKPOINT/tokenizer/; a checkpoint written before
+checkpoints carried one names the run's tokenizer folder). One given with --tokenizer must be the
+one the checkpoint was trained with (its sha256 is in the checkpoint's meta.json): another one is
+refused unless --force. A tokenizer with more pieces than the model's vocab_size is always refused.
+
+The export is written beside DIR and renamed into place when complete, so DIR never holds half
+an export, nor files of an earlier one. A DIR that is not empty is refused unless --overwrite,
+which replaces it once the new export is complete.
 """
 
 from __future__ import annotations
@@ -18,19 +27,27 @@ import sys
 from pathlib import Path
 
 from model.config import ModelConfig
-from training.checkpoint import find_latest, load_model_weights, read_meta, write_export
+from training.checkpoint import checkpoint_tokenizer, find_latest, load_model_weights, read_meta, write_export
 from training.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a checkpoint folder, or a run directory")
+    parser.add_argument(
+        "checkpoint", type=Path, help="a checkpoint folder, or a run directory (your own: a checkpoint is code)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the one the run trained with)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a non-empty --out, once the new export is complete"
+    )
+    parser.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the checkpoint's own copy)")
     parser.add_argument(
         "--force", action="store_true", help="pair the weights with a tokenizer other than the one they trained with"
     )
     args = parser.parse_args(argv)
+    problem = out_problem(args.out, args.overwrite)
+    if problem:
+        parser.error(problem)
     folder = args.checkpoint
     if not (folder / "meta.json").is_file():
         folder = find_latest(folder)
@@ -38,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.checkpoint}: neither a complete checkpoint nor a run directory with one")
     try:
         meta = read_meta(folder)
-        tokenizer = args.tokenizer or Path(meta["tokenizer_dir"])
+        tokenizer = args.tokenizer or checkpoint_tokenizer(folder, meta)
         problem = tokenizer_problem(tokenizer, meta, folder, args.force)
         if problem:
             parser.error(problem)
@@ -47,6 +64,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     print(f"exported {folder} (step {meta['state']['step']}) → {args.out}")
     return 0
+
+
+def out_problem(out: Path, overwrite: bool) -> str | None:
+    """Why the export must not go to `out`, or None."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder"
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        return (
+            f"--out {out} is not empty (an earlier export?): pass --overwrite to replace it once the new export "
+            "is complete, or choose another folder"
+        )
+    return None
 
 
 def tokenizer_problem(tokenizer: Path, meta: dict, folder: Path, force: bool) -> str | None:

@@ -318,3 +318,26 @@ def test_chat_damaged_export_is_one_error_line(export, tmp_path, capsys):
     assert str(damaged) in one_error_line(capsys, damaged)
     (damaged / "config.json").write_text('{"model_type": "llama",')
     assert str(damaged) in one_error_line(capsys, damaged)
+
+
+def test_chat_refuses_a_checkpoint_unless_trusted(tok, tmp_path, capsys):
+    """A checkpoint is code (loading it unpickles): only --trust-checkpoint loads one."""
+    from dataclasses import asdict
+
+    import torch.distributed.checkpoint as dcp
+
+    from launch import chat
+    from training.engine import single_process_dcp
+
+    state, cfg = stop_at_once_model(tok)
+    folder = tmp_path / "run" / "checkpoints" / "step_00000001"
+    with single_process_dcp():
+        dcp.save({"model": state}, checkpoint_id=str(folder / "engine"))
+    meta = {"engine": "single", "model": asdict(cfg), "tokenizer_sha256": tok.sha256, "state": {"step": 1}}
+    (folder / "meta.json").write_text(json.dumps({**meta, "tokenizer_dir": str(tok.path.parent)}))
+    for path in (folder, tmp_path / "run"):  # a checkpoint, and a run directory without an export
+        error = one_error_line(capsys, path)
+        assert "a checkpoint is code" in error and "--trust-checkpoint" in error
+    args = ["--prompt", "hi", "--max-tokens", "2", "--temperature", "0", "--trust-checkpoint"]
+    assert chat.main([str(tmp_path / "run"), *args]) == 0
+    assert capsys.readouterr().out == "\n"  # this model ends its turn at once

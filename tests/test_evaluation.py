@@ -281,3 +281,43 @@ def test_evaluate_cli_scores_rolebench_test_chats(exported, shared_data, tmp_pat
     assert main([*argv, "--out", str(out)]) == 2  # a role without a card: an error, not a silent default
     with pytest.raises(SystemExit):  # profiles that would be ignored
         main([str(exported), "--items", str(path), "--profiles", str(profiles)])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(exported, tmp_path_factory) -> Path:
+    """The exported model's weights as a training checkpoint (torch.distributed.checkpoint, as
+    the single and FSDP engines write it), in a run directory without an export."""
+    from dataclasses import asdict
+
+    import torch.distributed.checkpoint as dcp
+
+    from training.engine import single_process_dcp
+
+    model, cfg, tok = load_for_inference(exported)
+    folder = tmp_path_factory.mktemp("run") / "checkpoints" / "step_00000001"
+    with single_process_dcp():
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(folder / "engine"))
+    meta = {"engine": "single", "model": asdict(cfg), "tokenizer_dir": str(exported), "state": {"step": 1}}
+    (folder / "meta.json").write_text(json.dumps({**meta, "tokenizer_sha256": tok.sha256}))
+    return folder
+
+
+def test_evaluate_cli_loads_a_checkpoint_only_when_trusted(exported, checkpoint, tmp_path, capsys):
+    """A checkpoint is code (loading it unpickles): as a model or the judge it needs
+    --trust-checkpoint, and is refused before anything is evaluated."""
+    from launch.evaluate import main
+
+    items = tmp_path / "items.jsonl"
+    items.write_text(json.dumps({"messages": [{"role": "user", "content": "Who are you?"}], "reference": "Brakka."}))
+    out = tmp_path / "eval.json"
+    common = ["--items", str(items), "--max-new-tokens", "2", "--out", str(out), "--device", "cpu"]
+    for argv in ([checkpoint], [checkpoint.parent.parent], [exported, exported, "--judge", checkpoint]):
+        assert main([*map(str, argv), *common]) == 2
+        error = capsys.readouterr().err.strip()
+        assert len(error.splitlines()) == 1 and "--trust-checkpoint" in error and "a checkpoint is code" in error
+        assert not out.exists()
+    argv = [str(exported), str(checkpoint), "--judge", str(checkpoint.parent.parent), "--trust-checkpoint", *common]
+    assert main(argv) == 0
+    export_row, checkpoint_row = json.loads(out.read_text())["checkpoints"]
+    assert checkpoint_row["rouge_l"] == export_row["rouge_l"]  # the same weights, the same answers
+    assert json.loads(out.read_text())["gsb"]["same"] == 1

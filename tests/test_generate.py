@@ -230,7 +230,9 @@ def test_chat_loads_a_training_run_directory(exported, tmp_path, capsys):
     args = ["--prompt", "hi", "--max-tokens", "6", "--temperature", "0"]
     assert chat.main([str(exported["hf"]), *args]) == 0
     from_export = capsys.readouterr().out
-    assert chat.main([str(tmp_path / "run"), *args]) == 0
+    assert chat.main([str(tmp_path / "run"), *args]) == 2  # a checkpoint is code: loaded only when trusted
+    assert "--trust-checkpoint" in capsys.readouterr().err
+    assert chat.main([str(tmp_path / "run"), *args, "--trust-checkpoint"]) == 0
     assert capsys.readouterr().out == from_export
 
 

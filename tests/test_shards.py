@@ -173,6 +173,81 @@ def test_empty_or_missing_folder(tmp_path):
         load_manifest(tmp_path / "empty")
 
 
+def _set(m, where: str, value) -> None:
+    """Set a field of a manifest dict by its place, e.g. "shards[3].path" or "shards[1].lengths[4]"."""
+    *parents, last = where.replace("]", "").replace("[", ".").split(".")
+    for key in parents:
+        m = m[int(key)] if isinstance(m, list) else m[key]
+    m[int(last) if isinstance(m, list) else last] = value
+
+
+@pytest.mark.parametrize(
+    "where, value, message",
+    [
+        ("tokenizer_sha256", 5, "tokenizer_sha256 is a JSON integer (5), expected a string"),
+        ("shards", {}, "shards is a JSON object ({}), expected an array"),
+        ("shards[1]", "shard-000001.tar", 'shards[1] is a JSON string ("shard-000001.tar"), expected an object'),
+        ("shards[3].samples", "12", 'shards[3].samples is a JSON string ("12"), expected an integer'),
+        ("shards[3].samples", True, "shards[3].samples is a JSON boolean (true), expected an integer"),
+        ("shards[2].samples", -1, "shards[2].samples is -1, a count must not be negative"),
+        ("shards[0].tokens", 1.5, "shards[0].tokens is a JSON number (1.5), expected an integer"),
+        ("shards[0].sha256", None, "shards[0].sha256 is a JSON null (null), expected a string"),
+        ("shards[0].path", 7, "shards[0].path is a JSON integer (7), expected a string"),
+        ("shards[1].lengths", "1,2", 'shards[1].lengths is a JSON string ("1,2"), expected an array'),
+        ("shards[1].lengths[4]", 2.5, "shards[1].lengths[4] is 2.5, expected a positive integer"),
+        ("shards[1].lengths[0]", 0, "shards[1].lengths[0] is 0, expected a positive integer"),
+        ("shards[1].lengths[2]", [3], "shards[1].lengths[2] is [3], expected a positive integer"),
+        ("shards[3].path", "../x.tar", "shards[3].path '../x.tar' is outside the data folder"),
+        ("shards[3].path", "/etc/passwd", "shards[3].path '/etc/passwd' is outside the data folder"),
+        ("shards[3].path", "sub/../../data/../x.tar", "shards[3].path 'sub/../../data/../x.tar' is outside the data"),
+        ("shards[3].path", ".", "shards[3].path '.' is outside the data folder"),
+        ("shards[3].path", "./shard-000000.tar", "shards[3].path './shard-000000.tar' is also shards[0].path"),
+    ],
+)
+def test_malformed_manifest_names_the_file_and_field(dataset, where, value, message):
+    data_dir, _ = dataset
+    path = data_dir / "manifest.json"
+    m = json.loads(path.read_text())
+    _set(m, where, value)
+    path.write_text(json.dumps(m))
+    with pytest.raises(DataError) as e:
+        load_manifest(data_dir)
+    assert str(e.value).startswith(f"{path}: {message}")
+
+
+def test_manifest_that_is_not_an_object_or_miscounts(dataset):
+    data_dir, _ = dataset
+    path = data_dir / "manifest.json"
+    good = json.loads(path.read_text())
+    path.write_text("[1, 2]")
+    with pytest.raises(DataError, match=r"manifest.json: holds a JSON array, not an object: re-run launch"):
+        load_manifest(data_dir)
+    for change in ({"samples": good["shards"][1]["samples"] + 1}, {"tokens": good["shards"][1]["tokens"] - 1}):
+        m = json.loads(json.dumps(good))
+        m["shards"][1].update(change)
+        path.write_text(json.dumps(m))
+        with pytest.raises(DataError, match=r"manifest.json: shards\[1\] \(shard-000001.tar\) lists \d+ lengths"):
+            load_manifest(data_dir)
+
+
+def test_shard_symlinked_from_outside_the_folder_is_refused(dataset, tmp_path):
+    data_dir, _ = dataset
+    m = load_manifest(data_dir)
+    outside = tmp_path / "elsewhere.tar"
+    outside.write_bytes((data_dir / m["shards"][0]["path"]).read_bytes())
+    (data_dir / "linked.tar").symlink_to(outside)
+    (data_dir / "inside.tar").symlink_to(data_dir / m["shards"][0]["path"])
+    for link, ok in (("inside.tar", True), ("linked.tar", False)):
+        m["shards"][0]["path"] = link
+        (data_dir / "manifest.json").write_text(json.dumps(m))
+        if ok:
+            load_manifest(data_dir)
+            continue
+        with pytest.raises(DataError) as e:
+            load_manifest(data_dir)
+        assert str(e.value).startswith(f"{data_dir / 'manifest.json'}: shards[0].path 'linked.tar' is outside")
+
+
 def test_skip_passes_over_samples_without_decoding(dataset, monkeypatch):
     data_dir, samples = dataset
     entry = load_manifest(data_dir)["shards"][0]

@@ -6,6 +6,7 @@ token in a packed window names the sample and position it came from.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import warnings
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_pipeline import shards as shards_mod
 from data_pipeline.records import DataError, Sample
 from data_pipeline.shards import load_manifest
 from data_pipeline.stream import PackedStream, assign_shards
@@ -56,6 +58,26 @@ def pretrain(tmp_path_factory) -> tuple[Path, list[Sample]]:
 def sft(tmp_path_factory) -> tuple[Path, list[Sample]]:
     samples = _sft_samples()
     return write_dataset(tmp_path_factory.mktemp("sft"), samples, kind="sft"), samples
+
+
+@pytest.fixture(scope="module")
+def few_shards(tmp_path_factory) -> dict[str, tuple[Path, list[Sample]]]:
+    """Data sets with fewer shards than the ranks that read them: windows are dealt."""
+    one_document = make_samples(1, seed=9, min_len=1000, max_len=1000)  # 31 windows and 8 tokens
+    made = {
+        "pretrain_1_shard": (_pretrain_samples(), "pretrain", 10**9),
+        "sft_1_shard": (_sft_samples(), "sft", 10**9),
+        "one_document": (one_document, "pretrain", 10**9),
+        "pretrain_4_shards": (_pretrain_samples(), "pretrain", 60_000),
+    }
+    return {
+        name: (write_dataset(tmp_path_factory.mktemp(name), samples, kind=kind, target_bytes=size), samples)
+        for name, (samples, kind, size) in made.items()
+    }
+
+
+def dataset(name: str, pretrain, sft, few_shards) -> tuple[Path, list[Sample]]:
+    return {"pretrain": pretrain, "sft": sft, **few_shards}[name]
 
 
 def stream(data_dir: Path, **kw) -> PackedStream:
@@ -167,14 +189,31 @@ def test_sft_packing_pads_whole_samples_and_drops_overlong(sft):
 # --- ranks and equal counts -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["pretrain", "sft"])
-def test_world_3_covers_every_sample_once_and_agrees_on_the_count(mode, pretrain, sft):
-    data_dir, samples = pretrain if mode == "pretrain" else sft
+@pytest.mark.parametrize(
+    "name, world_size",
+    [
+        ("pretrain", 3),
+        ("sft", 3),
+        # fewer shards than ranks (issue 17): the ranks share the packed windows of all shards
+        ("pretrain_1_shard", 2),
+        ("pretrain_1_shard", 3),
+        ("sft_1_shard", 2),
+        ("sft_1_shard", 3),
+        ("one_document", 2),
+        ("one_document", 3),
+        ("pretrain_4_shards", 8),
+    ],
+)
+def test_ranks_cover_every_sample_once_and_agree_on_the_count(name, world_size, pretrain, sft, few_shards):
+    data_dir, samples = dataset(name, pretrain, sft, few_shards)
+    mode = load_manifest(data_dir)["kind"]
+    n_shards = len(load_manifest(data_dir)["shards"])
     where = positions_of(samples)
-    ranks = [stream(data_dir, rank=r, world_size=3, seed=11) for r in range(3)]
+    ranks = [stream(data_dir, rank=r, world_size=world_size, seed=11) for r in range(world_size)]
+    assert {s.deal_windows for s in ranks} == {n_shards < world_size}
     for epoch in (0, 1):
         plan = ranks[0].plan(epoch)
-        assert {r.batches_per_epoch for r in ranks} == {plan.batches_per_epoch}
+        assert {r.batches_per_epoch for r in ranks} == {plan.batches_per_epoch} and plan.batches_per_epoch > 0
         seen, tail_tokens = Counter(), 0
         for r, s in enumerate(ranks):
             windows = list(s.epoch_windows(epoch))
@@ -198,13 +237,19 @@ def test_world_3_covers_every_sample_once_and_agrees_on_the_count(mode, pretrain
             assert tail_tokens == 0
 
 
-def test_too_little_data_for_a_batch(pretrain):
+def test_too_little_data_for_a_batch(pretrain, tmp_path):
     data_dir, _ = pretrain
-    with pytest.raises(DataError, match="fewer than one batch of 100000"):
+    with pytest.raises(DataError, match="fewer than one batch of 100000") as e:
         stream(data_dir, batch_size=100_000)
-    n = len(load_manifest(data_dir)["shards"])
-    with pytest.raises(DataError, match=f"{n} shard.*{n + 1} ranks"):
-        stream(data_dir, rank=0, world_size=n + 1)
+    assert str(e.value).endswith("use more data, a smaller train.micro_batch or a shorter data.seq_len")
+    # the message names what to change by its flag or config key
+    with pytest.raises(DataError, match="rank . of 2 gets .*fewer than one batch of 100000") as e:
+        stream(data_dir, batch_size=100_000, world_size=2)
+    for key in ("--shard-mb", "ray.num_workers", "train.micro_batch", "data.seq_len"):
+        assert key in str(e.value)
+    with pytest.raises(DataError, match="rank 7 of 8 gets 3 window.*fewer than one batch of 4") as e:
+        stream(write_dataset(tmp_path, make_samples(1, min_len=1000, max_len=1000)), world_size=8)
+    assert "--shard-mb" not in str(e.value), "one shard per rank would not help when windows are dealt"
 
 
 def test_no_manifest_or_no_shards(tmp_path):
@@ -239,6 +284,32 @@ def test_resume_gives_exactly_the_uninterrupted_batches(mode, pretrain, sft):
     # the cases above include mid-shard, a non-empty buffer and a sample carried to the next window
     assert any(st["sample_offset"] > 0 for st in states)
     assert any(st["buffer"] for st in states) and any(st["carry"] for st in states)
+
+
+@pytest.mark.parametrize(
+    "name, world_size", [("pretrain_1_shard", 3), ("sft_1_shard", 2), ("one_document", 2), ("pretrain_4_shards", 8)]
+)
+def test_resume_with_dealt_windows_gives_exactly_the_uninterrupted_batches(name, world_size, few_shards):
+    data_dir, _ = few_shards[name]
+    kw = dict(rank=1, world_size=world_size, seed=3)
+    reference = stream(data_dir, **kw)
+    assert reference.deal_windows
+    bpe = reference.batches_per_epoch
+    total = 2 * bpe + 2  # reaches into the third epoch
+    expected = take(reference, total)
+    states = []
+    for k in sorted({1, 2, bpe - 1, bpe, bpe + 1, 2 * bpe + 1} - {0}):
+        first = stream(data_dir, **kw)
+        take(first, k)
+        state = json.loads(json.dumps(first.state_dict()))
+        states.append(state)
+        resumed = stream(data_dir, **kw)
+        resumed.load_state_dict(state)
+        assert same(rows(take(resumed, total - k)), rows(expected[k:])), f"resumed after {k} batches"
+        assert resumed.stats == reference.stats
+    # the cases above include a sample carried into the next window and windows other ranks took
+    assert any(st["carry"] for st in states)
+    assert all(st["windows_built"] > BATCH for st in states if st["batches_in_epoch"] > 0)
 
 
 def test_resume_while_draining_a_buffer_larger_than_the_data(sft):
@@ -339,3 +410,58 @@ def test_corrupt_shard_raise_names_it(pretrain, tmp_path):
     s = stream(tmp_path / "data", on_error="raise")
     with pytest.raises(DataError, match=f"{bad}: checksum mismatch"):
         take(s, s.batches_per_epoch)
+
+
+# --- token ids outside the vocabulary -------------------------------------------------------
+
+
+def _raw_int32(sample: Sample) -> dict[str, bytes]:
+    """encode_sample without its checks, as another writer (or another tokenizer's ids) would store."""
+    out = {}
+    for member, arr in (("input_ids.npy", sample.input_ids), ("labels.npy", sample.labels)):
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(arr, np.int32))
+        out[member] = buf.getvalue()
+    return out
+
+
+@pytest.mark.parametrize("field, bad", [("input_ids", "vocab"), ("input_ids", -1), ("labels", "vocab")])
+def test_ids_outside_the_vocabulary_are_a_data_error(field, bad, tmp_path, monkeypatch):
+    samples = make_samples(40, seed=5)
+    vocab = max(int(smp.input_ids.max()) for smp in samples) + 1
+    bad = vocab if bad == "vocab" else bad
+    getattr(samples[7], field)[3] = bad
+    monkeypatch.setattr(shards_mod, "encode_sample", _raw_int32)
+    data_dir = write_dataset(tmp_path / "data", samples, target_bytes=10**9)
+    path = data_dir / load_manifest(data_dir)["shards"][0]["path"]
+    n = len(rows(take(stream(data_dir), 2)))  # unchecked without vocab_size (as before)
+
+    s = stream(data_dir, vocab_size=vocab, on_error="raise")
+    with pytest.raises(DataError) as e:
+        take(s, s.batches_per_epoch)
+    assert str(e.value) == (
+        f"shard {path}: sample 7 holds {field} id {bad}, outside the vocabulary 0..{vocab - 1}: the shards were "
+        "made with another tokenizer; re-run launch/prepare_data.py with this run's tokenizer"
+    )
+    # skip: counted as a corrupt shard, the rank pads its planned windows rather than hang the others
+    s = stream(data_dir, vocab_size=vocab, epochs=1)
+    with pytest.warns(UserWarning) as caught:
+        batches = list(s)
+    messages = [str(w.message) for w in caught]
+    assert any(f"sample 7 holds {field} id {bad}" in m and "skipping the rest of this shard" in m for m in messages)
+    assert any("filling with padding windows" in m for m in messages)
+    assert len(batches) == s.plan(0).batches_per_epoch and n == 2 * BATCH
+    assert s.report.dropped["corrupt_shard"] == 1 and s.stats["samples_lost_to_corrupt_shards"] == 40 - 7
+    # what was trained: the 7 samples before the bad one, each token once, but the last partial window
+    used = Counter(int(t) for b in batches for t in b["tokens"].ravel() if t)
+    first7 = {int(t) for smp in samples[:7] for t in smp.input_ids}
+    assert set(used) <= first7 and max(used.values()) == 1 and len(used) == len(first7) // SEQ * SEQ
+
+
+def test_ids_inside_the_vocabulary_pass(pretrain):
+    data_dir, samples = pretrain
+    vocab = max(int(smp.input_ids.max()) for smp in samples) + 1
+    s = stream(data_dir, vocab_size=vocab, on_error="raise", epochs=1)
+    assert len(list(s)) == s.plan(0).batches_per_epoch
+    with pytest.raises(ValueError, match="vocab_size must be positive"):
+        stream(data_dir, vocab_size=0)

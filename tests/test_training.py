@@ -209,6 +209,9 @@ def test_deepspeed_json_is_filled_from_the_run_config_or_must_agree(training_dat
     ds = deepspeed_config(cfg, world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] == 2 and ds["gradient_accumulation_steps"] == 4
     assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == cfg.train.grad_clip
+    assert ds["bf16"]["enabled"] == "auto"  # precision auto: decided on the worker's device (engine.py)
+    cfg.train.precision = "bf16"
+    ds = deepspeed_config(cfg, world_size=2)
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
 
     fixed = tmp_path / "fixed.json"
@@ -396,10 +399,15 @@ def test_export_refuses_a_tokenizer_the_weights_did_not_train_with(training_data
     assert "is not the tokenizer" in refused("--tokenizer", str(tmp_path / "other"))
     message = refused("--tokenizer", str(tmp_path / "bigger"), "--force")  # --force does not cover this
     assert "has 1100 pieces, more than the vocab_size=1024" in message
-    # the run's own tokenizer folder, re-prepared since training: the checkpoint's sha256 tells
+    # the run's own tokenizer folder, re-prepared since training: the checkpoint carries its own copy
+    trained = (data / "tokenizer" / "tokenizer.model").read_bytes()
     shutil.copyfile(tmp_path / "other" / "tokenizer.model", data / "tokenizer" / "tokenizer.model")
-    assert "--force to pair them anyway" in refused()
-    assert export_hf([cfg.run_dir, "--out", str(out), "--force"]) == 0
+    assert export_hf([cfg.run_dir, "--out", str(out)]) == 0
+    assert (out / "tokenizer.model").read_bytes() == trained
+    assert (
+        export_hf([cfg.run_dir, "--out", str(out), "--overwrite", "--tokenizer", str(other.path.parent), "--force"])
+        == 0
+    )
     assert (out / "tokenizer.model").read_bytes() == other.path.read_bytes()
 
 

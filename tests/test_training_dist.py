@@ -154,7 +154,8 @@ def test_a_bad_shard_on_one_rank_fails_every_rank_at_once_with_the_same_error(tr
     started = time.monotonic()
     errors = errors_of_processes(cfg, 2, tmp_path / "out")
     assert errors[0] == errors[1], errors
-    assert errors[0].startswith("DataError: reading the step's data failed on rank 1: ") and "checksum mismatch" in errors[0]
+    assert errors[0].startswith("DataError: reading the step's data failed on rank 1: ")
+    assert "checksum mismatch" in errors[0]
     assert time.monotonic() - started < 50
 
 

@@ -2,14 +2,26 @@
 
     run_dir/checkpoints/step_00000100/
         engine/             model + optimizer (torch.distributed.checkpoint, or DeepSpeed's files)
-        rank_00000.pt ...   per rank: data-stream state and RNG states
-        meta.json           step, tokens, counters, loss scale, model shape: written last
+        rank_00000.pt ...   per rank: data-stream state, RNG states, the engine's extra state
+                            (fp16 loss scale): plain values and tensors, read with weights_only=True
+        tokenizer/          the tokenizer the run trained with (tokenizer.model and its HF files)
+        meta.json           step, tokens, counters, model shape, tokenizer sha256: written last
 
 A checkpoint is written into `step_XXXXXXXX.tmp/` and renamed when every rank has finished, so a
 crash mid-write leaves a `.tmp` folder (or one without meta.json) that `find_latest` passes over;
 the previous checkpoint stays usable. The learning-rate schedule is a function of the step, so
 the step is its whole state. The folder must be on storage every rank sees (one machine, or a
-shared file system on a cluster).
+shared file system on a cluster): `check_shared_run_dir` checks it at the start, and rank 0
+checks that it sees every rank's file before it writes meta.json.
+
+Each rank-local part of a save or a load (this rank's files, restoring its state) runs inside
+`together`: when it fails on one rank, every rank raises the same error naming that rank, rather
+than the others waiting in their next collective until the process-group timeout.
+
+Trust. A checkpoint is code: DCP's metadata and DeepSpeed's files are pickles, and unpickling can
+run code. Load only your own runs' checkpoints (resume, launch/export_hf.py, or
+`load_for_inference(..., trust_checkpoint=True)`); share a model as its Hugging Face export
+(safetensors and JSON: data), which `load_for_inference` always loads.
 """
 
 from __future__ import annotations
@@ -18,8 +30,10 @@ import contextlib
 import errno
 import json
 import os
+import pickle
 import random
 import re
+import secrets
 import shutil
 import warnings
 from dataclasses import asdict, dataclass
@@ -29,10 +43,17 @@ import numpy as np
 import torch
 
 from training.config import ConfigError
-from training.engine import Dist, barrier, single_process_dcp
+from training.engine import Dist, broadcast_from_main, single_process_dcp, together
 
 META = "meta.json"
+TOKENIZER = "tokenizer"
 _STEP_NAME = re.compile(r"step_\d{8,}")
+_SHARED_STORAGE = "run_dir must be on storage every rank sees (a shared file system across nodes)"
+
+
+class UntrustedCheckpoint(ValueError):
+    """A training checkpoint (code) was given where only a Hugging Face export (data) loads
+    without trust_checkpoint=True."""
 
 
 @dataclass
@@ -80,8 +101,40 @@ def _complete(root: Path, warn: bool = False) -> list[Path]:
     return complete
 
 
+def check_shared_run_dir(run_dir: str | os.PathLike, where: Dist) -> None:
+    """Check that run_dir is the same folder on every rank (a collective; nothing to check alone).
+
+    Rank 0 writes a file with a random token into run_dir, and every rank looks for it: a
+    run_dir on each node's own disk would otherwise be found out at the first checkpoint, or
+    never (each node resuming from its own checkpoints).
+
+    Raises:
+        ConfigError: on every rank, naming a rank that does not see rank 0's file.
+    """
+    if where.world_size == 1:
+        return
+    run_dir = Path(run_dir)
+    token = broadcast_from_main(secrets.token_hex(8))
+    marker = run_dir / f".crucible_rank0_{token}"
+    what = "checking run_dir"
+    with together(what):
+        if where.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _write_synced(marker, token)
+    try:
+        with together(what):
+            if not (marker.is_file() and marker.read_text() == token):
+                raise ConfigError(
+                    f"run_dir={run_dir} is not the same folder on every rank (rank {where.rank} does not see rank "
+                    "0's file): put run_dir on storage every node sees"
+                )
+    finally:
+        if where.is_main:
+            marker.unlink(missing_ok=True)
+
+
 def save_checkpoint(
-    engine, folder_root: Path, state: TrainState, stream_state: dict, where: Dist, meta: dict, keep: int
+    engine, folder_root: Path, state: TrainState, stream_state: dict, where: Dist, meta: dict, keep: int, tokenizer
 ) -> Path:
     """Write one checkpoint atomically (a collective: every rank calls it).
 
@@ -89,60 +142,124 @@ def save_checkpoint(
         engine: the training engine (saves model and optimizer).
         folder_root: run_dir/checkpoints.
         state: the loop's counters.
-        stream_state: this rank's data-stream state.
+        stream_state: this rank's data-stream state (plain values: see `_check_plain`).
         where: this rank.
         meta: more to record in meta.json (engine name, world size, model shape, ...).
         keep: complete checkpoints to keep (older ones are deleted).
+        tokenizer: the Tokenizer the run trains with; the checkpoint carries a copy (the data
+            folder it came from may be prepared again later).
     Returns:
         the final folder.
+    Raises:
+        ConfigError, RankError: on every rank alike, when a rank-local part failed on some rank
+            (the message names it); the previous checkpoints are left as they were.
     """
     final = folder_root / f"step_{state.step:08d}"
     tmp = final.with_name(final.name + ".tmp")
-    if where.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    engine.save(tmp / "engine")
-    rank_state = {"stream": stream_state, "rng": _rng_state(), "engine": engine.extra_state()}
-    torch.save(rank_state, tmp / f"rank_{where.rank:05d}.pt")
-    barrier()
-    if where.is_main:
-        # Every file on disk before meta.json marks the folder complete, and the rename on disk
-        # after: a power cut cannot leave a meta.json beside truncated engine files.
-        _fsync_tree(tmp)
-        record = {**meta, "state": asdict(state), "world_size": where.world_size}
-        _write_synced(tmp / META, json.dumps(record, indent=2))
-        if final.exists():  # the same step saved again after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(folder_root, folder=True)
-        _prune(folder_root, keep)
-    barrier()
+    what = f"saving checkpoint {final.name}"
+    with together(what):
+        if where.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            tokenizer.save_hf(tmp / TOKENIZER)
+    with together(what):  # before DCP or DeepSpeed makes a folder of that name on a rank's own disk
+        if not tmp.is_dir():
+            raise ConfigError(
+                f"{tmp}: rank 0 made this folder but rank {where.rank} does not see it; {_SHARED_STORAGE}"
+            )
+    with together(what):
+        engine.save(tmp / "engine")
+    with together(what):
+        rank_state = {"stream": stream_state, "rng": _rng_state(), "engine": engine.extra_state()}
+        _check_plain(rank_state, "rank state")
+        rank_file = _rank_file(tmp, where.rank)
+        try:
+            torch.save(rank_state, rank_file)
+        except (OSError, RuntimeError) as e:  # torch's RuntimeError does not name the file
+            raise OSError(f"{rank_file}: cannot write this rank's state ({_first_line(e)})") from e
+    with together(what):  # its agreement is also the barrier after the rename
+        if where.is_main:
+            _check_every_rank_wrote(tmp, where.world_size)
+            # Every file on disk before meta.json marks the folder complete, and the rename on disk
+            # after: a power cut cannot leave a meta.json beside truncated engine files.
+            _fsync_tree(tmp)
+            record = {**meta, "state": asdict(state), "world_size": where.world_size}
+            _write_synced(tmp / META, json.dumps(record, indent=2))
+            _replace_folder(tmp, final)  # a step saved again after a resume replaces its folder
+            _prune(folder_root, keep)
     return final
+
+
+def _rank_file(folder: Path, rank: int) -> Path:
+    return folder / f"rank_{rank:05d}.pt"
+
+
+def _check_every_rank_wrote(tmp: Path, world_size: int) -> None:
+    """ConfigError naming a rank's file that rank 0 does not see (run_dir not shared)."""
+    expected = [tmp / "engine", *(_rank_file(tmp, r) for r in range(world_size))]
+    missing = [p for p in expected if not p.exists()]
+    if missing:
+        raise ConfigError(f"{missing[0]}: written, but rank 0 does not see it; {_SHARED_STORAGE}")
+
+
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(value, name: str) -> None:
+    """TypeError naming the first value that torch.load(weights_only=True) would not read back:
+    a rank file holds dicts, lists, tuples, strings, numbers, None and tensors only, so that
+    reading it runs no code (and a state that could not be resumed fails now, not at resume)."""
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(key) not in (str, int):
+                raise TypeError(f"{name} has a key {key!r} of type {type(key).__name__}; use str or int keys")
+            _check_plain(item, f"{name}[{key!r}]")
+    elif type(value) in (list, tuple):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{name}[{i}]")
+    elif type(value) not in _PLAIN and not isinstance(value, torch.Tensor):
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        raise TypeError(f"{name} is a {kind}: a checkpoint's rank state holds plain values and tensors only")
 
 
 def load_checkpoint(engine, folder: Path, where: Dist, engine_name: str) -> tuple[TrainState, dict]:
     """Restore model, optimizer, RNG states and counters; return (state, this rank's stream state).
 
+    A collective: every rank calls it, and a failure on one rank is raised on all of them.
+
     Raises:
         ConfigError: the checkpoint was written by another engine or number of ranks (the data
             streams are per rank, so a resume needs the same world size), or its files are
-            missing or damaged (the message names the folder).
+            missing or damaged (the message names the folder, and the rank that failed).
     """
-    meta = read_meta(folder)
-    if meta["world_size"] != where.world_size or meta["engine"] != engine_name:
-        raise ConfigError(
-            f"{folder}: written by {meta['world_size']} rank(s) of engine {meta['engine']}, resumed with "
-            f"{where.world_size} of {engine_name}: resume with the same engine and number of ranks"
-        )
-    rank_file = folder / f"rank_{where.rank:05d}.pt"
-    with _named_if_damaged(folder, "its engine/ files do not load"):
+    what = f"loading checkpoint {Path(folder).name}"
+    with together(what):
+        meta = read_meta(folder)
+        if meta["world_size"] != where.world_size or meta["engine"] != engine_name:
+            raise ConfigError(
+                f"{folder}: written by {meta['world_size']} rank(s) of engine {meta['engine']}, resumed with "
+                f"{where.world_size} of {engine_name}: resume with the same engine and number of ranks"
+            )
+    with together(what), _named_if_damaged(folder, "its engine/ files do not load"):
         engine.load(folder / "engine")
-    with _named_if_damaged(folder, f"{rank_file.name} does not load"):
-        rank_state = torch.load(rank_file, weights_only=False)
-    engine.load_extra_state(rank_state["engine"])
-    _set_rng_state(rank_state["rng"])
-    return TrainState(**meta["state"]), rank_state["stream"]
+    rank_file = _rank_file(folder, where.rank)
+    with together(what), _named_if_damaged(folder, f"{rank_file.name} does not load"):
+        rank_state = _read_plain(rank_file)
+        engine.load_extra_state(rank_state["engine"])
+        _set_rng_state(rank_state["rng"])
+        stream_state = rank_state["stream"]
+    return TrainState(**meta["state"]), stream_state
+
+
+def _read_plain(path: Path) -> dict:
+    """A file of plain values and tensors, read with torch.load(weights_only=True): no code runs."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message advises weights_only=False: the one thing not to do with a file that
+        # should hold plain values only. Its cause is the line after "WeightsUnpickler error:".
+        cause = re.search(r"WeightsUnpickler error:\s*(.+?)(\.\s|$)", str(e), re.MULTILINE)
+        raise ValueError(f"it holds more than plain values and tensors ({cause.group(1) if cause else e})") from e
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
@@ -217,30 +334,82 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as plain values and tensors (numpy's key array as a tensor)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos)}
+    numpy_state |= {"has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def write_export(state_dict: dict[str, torch.Tensor], model_cfg, out: Path, tokenizer_dir: Path) -> Path:
+def checkpoint_tokenizer(folder: str | os.PathLike, meta: dict) -> Path:
+    """The tokenizer folder of a checkpoint: its own copy (tokenizer/), or for a checkpoint
+    written before checkpoints carried one, the run's tokenizer folder named in meta.json (which
+    may hold another tokenizer since: compare meta's tokenizer_sha256)."""
+    own = Path(folder) / TOKENIZER
+    return own if (own / "tokenizer.model").is_file() else Path(meta["tokenizer_dir"])
+
+
+def write_export(state_dict: dict[str, torch.Tensor], model_cfg, out: str | os.PathLike, tokenizer) -> Path:
     """A Hugging Face folder: config.json + model.safetensors (model/hf.py) + the tokenizer files,
-    made from tokenizer_dir's tokenizer.model (not copied: the folder may hold that file alone, or
-    beside the files of a tokenizer it has since replaced), generation_config.json included."""
+    generation_config.json included.
+
+    It is written into a folder beside `out` and renamed into place when complete: a crash
+    leaves `out` as it was, and nothing an earlier export left in `out` survives (a stale
+    model.safetensors.index.json would win over the new model.safetensors).
+
+    Args:
+        state_dict: the full model weights.
+        model_cfg: the model's ModelConfig.
+        out: the export folder; an existing one is replaced (launch/export_hf.py asks first).
+        tokenizer: a Tokenizer, or a folder holding its tokenizer.model (the files are made from
+            that file, not copied: the folder may hold it alone, or beside the files of a
+            tokenizer it has since replaced).
+    Returns:
+        out.
+    """
     from data_pipeline.tokenizer import Tokenizer
     from model.hf import save_hf
 
-    save_hf(None, model_cfg, out, state_dict=state_dict)
-    Tokenizer.load(tokenizer_dir).save_hf(out)
-    return Path(out)
+    out = Path(out)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    staging = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_hf(None, model_cfg, staging, state_dict=state_dict)
+        tok.save_hf(staging)
+        _fsync_tree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _replace_folder(staging, out)
+    return out
+
+
+def _replace_folder(new: Path, old: Path) -> None:
+    """Move folder `new` to `old`'s path. The old one is moved aside before and deleted after:
+    a crash between the two renames leaves it as .NAME.old beside, never deleted."""
+    if old.exists():
+        aside = old.with_name(f".{old.name}.old")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(old, aside)
+        os.replace(new, old)
+        shutil.rmtree(aside)
+    else:
+        os.replace(new, old)
+    _fsync(old.parent, folder=True)
 
 
 def load_model_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -276,18 +445,60 @@ def _model_weights(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="engine")
 
 
-def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """A trained model and its tokenizer from a Hugging Face export, a checkpoint or a run dir.
+def model_source(path: str | os.PathLike, trust_checkpoint: bool = False) -> Path:
+    """The folder `load_for_inference` reads for `path`, checked without reading it.
 
     Args:
-        path: an HF folder (config.json + weights + tokenizer files), a step_XXXXXXXX checkpoint,
-            or a run directory (its hf/ export if finished, else its newest checkpoint).
+        path: an HF folder (config.json + safetensors weights + tokenizer files), a
+            step_XXXXXXXX checkpoint, or a run directory (its hf/ export if finished, else its
+            newest checkpoint).
+        trust_checkpoint: accept a checkpoint. A checkpoint is code: reading it unpickles
+            files, which can run code. An HF folder (safetensors and JSON) is data: always accepted.
+    Returns:
+        the HF folder (it holds config.json) or the checkpoint folder.
+    Raises:
+        FileNotFoundError: nothing loadable at `path` (the message names it).
+        UntrustedCheckpoint: `path` is a checkpoint, or a run directory without an HF export,
+            and trust_checkpoint is False.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model folder")
+    if (path / "hf" / "config.json").is_file():
+        path = path / "hf"
+    if (path / "config.json").is_file():
+        return path
+    folder = path if (path / META).is_file() else find_latest(path)
+    if folder is None:
+        raise FileNotFoundError(
+            f"{path}: not a Hugging Face export (config.json), a checkpoint or a run directory with one"
+        )
+    if not trust_checkpoint:
+        raise UntrustedCheckpoint(
+            f"{folder} is a training checkpoint, not a Hugging Face export: a checkpoint is code (loading it "
+            "unpickles files and can run code); load only your own runs' checkpoints, with --trust-checkpoint, "
+            "or load an HF export (launch/export_hf.py writes one)"
+        )
+    return folder
+
+
+def load_for_inference(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_checkpoint: bool = False,
+):
+    """A trained model and its tokenizer from a Hugging Face export, or a checkpoint or run dir.
+
+    Args:
+        path: an HF folder, a checkpoint or a run directory (see `model_source`).
         device: where the weights go.
         dtype: their dtype.
+        trust_checkpoint: load a checkpoint too (a checkpoint is code; see `model_source`).
     Returns:
         (Decoder in eval mode, ModelConfig, Tokenizer).
     Raises:
-        FileNotFoundError: nothing loadable at `path` (the message names it).
+        FileNotFoundError, UntrustedCheckpoint: as `model_source`.
         ValueError: the checkpoint's tokenizer folder holds another tokenizer than it trained with.
     """
     from data_pipeline.tokenizer import Tokenizer
@@ -295,23 +506,15 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
     from model.decoder import Decoder
     from model.hf import load_hf
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such model folder")
-    if (path / "hf" / "config.json").is_file():
-        path = path / "hf"
-    if (path / "config.json").is_file():
-        model, model_cfg = load_hf(path, device=device, dtype=dtype)
-        return model.eval(), model_cfg, Tokenizer.load(path)
-    folder = path if (path / META).is_file() else find_latest(path)
-    if folder is None:
-        raise FileNotFoundError(
-            f"{path}: not a Hugging Face export (config.json), a checkpoint or a run directory with one"
-        )
+    folder = model_source(path, trust_checkpoint)
+    if (folder / "config.json").is_file():
+        model, model_cfg = load_hf(folder, device=device, dtype=dtype)
+        return model.eval(), model_cfg, Tokenizer.load(folder)
     meta = read_meta(folder)
-    tok = Tokenizer.load(meta["tokenizer_dir"])
+    tok_dir = checkpoint_tokenizer(folder, meta)
+    tok = Tokenizer.load(tok_dir)
     if meta.get("tokenizer_sha256") not in (None, tok.sha256):
-        raise ValueError(f"{meta['tokenizer_dir']}: not the tokenizer checkpoint {folder} was trained with")
+        raise ValueError(f"{tok_dir}: not the tokenizer checkpoint {folder} was trained with")
     model_cfg = ModelConfig(**meta["model"])
     with torch.device("meta"):
         model = Decoder(model_cfg)

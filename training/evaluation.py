@@ -229,12 +229,13 @@ def rule_judge(item: dict, reply: str) -> float:
     return 2.0 * fact + best_rouge_l(reply, item)
 
 
-def model_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
-    """A judge model given as a Hugging Face folder: the mean log-probability it assigns to the
-    answer's tokens after the prompt (a likelihood judge; a stronger model judges better)."""
+def model_judge(path: str | Path, device: str | torch.device = "cpu", trust_checkpoint: bool = False) -> Judge:
+    """A judge model given as a Hugging Face folder (or, with trust_checkpoint, a checkpoint of
+    your own): the mean log-probability it assigns to the answer's tokens after the prompt (a
+    likelihood judge; a stronger model judges better)."""
     from training.checkpoint import load_for_inference
 
-    judge, _, tok = load_for_inference(path, device)
+    judge, _, tok = load_for_inference(path, device, trust_checkpoint=trust_checkpoint)
 
     @torch.no_grad()
     def scored(item: dict, reply: str) -> float:
@@ -352,7 +353,12 @@ def read_chat_items(path: str | Path, fmt: str, profiles: dict[str, str] | None 
 
 
 def evaluate_checkpoint(
-    path: str | Path, splits: dict[str, list[dict]], heldout: list[str], max_new_tokens: int = 64, device: str = "cpu"
+    path: str | Path,
+    splits: dict[str, list[dict]],
+    heldout: list[str],
+    max_new_tokens: int = 64,
+    device: str = "cpu",
+    trust_checkpoint: bool = False,
 ) -> tuple[dict, dict[str, list[str]]]:
     """Perplexity and role-play scores of one checkpoint.
 
@@ -363,10 +369,11 @@ def evaluate_checkpoint(
         heldout: documents for perplexity (none: no perplexity).
         max_new_tokens: the longest answer.
         device: where to run.
+        trust_checkpoint: `path` may be a checkpoint (a checkpoint is code: see load_for_inference).
     Returns:
         (the eval.json row, the answers by split for GSB).
     """
-    model, model_cfg, tok = _load(path, device)
+    model, model_cfg, tok = _load(path, device, trust_checkpoint)
     row: dict = {"checkpoint": str(path)}
     if heldout:
         row["perplexity"] = perplexity(model, tok, heldout, model_cfg.max_seq_len)
@@ -384,7 +391,7 @@ def evaluate_checkpoint(
     return row, answers
 
 
-def _load(path, device):
+def _load(path, device, trust_checkpoint: bool):
     from training.checkpoint import load_for_inference
 
-    return load_for_inference(path, device)
+    return load_for_inference(path, device, trust_checkpoint=trust_checkpoint)

@@ -35,6 +35,7 @@ from model.hf import load_hf
 from model.loss import IGNORE_INDEX
 from training.checkpoint import (
     TrainState,
+    check_shared_run_dir,
     checkpoint_dir,
     find_latest,
     load_checkpoint,
@@ -47,7 +48,6 @@ from training.engine import (
     Dist,
     all_reduce_sum,
     all_reduce_sum_,
-    barrier,
     broadcast_from_main,
     build_engine,
     init_distributed,
@@ -91,6 +91,7 @@ def train(
         a summary: losses and skipped steps of this attempt, final step, tokens, run_dir, export.
     """
     where = init_distributed(needs_group=cfg.engine != "single", timeout_s=cfg.collective_timeout_s)
+    check_shared_run_dir(cfg.run_dir, where)
     asked, cfg = cfg.train.precision, resolve_precision(cfg, where.device)  # recorded as chosen
     # Each rank-local part that can fail ends in an agreement, so no rank waits for a failed one.
     with together("loading the tokenizer and the model"):
@@ -162,7 +163,7 @@ def train(
             exit_now = state.step == cfg.train.exit_at_step
             final = state.step == cfg.train.max_steps or state.stopped_early or exit_now
             if state.step % cfg.train.checkpoint_every == 0 or final:
-                folder = save_checkpoint(engine, checkpoints, state, steps.state_dict(), where, meta, keep)
+                folder = save_checkpoint(engine, checkpoints, state, steps.state_dict(), where, meta, keep, tokenizer)
                 if on_checkpoint is not None:
                     on_checkpoint(folder, record)
             if state.stopped_early:
@@ -174,7 +175,9 @@ def train(
                 break
 
     finished = state.step == cfg.train.max_steps or state.stopped_early
-    export = export_hf(engine, model_cfg, Path(cfg.run_dir) / "hf", cfg, where) if cfg.export_hf and finished else None
+    export = None
+    if cfg.export_hf and finished:
+        export = export_hf(engine, model_cfg, Path(cfg.run_dir) / "hf", tokenizer, where)
     report.print(f"done: step {state.step}, {state.tokens:,} tokens, {state.skipped_steps} skipped step(s)")
     report.close()
     return {
@@ -312,12 +315,12 @@ def make_stream(
     )
 
 
-def export_hf(engine, model_cfg: ModelConfig, out: Path, cfg: RunConfig, where: Dist) -> Path:
-    """A consolidated Hugging Face export with the tokenizer beside it (a collective)."""
+def export_hf(engine, model_cfg: ModelConfig, out: Path, tokenizer: Tokenizer, where: Dist) -> Path:
+    """A consolidated Hugging Face export with the run's tokenizer beside it (a collective)."""
     state = engine.full_state_dict()
-    if where.is_main:
-        write_export(state, model_cfg, out, Path(cfg.data.train) / "tokenizer")
-    barrier()
+    with together(f"writing the export {out}"):
+        if where.is_main:
+            write_export(state, model_cfg, out, tokenizer)
     return out
 
 
