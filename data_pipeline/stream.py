@@ -15,12 +15,12 @@ integers.
 
 Whole shards or dealt windows. With at least as many shards as ranks, each rank reads whole
 shards (shard i of the epoch's order goes to rank i % world_size). With fewer (one 3 MB shard on
-eight ranks, or a corpus that is one long document), whole shards would leave a rank without
-data, so every rank reads all shards in the epoch's order with the same draws, packs the same
-global windows, and keeps window i when i % world_size == rank. Building a window it skips is
-cheap next to a training step, and reading every shard on every rank costs little while there
-are fewer shards than ranks. Every rank then counts every dropped sample and corrupt shard in its
-own `report` and `stats`.
+eight ranks, or a corpus that is one long document), or where whole shards would leave a rank
+less than one batch in the first epoch (a large shard beside a small one), every rank reads all
+shards in the epoch's order with the same draws, packs the same global windows, and keeps window
+i when i % world_size == rank. Building a window it skips is cheap next to a training step, and
+reading every shard on every rank costs little for data this small. Every rank then counts every
+dropped sample and corrupt shard in its own `report` and `stats`.
 
 Equal batch count. A rank that runs out of data early would leave the others waiting forever at
 the next collective, so every rank yields the same number of batches in an epoch. At the start of
@@ -374,8 +374,6 @@ class PackedStream:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.on_error = max(int(shuffle_buffer), 0), on_error
         self.epochs, self.pad_id, self.vocab_size = epochs, pad_id, vocab_size
-        # too few shards to give each rank whole ones: deal windows (module docstring)
-        self.deal_windows = len(self.shards) < world_size
         self.split_samples = self.manifest["kind"] == "pretrain" if split_samples is None else bool(split_samples)
         if not self.split_samples:
             self._check_lengths()
@@ -383,6 +381,11 @@ class PackedStream:
         self.report = DropReport()
         self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
         self._plans: dict[int, EpochPlan] = {}
+        # Too few shards, or shards too uneven, to give each rank a batch of whole ones: deal
+        # windows (module docstring). Decided from the manifest alone, so alike on every rank.
+        self.deal_windows = len(self.shards) < world_size
+        if not self.deal_windows and world_size > 1 and self.plan(0).batches_per_epoch == 0:
+            self.deal_windows, self._plans = True, {}
         self._epoch, self._batches = 0, 0
         self._reader = _EpochReader(self, 0, self.report, self.stats)
         self._begin_epoch()

@@ -69,11 +69,19 @@ def few_shards(tmp_path_factory) -> dict[str, tuple[Path, list[Sample]]]:
         "sft_1_shard": (_sft_samples(), "sft", 10**9),
         "one_document": (one_document, "pretrain", 10**9),
         "pretrain_4_shards": (_pretrain_samples(), "pretrain", 60_000),
+        # a long document's shard beside a short one's: whole shards give one rank no batch
+        "uneven_2_shards": (make_samples(2, seed=5, min_len=1000, max_len=1000)[:1] + _short(), "pretrain", 4000),
     }
     return {
         name: (write_dataset(tmp_path_factory.mktemp(name), samples, kind=kind, target_bytes=size), samples)
         for name, (samples, kind, size) in made.items()
     }
+
+
+def _short() -> list[Sample]:
+    """One 10-token sample whose ids follow make_samples(1, min_len=1000)'s (ids name positions)."""
+    ids = np.arange(1001, 1011, dtype=np.int32)
+    return [Sample(input_ids=ids, labels=np.append(ids[1:], 0).astype(np.int32))]
 
 
 def dataset(name: str, pretrain, sft, few_shards) -> tuple[Path, list[Sample]]:
@@ -202,6 +210,7 @@ def test_sft_packing_pads_whole_samples_and_drops_overlong(sft):
         ("one_document", 2),
         ("one_document", 3),
         ("pretrain_4_shards", 8),
+        ("uneven_2_shards", 2),
     ],
 )
 def test_ranks_cover_every_sample_once_and_agree_on_the_count(name, world_size, pretrain, sft, few_shards):
@@ -210,7 +219,8 @@ def test_ranks_cover_every_sample_once_and_agree_on_the_count(name, world_size, 
     n_shards = len(load_manifest(data_dir)["shards"])
     where = positions_of(samples)
     ranks = [stream(data_dir, rank=r, world_size=world_size, seed=11) for r in range(world_size)]
-    assert {s.deal_windows for s in ranks} == {n_shards < world_size}
+    assert {s.deal_windows for s in ranks} == {n_shards < world_size or name.startswith("uneven")}
+    assert n_shards == 2 or not name.startswith("uneven")
     for epoch in (0, 1):
         plan = ranks[0].plan(epoch)
         assert {r.batches_per_epoch for r in ranks} == {plan.batches_per_epoch} and plan.batches_per_epoch > 0
@@ -245,7 +255,7 @@ def test_too_little_data_for_a_batch(pretrain, tmp_path):
     # the message names what to change by its flag or config key
     with pytest.raises(DataError, match="rank . of 2 gets .*fewer than one batch of 100000") as e:
         stream(data_dir, batch_size=100_000, world_size=2)
-    for key in ("--shard-mb", "ray.num_workers", "train.micro_batch", "data.seq_len"):
+    for key in ("ray.num_workers", "train.micro_batch", "data.seq_len"):
         assert key in str(e.value)
     with pytest.raises(DataError, match="rank 7 of 8 gets 3 window.*fewer than one batch of 4") as e:
         stream(write_dataset(tmp_path, make_samples(1, min_len=1000, max_len=1000)), world_size=8)
