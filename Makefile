@@ -29,5 +29,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The environment, build outputs and caches only: runs/ (prepared data, checkpoints, exports) is
+# the user's work and is never removed here.
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	find . -path ./runs -prune -o -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -7,6 +7,9 @@ benchmarks/RESULTS.md):
      input and tokens/s of output, with the time spent training the tokenizer shown apart;
   2. stream: PackedStream reading, shuffling and packing those shards into (B, seq_len) batches,
      in tokens/s for one worker (one rank).
+
+--out is emptied before each run, so it must be a folder this benchmark made (it leaves a
+BENCH_MARKER file in it), an empty folder, or a new one: any other folder is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +23,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+BENCH_MARKER = ".crucible_bench_data"
+"""The file that marks a folder as made by this benchmark, so that a later run may empty it."""
+
+
+def claim_out(out: Path) -> None:
+    """Make `out` an empty folder holding only BENCH_MARKER.
+
+    Args:
+        out: the --out folder: new, empty, or made by an earlier run of this benchmark.
+    Raises:
+        SystemExit: `out` holds files and no marker (a folder this benchmark did not make), or
+            is a file; nothing is deleted.
+    """
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"bench_data: --out {out} is a file; give a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / BENCH_MARKER).is_file():
+            raise SystemExit(
+                f"bench_data: --out {out} holds files this benchmark did not write (no {BENCH_MARKER}), and "
+                "each run empties it: give a new or empty folder"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BENCH_MARKER).write_text("made by benchmarks/bench_data.py, which empties this folder on each run\n")
 
 
 def bench_prepare(out: Path, vocab_size: int) -> None:
@@ -66,17 +93,17 @@ def bench_stream(out: Path, seq_len: int, batch_size: int) -> float:
     return tokens / seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out", default="/tmp/crucible_bench_data")
-    args = parser.parse_args()
+    parser.add_argument("--out", default="/tmp/crucible_bench_data", help="scratch folder, emptied on each run")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    claim_out(out)  # before anything else: a wrong --out is refused at once
     if not DATA.is_dir():
         raise SystemExit(f"{DATA} is absent: this benchmark reads the shared real data")
-    out = Path(args.out)
-    shutil.rmtree(out, ignore_errors=True)
     cpu = platform.processor() or platform.machine()
     print(f"machine: {cpu}, {os.cpu_count()} cores, {platform.system()}, python {platform.python_version()}")
     bench_prepare(out, args.vocab_size)

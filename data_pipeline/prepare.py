@@ -7,14 +7,21 @@ reason, so the driver can count every record and nothing disappears without a tr
 
     import_rows (per input file: read + clean)  ─►  add_dedup_keys (per batch)
       ─► Deduplicator (driver, sequential: exact hash + MinHash LSH)
-      ─► [train_tokenizer on kept text]  ─►  encode_rows (per batch)  ─►  write_shards (driver)
+      ─► [train_tokenizer on kept text]  ─►  encode_rows (per batch)  ─►  write_outputs (driver)
+
+Nothing in `--out` is destroyed before its replacement exists (issue 17): the job writes into a
+temporary folder beside it (`build_beside`), and only a finished dataset takes its place
+(`swap_in`), which then deletes just what the earlier dataset's manifest lists; other files in
+`--out` are moved across into the new folder. A failed run leaves `--out` as it was.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +30,8 @@ import numpy as np
 from data_pipeline import clean, dedup, formats
 from data_pipeline.chat import encode_conversation, encode_document
 from data_pipeline.records import Conversation, DataError, Document, DropReport, Sample
-from data_pipeline.shards import ShardWriter, write_manifest
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.shards import MANIFEST_NAME, ShardWriter, load_manifest, sha256_file, write_manifest
+from data_pipeline.tokenizer import HF_FILES, MODEL_FILE, Tokenizer
 
 KINDS = ("pretrain", "sft")
 
@@ -237,27 +244,151 @@ def nothing_kept(report: DropReport, out: str | Path) -> DataError:
 
 
 def write_outputs(
-    samples: Iterable[Sample], tok: Tokenizer, opts: PrepareOptions, report: DropReport, extra: dict | None = None
+    samples: Iterable[Sample],
+    tok: Tokenizer,
+    opts: PrepareOptions,
+    report: DropReport,
+    extra: dict | None = None,
+    out_dir: str | Path | None = None,
 ) -> PrepareResult:
     """Write the shards, the tokenizer (sentencepiece model + HF folder) and manifest.json.
 
+    Args:
+        samples: the tokenized samples, in order.
+        tok: the tokenizer they were encoded with (written to tokenizer/).
+        opts: the preparation options (`opts.out` is the folder that messages name).
+        report: what was read, kept and dropped; goes into the manifest.
+        extra: anything else the manifest should record.
+        out_dir: where to write (the `build_beside` folder of a prepare_data run); default `opts.out`.
+    Returns:
+        The shards and the manifest written.
     Raises:
         DataError: there was no sample to write (see `nothing_kept`); no manifest is written, so
             that an empty dataset fails here rather than at training time.
     """
-    out = Path(opts.out)
+    out = Path(out_dir if out_dir is not None else opts.out)
     out.mkdir(parents=True, exist_ok=True)
     with ShardWriter(out, target_bytes=opts.shard_bytes) as writer:
         for sample in samples:
             writer.write(sample)
     if not writer.shards:
-        raise nothing_kept(report, out)
-    tok_dir = out / "tokenizer"
-    tok_dir.mkdir(exist_ok=True)
-    if Path(tok.path).resolve() != (tok_dir / "tokenizer.model").resolve():
-        shutil.copyfile(tok.path, tok_dir / "tokenizer.model")
-    tok.save_hf(tok_dir)
+        raise nothing_kept(report, opts.out)
+    tok.save_hf(out / "tokenizer")  # tokenizer.model too, so Tokenizer.load(out / "tokenizer") works
     manifest = write_manifest(
         out, kind=opts.kind, shards=writer.shards, tokenizer_sha256=tok.sha256, report=report, extra=extra
     )
     return PrepareResult(report=report, shards=writer.shards, manifest=manifest)
+
+
+# --- replacing --out: build beside it, swap in when finished (issue 17) -------------------
+
+
+@contextmanager
+def build_beside(out: str | Path) -> Iterator[Path]:
+    """A new empty folder `.<name>.tmp-XXXXXXXX` beside `out` (same parent, so the same file system
+    and `swap_in` is a rename), removed when the block is left: after a failure with whatever was
+    written into it, after `swap_in` with nothing left to remove. `out` itself is not touched.
+
+    Args:
+        out: the output folder (its parents are created if missing).
+    Yields:
+        The temporary folder.
+    """
+    out = Path(out).resolve()  # a symlinked --out: build beside the folder it points to
+    out.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield build
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def swap_in(build: str | Path, out: str | Path) -> Path | None:
+    """Put the finished folder `build` in `out`'s place, then delete the earlier dataset.
+
+    `out` is renamed aside and `build` renamed to `out` (two renames: the nearest to atomic that
+    a file system offers for a non-empty folder). Of the folder set aside, only what its manifest
+    lists is deleted (`earlier_dataset`): the manifest, its shards, and tokenizer/'s files when
+    they are the tokenizer that manifest names. Everything else (a user's own tar, notes) is moved
+    across into the new `out`; an entry whose name the new dataset also uses (a shard an
+    unfinished run left without a manifest) cannot be, and stays in a `<name>.previous-XXXXXXXX`
+    folder beside `out`, which is returned.
+
+    Args:
+        build: the folder the new dataset was written into (from `build_beside`).
+        out: the output folder; it may not exist yet.
+    Returns:
+        The folder holding what could not be moved across, or None when nothing was left over.
+    """
+    build, out = Path(build), Path(out).resolve()
+    if not out.exists():
+        build.rename(out)
+        return None
+    # A rename onto an empty folder replaces it: a fresh, unique name for the folder set aside.
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    out.rename(old)
+    try:
+        build.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    try:
+        for path in earlier_dataset(old):
+            path.unlink()
+        _move_across(old, out)
+    finally:
+        kept = _keep_leftovers(old, out)  # also after a failure: what is left stays in sight
+    return kept
+
+
+def earlier_dataset(folder: str | Path) -> list[Path]:
+    """The files of the dataset that `folder`'s manifest describes: the manifest, the shards it
+    lists, and tokenizer/'s files (HF_FILES) when its tokenizer.model is the one the manifest
+    names. An unreadable manifest describes nothing.
+
+    Args:
+        folder: a prepared data folder, or any folder.
+    Returns:
+        Those of the files that exist.
+    """
+    folder = Path(folder)
+    try:
+        manifest = load_manifest(folder)
+    except DataError:
+        return []
+    listed = [folder / MANIFEST_NAME] + [folder / shard["path"] for shard in manifest["shards"]]
+    listed = [p for p in listed if p.parent == folder]  # never a path outside the folder
+    tok_dir = folder / "tokenizer"
+    if (tok_dir / MODEL_FILE).is_file() and sha256_file(tok_dir / MODEL_FILE) == manifest["tokenizer_sha256"]:
+        listed += [tok_dir / name for name in HF_FILES]
+    return [p for p in listed if p.is_file() and not p.is_symlink()]
+
+
+def _move_across(src: Path, dst: Path) -> None:
+    """Move src's entries into dst where dst has none of that name, merging folders; the rest stays."""
+    for entry in sorted(src.iterdir()):
+        target = dst / entry.name
+        if not target.exists() and not target.is_symlink():
+            entry.rename(target)
+        elif entry.is_dir() and not entry.is_symlink() and target.is_dir() and not target.is_symlink():
+            _move_across(entry, target)
+            _remove_if_empty(entry)
+
+
+def _keep_leftovers(old: Path, out: Path) -> Path | None:
+    if _remove_if_empty(old) is None:
+        return None
+    kept = Path(tempfile.mkdtemp(prefix=f"{out.name}.previous-", dir=out.parent))
+    old.rename(kept)
+    return kept
+
+
+def _remove_if_empty(folder: Path) -> Path | None:
+    """Remove folder and any empty folders within it; return it if something is left in it."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            _remove_if_empty(entry)
+    if any(folder.iterdir()):
+        return folder
+    folder.rmdir()
+    return None

@@ -28,15 +28,19 @@ import io
 import json
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece as spm
 
+from data_pipeline.files import write_atomically, write_files_atomically
 from data_pipeline.records import DataError
 
 MODEL_FILE = "tokenizer.model"
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", MODEL_FILE, "generation_config.json")
+"""The files `Tokenizer.save_hf` writes (and the only ones it replaces in a folder)."""
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IM_START, IM_END)
@@ -81,6 +85,7 @@ def train_tokenizer(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = _sample_lines(_training_lines(texts, max_sentence_length), input_sentence_size, seed)
+    explicit_coverage = character_coverage
     if character_coverage is None:
         lines, character_coverage = _limit_characters(lines, vocab_size), 0.9995
     model = io.BytesIO()
@@ -112,15 +117,23 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as e:
-        raise DataError(
-            f"training a {vocab_size}-piece tokenizer for {out} on {len(lines)} lines failed: {e}. If the "
-            "vocabulary is smaller than the required characters, raise vocab_size or lower character_coverage."
-        ) from e
+        raise _training_error(e, vocab_size, len(lines), explicit_coverage) from e
     path = out / MODEL_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)  # atomic: a reader never sees half a model
+    write_atomically(path, model.getvalue())  # a reader, or a failed rewrite, never sees half a model
     return Tokenizer.load(path)
+
+
+def _training_error(error: RuntimeError, vocab_size: int, n_lines: int, coverage: float | None) -> DataError:
+    """Sentencepiece's refusal, with advice that names prepare_data's flag (what users set)
+    rather than sentencepiece's options or this module's arguments."""
+    # Its message is "<source line> [<assertion>] <what> <advice in its own option names>".
+    detail = re.split(r"\.? (?:Please|Increase) ", str(error).rsplit("] ", 1)[-1])[0].rstrip(".")
+    if at_most := re.search(r"<= (\d+)", str(error)):
+        advice = f"give more text or a --vocab-size of at most {at_most[1]}"
+    else:
+        lower = "" if coverage is None else f", or lower character_coverage ({coverage})"
+        advice = f"if the vocabulary is smaller than the characters need, raise --vocab-size{lower}"
+    return DataError(f"training a {vocab_size}-piece tokenizer on {n_lines} lines failed: {detail}; {advice}")
 
 
 def _training_lines(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
@@ -200,7 +213,10 @@ class Tokenizer:
         if path.is_dir():
             path = path / MODEL_FILE
         if not path.is_file():
-            raise DataError(f"tokenizer model {path} does not exist; train one with train_tokenizer()")
+            raise DataError(
+                f"tokenizer model {path} does not exist: give the folder a prepare_data run wrote (its "
+                "tokenizer/), or train one with launch/prepare_data.py pretrain --vocab-size N"
+            )
         model_bytes = path.read_bytes()
         sp = spm.SentencePieceProcessor()
         try:
@@ -210,8 +226,8 @@ class Tokenizer:
         for i, token in enumerate(SPECIAL_TOKENS):
             if sp.get_piece_size() <= i or sp.id_to_piece(i) != token:
                 raise DataError(
-                    f"tokenizer model {path} does not hold {token!r} at id {i}; it was not trained by "
-                    "Crucible's train_tokenizer()"
+                    f"tokenizer model {path} does not hold {token!r} at id {i}, so it was not trained by "
+                    "Crucible: train one with launch/prepare_data.py pretrain --vocab-size N"
                 )
         if any("\n" in sp.id_to_piece(i) for i in range(sp.get_piece_size())):
             raise DataError(f"tokenizer model {path} has a piece containing a newline; the chat template needs none")
@@ -260,8 +276,13 @@ class Tokenizer:
         of a model copies it, and transformers' `generate` then stops at `<|im_end|>` (the end
         of an assistant turn) or `</s>`, as launch/chat.py does; config.json names no eos.
 
+        Each file is replaced whole (written to a temporary name in the folder, fsynced, renamed),
+        and none is replaced before all are written: a save that fails (a full disk) over an
+        earlier tokenizer leaves the earlier files whole and loadable.
+
         Args:
-            out_dir: the folder (created if missing); its tokenizer files are overwritten.
+            out_dir: the folder (created if missing); its files named in HF_FILES are replaced,
+                any other file is left alone.
         Returns:
             The folder.
         """
@@ -269,7 +290,6 @@ class Tokenizer:
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self._fast_tokenizer().save(str(out / "tokenizer.json"))
         special = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
@@ -281,11 +301,15 @@ class Tokenizer:
             "model_max_length": 1_000_000_000,
             "chat_template": CHAT_TEMPLATE,
         }
-        _write_json(out / "tokenizer_config.json", config)
-        _write_json(out / "special_tokens_map.json", {**special, "additional_special_tokens": [IM_START, IM_END]})
-        (out / MODEL_FILE).write_bytes(self._model_bytes)
         stop = {"bos_token_id": self.bos_id, "eos_token_id": [self.im_end_id, self.eos_id], "pad_token_id": self.pad_id}
-        _write_json(out / "generation_config.json", stop)
+        contents = {
+            "tokenizer.json": self._fast_tokenizer().to_str(pretty=True),  # what tokenizers' own save() writes
+            "tokenizer_config.json": _json_text(config),
+            "special_tokens_map.json": _json_text({**special, "additional_special_tokens": [IM_START, IM_END]}),
+            MODEL_FILE: self._model_bytes,
+            "generation_config.json": _json_text(stop),
+        }
+        write_files_atomically({out / name: data for name, data in contents.items()})
         return out
 
     def _fast_tokenizer(self):
@@ -339,5 +363,5 @@ def _bpe_merges(pieces: list[str], not_mergeable: set[str]) -> list[tuple[str, s
     return merges
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+def _json_text(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"

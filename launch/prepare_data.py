@@ -6,6 +6,11 @@ Raw text or chat data → cleaned, deduplicated, tokenized webdataset shards wit
 and the tokenizer beside them. Runs as a Ray Data job: on a local Ray by default, on a cluster
 with --address. The stages themselves are plain functions in data_pipeline/prepare.py; this file
 only wires them into Ray Data (data_pipeline/ never imports ray).
+
+The job writes into a temporary folder beside --out (`.NAME.tmp-XXXXXXXX`) that takes --out's
+place only when the dataset is complete: a failed run leaves --out as it was. An --out that holds
+an earlier dataset is refused unless --overwrite is given; then only what that dataset's manifest
+lists is deleted, and any other file in --out is kept (data_pipeline.prepare.swap_in).
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from data_pipeline.prepare import (
     PrepareOptions,
     PrepareResult,
     add_dedup_keys,
+    build_beside,
     encode_rows,
     import_rows,
     nothing_kept,
+    swap_in,
     write_outputs,
 )
 from data_pipeline.records import DataError, DropReport, Sample
@@ -47,7 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument("--input", nargs="+", required=True, help="input files or folders")
         p.add_argument("--out", required=True, help="output folder (shards, manifest.json, tokenizer/)")
         p.add_argument(
-            "--overwrite", action="store_true", help="replace the shards and manifest an earlier run left in --out"
+            "--overwrite",
+            action="store_true",
+            help="replace the dataset an earlier run left in --out, once the new one is complete (deletes what "
+            "its manifest lists; other files in --out are kept)",
         )
         p.add_argument("--tokenizer", help="an existing tokenizer.model (or a folder holding one)")
         p.add_argument(
@@ -113,18 +123,40 @@ def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             Tokenizer.load(args.tokenizer)
         except DataError as error:
             parser.error(f"--tokenizer {args.tokenizer}: {error}")
-    if _earlier_outputs(Path(args.out)) and not args.overwrite:
+    _check_out(parser, args)
+
+
+def _check_out(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--out must be a folder (or not exist yet) whose parent is writable and hold no dataset unless
+    --overwrite: the new dataset is built beside it and renamed into its place, and a wrong --out
+    should fail now, not after the job."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder (new, empty, or an earlier dataset's)")
+    if os.path.ismount(out.resolve()):  # a mount point cannot be renamed
+        parser.error(f"--out {args.out} is a mount point; give a folder inside it (e.g. {out / 'data'})")
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
         parser.error(
-            f"--out {args.out} already holds shards or a manifest from another run; give an empty or new folder, "
-            "or pass --overwrite to replace them"
+            f"--out {args.out}: cannot write in {parent} (permission denied), where the new dataset is built "
+            "before it replaces --out"
+        )
+    earlier = _earlier_outputs(out)
+    if earlier and not args.overwrite:
+        names = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        parser.error(
+            f"--out {args.out} already holds shards or a manifest ({names}); give an empty or new folder, or pass "
+            "--overwrite to replace the earlier dataset (only what its manifest lists is deleted)"
         )
 
 
 def _earlier_outputs(out: Path) -> list[Path]:
-    """What an earlier run left in --out that a new one would mix with (its tokenizer is rewritten)."""
+    """What an earlier run left in --out that a new one would be mistaken for, or mixed with."""
     if not out.is_dir():
         return []
-    return [p for p in (out / MANIFEST_NAME, *out.glob("*.tar"), *out.glob("*.tar.tmp")) if p.exists()]
+    return [p for p in (out / MANIFEST_NAME, *sorted(out.glob("*.tar")), *sorted(out.glob("*.tar.tmp"))) if p.exists()]
 
 
 def options(args: argparse.Namespace) -> PrepareOptions:
@@ -144,10 +176,23 @@ def options(args: argparse.Namespace) -> PrepareOptions:
     )
 
 
-def run(opts: PrepareOptions, tokenizer: str | None, vocab_size: int | None) -> PrepareResult:
+def run(
+    opts: PrepareOptions, tokenizer: str | None, vocab_size: int | None, out_dir: str | Path | None = None
+) -> PrepareResult:
     """The Ray Data job: import+clean per file, dedup keys per batch, dedup decisions in order,
-    tokenizer, tokenization per batch, shards written in order."""
+    tokenizer, tokenization per batch, shards written in order.
+
+    Args:
+        opts: what to prepare; `opts.out` is the folder the messages name.
+        tokenizer: an existing tokenizer (--tokenizer), or None to train one of `vocab_size` pieces.
+        vocab_size: the size of the tokenizer to train (--vocab-size).
+        out_dir: the folder to write into (main's temporary folder beside --out); default `opts.out`.
+    Returns:
+        The shards and manifest written into `out_dir`.
+    """
     import ray.data
+
+    out_dir = Path(out_dir if out_dir is not None else opts.out)
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # reproducible shards
@@ -186,11 +231,12 @@ def run(opts: PrepareOptions, tokenizer: str | None, vocab_size: int | None) -> 
         tok = Tokenizer.load(tokenizer)
     else:
         texts = (r["payload"] for r in unique.iter_rows())  # only pretraining trains a tokenizer
-        tok = train_tokenizer(texts, vocab_size, Path(opts.out) / "tokenizer")
+        tok = train_tokenizer(texts, vocab_size, out_dir / "tokenizer")
     encoded = unique.map_batches(
         encode_rows, fn_kwargs={"tokenizer_path": str(tok.path), "opts": opts}, batch_format="numpy"
     )
-    return write_outputs(_samples(encoded, report), tok, opts, report, extra={"options": vars(opts)})
+    samples = _samples(encoded, report)
+    return write_outputs(samples, tok, opts, report, extra={"options": vars(opts)}, out_dir=out_dir)
 
 
 def _samples(encoded, report: DropReport):
@@ -206,22 +252,31 @@ def _samples(encoded, report: DropReport):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for stale in _earlier_outputs(Path(args.out)):  # only with --overwrite (parse_args refuses otherwise)
-        stale.unlink()
     opts = options(args)
     init_ray(args.address)
     import ray  # after init_ray, which sets how a local Ray binds
 
-    try:
-        result = run(opts, args.tokenizer, getattr(args, "vocab_size", None))
-    except DataError as error:
-        print(f"prepare_data: error: {error}", file=sys.stderr)
-        return 1
-    finally:
-        ray.shutdown()
+    # Built beside --out and swapped in when complete: a failure (or Ctrl-C) leaves --out as it was.
+    with build_beside(opts.out) as build:
+        try:
+            result = run(opts, args.tokenizer, getattr(args, "vocab_size", None), out_dir=build)
+        except DataError as error:
+            print(f"prepare_data: error: {error}", file=sys.stderr)
+            if Path(opts.out).exists():
+                print(f"prepare_data: nothing in --out {opts.out} was changed", file=sys.stderr)
+            return 1
+        finally:
+            ray.shutdown()
+        kept_aside = swap_in(build, opts.out)
     print(result.report.table())
     total, kept = sum(s["tokens"] for s in result.shards), result.report.kept_records
-    print(f"wrote {len(result.shards)} shards, {kept:,} samples, {total:,} tokens → {result.manifest}")
+    manifest = Path(opts.out) / MANIFEST_NAME
+    print(f"wrote {len(result.shards)} shards, {kept:,} samples, {total:,} tokens → {manifest}")
+    if kept_aside:
+        print(
+            f"prepare_data: --out {opts.out} held files that no manifest there lists and whose names the new "
+            f"dataset uses (left by an unfinished run?); they were not deleted but moved to {kept_aside}"
+        )
     return 0
 
 

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipeline.shards import load_manifest
+from data_pipeline.shards import MANIFEST_NAME, load_manifest
 from data_pipeline.stream import PackedStream
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import HF_FILES, Tokenizer
 from model.loss import IGNORE_INDEX
 from tests.conftest import ROOT
 
@@ -151,6 +151,7 @@ def test_wrong_values_are_usage_errors_before_ray_starts(tmp_path, capsys):
         f"--tokenizer {not_a_model}": [*base, "--tokenizer", str(not_a_model)],
         f"--tokenizer {tmp_path}": [*base, "--tokenizer", str(tmp_path)],  # a folder without tokenizer.model
         f"--out {used}": ["pretrain", "--input", str(text), "--out", str(used), "--vocab-size", "300"],
+        f"--out {text} is a file": ["pretrain", "--input", str(text), "--out", str(text), "--vocab-size", "300"],
     }
     for flag, argv in cases.items():
         with pytest.raises(SystemExit) as exit_info:
@@ -184,3 +185,129 @@ def test_sft_same_turns_under_another_card_are_kept_copies_across_files_are_not(
     assert manifest["input_records"] == 3 and manifest["dropped"] == {"exact_duplicate": 1}
     assert manifest["kept_records"] == sum(s["samples"] for s in manifest["shards"]) == 2
     assert re.search(rf"dropped: exact_duplicate +1 +{re.escape(str(second))}:1", result.stdout), result.stdout
+
+
+# --- --overwrite: nothing destroyed before its replacement exists (issue 17) ---------------
+
+
+def _docs(tag: str, n: int = 60) -> list[str]:
+    return [f"{tag} document number {i}: {' '.join(f'{tag}{i * j % 97}' for j in range(12))}" for i in range(n)]
+
+
+def _earlier_dataset(out):
+    """A dataset as prepare_data leaves it (several shards, manifest, tokenizer/), made without Ray."""
+    from data_pipeline.chat import encode_document
+    from data_pipeline.prepare import PrepareOptions, write_outputs
+    from data_pipeline.records import DropReport
+    from data_pipeline.tokenizer import train_tokenizer
+
+    texts = _docs("old")
+    tok = train_tokenizer(texts, 300, out.parent / "old_tok")
+    opts = PrepareOptions("pretrain", ["old.txt"], str(out), shard_bytes=2048)
+    result = write_outputs((encode_document(t, tok) for t in texts), tok, opts, DropReport(input_records=len(texts)))
+    assert len(result.shards) > 2
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _files(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _new_input(tmp_path, bad_line: bool = False):
+    path = tmp_path / "new.jsonl"
+    lines = [json.dumps({"text": t}) for t in _docs("new", 40)]
+    if bad_line:
+        lines.insert(20, "{oops")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_overwrite_that_fails_on_a_bad_record_leaves_the_earlier_dataset(tmp_path):
+    out = tmp_path / "o"
+    before = _earlier_dataset(out)
+    bad = _new_input(tmp_path, bad_line=True)
+    result = prepare("pretrain", "--input", str(bad), "--vocab-size", "300", "--out", str(out), "--overwrite")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert _files(out) == before  # manifest, every shard and tokenizer/ byte-identical
+    assert f"{bad}:21" in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"nothing in --out {out} was changed" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "o", "old_tok"]  # no temporary folder
+
+
+# Crash the job after its tokenizer and shards are written, before the manifest: a fault mid-job.
+_CRASH_BEFORE_MANIFEST = """
+import sys
+import data_pipeline.prepare
+def crash(*args, **kwargs):
+    raise RuntimeError("simulated crash after the shards were written")
+data_pipeline.prepare.write_manifest = crash
+from launch.prepare_data import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_overwrite_that_crashes_mid_job_leaves_the_earlier_dataset(tmp_path):
+    out = tmp_path / "o"
+    before = _earlier_dataset(out)
+    args = ["pretrain", "--input", str(_new_input(tmp_path)), "--vocab-size", "300", "--out", str(out), "--overwrite"]
+    result = subprocess.run(
+        [sys.executable, "-c", _CRASH_BEFORE_MANIFEST, *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert result.returncode != 0 and "simulated crash" in result.stderr, result.stderr[-3000:]
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "o", "old_tok"]
+
+
+def test_overwrite_replaces_only_what_the_earlier_manifest_lists(tmp_path):
+    out = tmp_path / "o"
+    before = _earlier_dataset(out)
+    mine = {"mine.tar": b"a user's own archive, not Crucible's", "notes.txt": b"my notes\n"}
+    mine["tokenizer/README.md"] = b"which tokenizer this is\n"
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    result = prepare(
+        "pretrain", "--input", str(_new_input(tmp_path)), "--vocab-size", "300", "--out", str(out), "--overwrite"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = load_manifest(out)
+    assert manifest["kept_records"] == 40 and len(manifest["shards"]) == 1
+    tok = Tokenizer.load(out / "tokenizer")
+    assert tok.sha256 == manifest["tokenizer_sha256"]
+    after = _files(out)
+    for name, data in mine.items():
+        assert after[name] == data, name  # the user's files are kept where they were
+    new_files = {MANIFEST_NAME} | {s["path"] for s in manifest["shards"]} | {f"tokenizer/{n}" for n in HF_FILES}
+    assert set(after) == new_files | set(mine)  # the earlier shards past the new ones are gone
+    assert after["tokenizer/tokenizer.model"] != before["tokenizer/tokenizer.model"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "o", "old_tok"]  # nothing set aside
+
+
+def test_swap_in_keeps_unlisted_files_whose_names_the_new_dataset_uses(tmp_path):
+    """Shards without a manifest (an unfinished run's) are not the earlier dataset's: not deleted,
+    and since the new dataset uses their names, kept in a folder beside --out."""
+    from data_pipeline.prepare import build_beside, swap_in
+
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "shard-000000.tar").write_bytes(b"stale")
+    (out / "notes.txt").write_bytes(b"mine")
+    with build_beside(out) as build:
+        assert build.parent == tmp_path and build.name.startswith(".o.tmp-")
+        (build / "shard-000000.tar").write_bytes(b"new")
+        (build / MANIFEST_NAME).write_text("{}")
+        kept = swap_in(build, out)
+    assert _files(out) == {MANIFEST_NAME: b"{}", "notes.txt": b"mine", "shard-000000.tar": b"new"}
+    assert kept is not None and kept.name.startswith("o.previous-") and _files(kept) == {"shard-000000.tar": b"stale"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", kept.name]
+
+
+def test_build_beside_removes_its_folder_when_the_job_fails(tmp_path):
+    from data_pipeline.prepare import build_beside
+
+    out = tmp_path / "o"
+    before = _earlier_dataset(out)
+    with pytest.raises(RuntimeError, match="mid-job"), build_beside(out) as build:
+        (build / "shard-000000.tar").write_bytes(b"half")
+        raise RuntimeError("mid-job")
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "old_tok"]

@@ -211,3 +211,90 @@ def test_train_error_is_a_data_error(tmp_path):
     text = "".join(chr(0x4E00 + i) for i in range(3500))
     with pytest.raises(DataError, match="character_coverage"):
         train_tokenizer([text], 300, tmp_path, character_coverage=1.0)
+
+
+# --- failures leave whole files; messages name flags ---------------------------------------
+
+# Run in a child process: a file size limit makes a write fail part-way, as a full disk does.
+_WRITE_UNDER_LIMIT = """
+import resource, signal, sys
+from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+limit, action, src, dest = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, not a signal
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    if action == "save_hf":
+        Tokenizer.load(src).save_hf(dest)
+    else:
+        train_tokenizer([f"another corpus, line {i} of many" for i in range(200)], 320, dest)
+except Exception as e:
+    sys.exit(f"failed: {e}")
+"""
+
+
+def _write_under_limit(limit, action, src, dest):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    return subprocess.run(
+        [sys.executable, "-c", _WRITE_UNDER_LIMIT, str(limit), action, str(src), str(dest)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+
+
+def _small_corpus():
+    return [f"hello there, general kenobi, said line {i}" for i in range(200)]
+
+
+def test_a_save_that_fails_part_way_leaves_the_earlier_tokenizer_whole(tmp_path):
+    """Issue 17: a save over an earlier tokenizer that fails mid-file (a full disk) replaces no file;
+    the earlier files are byte-identical and load, and no temporary file is left."""
+    from tokenizers import Tokenizer as FastTokenizer
+
+    from data_pipeline.tokenizer import HF_FILES
+
+    folder = train_tokenizer(_small_corpus(), 300, tmp_path / "old").save_hf(tmp_path / "hf")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(HF_FILES)
+    newer = train_tokenizer([t.upper() for t in _small_corpus()], 320, tmp_path / "new")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    limit = (folder / "tokenizer.json").stat().st_size // 2  # below the first file written, above the smallest
+    result = _write_under_limit(limit, "save_hf", newer.path, folder)
+    assert result.returncode != 0 and "failed:" in result.stderr, result.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert Tokenizer.load(folder).sha256 != newer.sha256
+    FastTokenizer.from_file(str(folder / "tokenizer.json"))
+    # and with room to write, the same save replaces all of them
+    assert _write_under_limit(10**8, "save_hf", newer.path, folder).returncode == 0
+    assert Tokenizer.load(folder).sha256 == newer.sha256
+    assert sorted(p.name for p in folder.iterdir()) == sorted(HF_FILES)
+
+
+def test_training_that_fails_to_write_keeps_the_earlier_model(tmp_path):
+    old = train_tokenizer(_small_corpus(), 300, tmp_path)
+    before = old.path.read_bytes()
+    result = _write_under_limit(len(before) // 2, "train", "-", tmp_path)
+    assert result.returncode != 0 and "failed:" in result.stderr, result.stderr[-2000:]
+    assert old.path.read_bytes() == before and Tokenizer.load(tmp_path).sha256 == old.sha256
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.model"]  # no temporary file left
+
+
+def test_messages_name_the_flag_not_a_function(tmp_path):
+    import sentencepiece as spm
+
+    with pytest.raises(DataError) as missing:
+        Tokenizer.load(tmp_path / "nope")
+    lines = ["the quick brown fox jumps over the lazy dog"] * 50
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "plain"), vocab_size=31, minloglevel=2
+    )
+    with pytest.raises(DataError) as foreign:
+        Tokenizer.load(tmp_path / "plain.model")
+    with pytest.raises(DataError) as too_big:
+        train_tokenizer(lines, 2000, tmp_path / "big")  # more pieces than this text has
+    for error in (missing, foreign, too_big):
+        message = str(error.value)
+        assert "--vocab-size" in message, message
+        assert "train_tokenizer" not in message and "()" not in message, message
+    assert "--vocab-size of at most" in str(too_big.value)

@@ -6,9 +6,10 @@ a worker dies; the restarted loop resumes from the newest complete checkpoint in
 (`resume=auto`), so run_dir must be on storage every node sees. Each checkpoint is also reported
 to Ray with the step's metrics.
 
-An error that a restart would only meet again (a bad config, bad data, a run that diverged) is
-written to run_dir/fatal_error.json by the worker that meets it; restarted workers then fail at
-once instead of training up to it again, and `run` raises that error, not Ray's wrapper of it.
+An error that a restart would only meet again (a bad config, an `init_from` whose weights do not
+load, bad data, a run that diverged) is written to run_dir/fatal_error.json by the worker that
+meets it; restarted workers then fail at once instead of training up to it again, and `run`
+raises that error, not Ray's wrapper of it. The process group's timeout is collective_timeout_s.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def run(cfg: RunConfig) -> dict:
     import ray
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else gpus > 0
@@ -61,6 +62,8 @@ def run(cfg: RunConfig) -> dict:
     trainer = TorchTrainer(
         _worker,
         train_loop_config={"cfg": asdict(cfg), "start_step": start_step},
+        # Ray Train makes the process group before the loop runs, so the loop's timeout is set here
+        torch_config=TorchConfig(timeout_s=cfg.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu),
         run_config=RayRunConfig(
             name=run_dir.name,
