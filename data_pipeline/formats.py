@@ -132,8 +132,8 @@ def _not_utf8(text: str) -> _RecordError:
     return _RecordError(
         "undecodable_bytes",
         f"not UTF-8 (byte 0x{byte:02X}): {what}. Re-encode it as UTF-8 (e.g. {example}), or replace such "
-        "bytes with U+FFFD (bad_bytes='replace', prepare_data.py --bad-bytes replace), or drop and count "
-        "the records that hold them (on_error='skip', --on-error skip)",
+        "bytes with U+FFFD (prepare_data.py --bad-bytes replace), or drop and count the records that hold "
+        "them (--on-error skip)",
     )
 
 
@@ -145,7 +145,7 @@ def _check_characters(value: str, what: str) -> None:
             "lone_surrogate",
             f"{what} holds a lone surrogate \\u{ord(match.group()):04x} (a JSON escape for half of a "
             "UTF-16 pair, such as an emoji cut in two), which is not a character: fix the escape, or drop "
-            "and count such records (on_error='skip', prepare_data.py --on-error skip)",
+            "and count such records (prepare_data.py --on-error skip)",
         )
 
 

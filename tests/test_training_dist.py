@@ -2,7 +2,7 @@
 resume through the real launchers, and a Ray worker killed mid-run.
 
 References: world 1 × micro-batch 8 is the reference of world 2 × accumulation 2 × micro-batch 2
-(fp32, losses to 1e-5, parameters to 1e-5); an uninterrupted run is the reference of a resumed one
+(fp32, losses to 1e-5, parameters to 3e-5 after three AdamW steps); an uninterrupted run is the reference of a resumed one
 (fp32, losses to 1e-6).
 """
 
@@ -74,7 +74,9 @@ def test_world2_accum2_mb2_equals_world1_mb8(engine, training_data, tmp_path):
     a, b = exported(tmp_path / "ref"), exported(tmp_path / "dist")
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5, msg=name)
+        # Adam divides by sqrt(v): where a weight's gradient is tiny, the fp32 rounding of another
+        # summation order (two ranks, two micro-batches) moves its update by up to ~1e-5 of lr 3e-3
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=3e-5, msg=name)
     assert any((a[n] != exported_init(ref_cfg)[n]).any() for n in a), "the weights must have moved"
 
     # control: a naive mean of per-micro-batch means weights the rows differently, which moves
