@@ -40,9 +40,8 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     if local:
         if "ray" in sys.modules and os.environ.get(CLUSTER_MODE) != "0":
             raise RayAddressError(
-                f"ray was imported before launch.ray_cluster.init_ray set {CLUSTER_MODE}=0, so a local "
-                f"Ray would listen on this machine's network address: import ray only after init_ray "
-                f"(or export {CLUSTER_MODE}=0)"
+                f"ray was imported before {CLUSTER_MODE}=0 was set, so a local Ray would listen on this "
+                f"machine's network address: export {CLUSTER_MODE}=0 before starting Python"
             )
         os.environ[CLUSTER_MODE] = "0"
         # "local": a Ray of its own; ray.init() would join one that `ray start` left on this machine

@@ -2,8 +2,8 @@
 resume through the real launchers, and a Ray worker killed mid-run.
 
 References: world 1 × micro-batch 8 is the reference of world 2 × accumulation 2 × micro-batch 2
-(fp32, losses to 1e-5, parameters to 3e-5 after three AdamW steps); an uninterrupted run is the reference of a resumed one
-(fp32, losses to 1e-6).
+(fp32, losses to 1e-5, parameters to 3e-5 after three AdamW steps); an uninterrupted run is the
+reference of a resumed one (fp32, losses to 1e-6).
 """
 
 from __future__ import annotations
