@@ -18,6 +18,7 @@ temporary folder beside it (`build_beside`), and only a finished dataset takes i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -297,10 +298,20 @@ def build_beside(out: str | Path) -> Iterator[Path]:
     out = Path(out).resolve()  # a symlinked --out: build beside the folder it points to
     out.parent.mkdir(parents=True, exist_ok=True)
     build = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    build.chmod(_folder_mode(out))  # mkdtemp's 0700 would become --out's: unreadable to the team
     try:
         yield build
     finally:
         shutil.rmtree(build, ignore_errors=True)
+
+
+def _folder_mode(out: Path) -> int:
+    """The permissions `out` has, or a new folder would get under the umask."""
+    if out.is_dir():
+        return out.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
 
 
 def swap_in(build: str | Path, out: str | Path) -> Path | None:

@@ -1,8 +1,8 @@
 """The training side of the data: each rank streams its own shards, shuffles and packs them.
 
     manifest.json ─► assign_shards (per epoch, seeded) ─► read_shard (sha256, token ids checked)
-        ─► shuffle buffer ─► pack into seq_len windows ─► [fewer shards than ranks: every
-           world_size-th window] ─► batches of
+        ─► shuffle buffer ─► pack into seq_len windows ─► [dealt epochs: every world_size-th
+           window] ─► batches of
            {tokens, labels, position_ids, doc_ids}, each int64 (batch_size, seq_len)
 
 Randomness. Every draw is derived from (seed, epoch, walk, shard position), never from a running
@@ -13,14 +13,20 @@ many samples each shard holds, not on their contents, which lets every rank repl
 of every other rank from the manifest's sample lengths, and it keeps the resume state to plain
 integers.
 
-Whole shards or dealt windows. With at least as many shards as ranks, each rank reads whole
-shards (shard i of the epoch's order goes to rank i % world_size). With fewer (one 3 MB shard on
-eight ranks, or a corpus that is one long document), or where whole shards would leave a rank
-less than one batch in the first epoch (a large shard beside a small one), every rank reads all
-shards in the epoch's order with the same draws, packs the same global windows, and keeps window
-i when i % world_size == rank. Building a window it skips is cheap next to a training step, and
-reading every shard on every rank costs little for data this small. Every rank then counts every
-dropped sample and corrupt shard in its own `report` and `stats`.
+Whole shards or dealt windows, chosen per epoch. Whole shards: shard i of the epoch's order goes
+to rank i % world_size, which reads only its own. Dealt windows: every rank reads all shards in
+the epoch's order with the same draws, packs the same global windows, and keeps window i when
+i % world_size == rank. An epoch is dealt when there are fewer shards than ranks (one 3 MB shard
+on eight ranks, a corpus that is one long document), or when whole shards would give fewer than
+half the batches that dealing gives, zero included (a long document's shard beside a short one,
+or an epoch whose reshuffled order hands the large shards to some ranks and little to another).
+Otherwise whole shards, even where they give a few batches fewer: dealing makes every rank read
+every shard, world_size times the reading, which is fine for data this small but not at scale
+(10,000 balanced shards on 512 ranks: whole shards give ~0.97 of dealing's batches). The choice
+depends on the manifest and the layout alone, so every rank makes the same one and a resume makes
+it again; it can differ from one epoch to the next. Building a window a rank skips is cheap next
+to a training step. In a dealt epoch every rank counts every dropped sample and corrupt shard in
+its own `report` and `stats`.
 
 Equal batch count. A rank that runs out of data early would leave the others waiting forever at
 the next collective, so every rank yields the same number of batches in an epoch. At the start of
@@ -165,6 +171,8 @@ class EpochPlan:
     """What every rank's shards give in one epoch, and the batch count they agree on."""
 
     epoch: int
+    dealt: bool
+    """Every rank reads all shards and keeps every world_size-th window; False: whole shards."""
     windows: list[int]
     """Full windows per rank (before the cut)."""
     batches_per_epoch: int
@@ -188,7 +196,7 @@ class _EpochReader:
         self.s, self.epoch, self.report, self.stats = stream, epoch, report, stats
         self.shard_ids, self.walk = stream.reading_order(epoch, stream.rank)
         # this rank keeps built window i when i % stride == phase (all of them for whole shards)
-        self.stride, self.phase = (stream.world_size, stream.rank) if stream.deal_windows else (1, 0)
+        self.stride, self.phase = (stream.world_size, stream.rank) if stream.plan(epoch).dealt else (1, 0)
         self.built = 0  # windows built this epoch, kept or not
         self.cursor = 0  # position in shard_ids of the shard being read
         self.offset = 0  # samples of that shard already taken into the buffer
@@ -381,11 +389,7 @@ class PackedStream:
         self.report = DropReport()
         self.stats: dict[str, int] = dict.fromkeys(_STATS, 0)
         self._plans: dict[int, EpochPlan] = {}
-        # Too few shards, or shards too uneven, to give each rank a batch of whole ones: deal
-        # windows (module docstring). Decided from the manifest alone, so alike on every rank.
-        self.deal_windows = len(self.shards) < world_size
-        if not self.deal_windows and world_size > 1 and self.plan(0).batches_per_epoch == 0:
-            self.deal_windows, self._plans = True, {}
+        self._dealt_batches_at_most = self._bound_dealt_batches()
         self._epoch, self._batches = 0, 0
         self._reader = _EpochReader(self, 0, self.report, self.stats)
         self._begin_epoch()
@@ -408,7 +412,11 @@ class PackedStream:
             )
 
     def plan(self, epoch: int) -> EpochPlan:
-        """Windows per rank and the agreed batch count for an epoch, from the manifest alone.
+        """Whole shards or dealt windows, windows per rank and the agreed batch count for an epoch.
+
+        From the manifest and the layout alone, so every rank (and a resume) gets the same plan.
+        Dealt where there are fewer shards than ranks or whole shards give fewer than half the
+        batches that dealing gives (module docstring).
 
         Args:
             epoch: the epoch (0-based).
@@ -417,18 +425,45 @@ class PackedStream:
         """
         if epoch in self._plans:
             return self._plans[epoch]
+        whole = self._plan(epoch, dealt=False) if len(self.shards) >= self.world_size else None
+        # the bound settles most epochs without replaying the shuffle of all shards once more
+        if whole is not None and (self.world_size == 1 or 2 * whole.batches_per_epoch >= self._dealt_batches_at_most):
+            plan = whole
+        else:
+            dealt = self._plan(epoch, dealt=True)
+            plan = dealt if whole is None or 2 * whole.batches_per_epoch < dealt.batches_per_epoch else whole
+        self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1} | {epoch: plan}
+        return plan
+
+    def _plan(self, epoch: int, dealt: bool) -> EpochPlan:
+        """The plan of an epoch read one way (whole shards needs at least one per rank)."""
         W = self.world_size
-        if self.deal_windows:
-            built, tail = self._count_windows(*self.reading_order(epoch, 0), epoch)
+        if dealt:
+            built, tail = self._count_windows(*self._reading_order(epoch, 0, dealt), epoch)
             windows = [len(range(r, built, W)) for r in range(W)]
             tail_tokens = [tail if r == built % W else 0 for r in range(W)]  # whose next window it was
         else:
-            counts = [self._count_windows(*self.reading_order(epoch, r), epoch) for r in range(W)]
+            counts = [self._count_windows(*self._reading_order(epoch, r, dealt), epoch) for r in range(W)]
             windows, tail_tokens = [w for w, _ in counts], [t for _, t in counts]
         bpe = min(windows) // self.batch_size
-        plan = EpochPlan(epoch, windows, bpe, [w - bpe * self.batch_size for w in windows], tail_tokens)
-        self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1} | {epoch: plan}
-        return plan
+        return EpochPlan(epoch, dealt, windows, bpe, [w - bpe * self.batch_size for w in windows], tail_tokens)
+
+    def _bound_dealt_batches(self) -> int:
+        """At least the batches per epoch that dealing gives, in any epoch, without the replay."""
+        if self.split_samples:
+            windows = sum(s["tokens"] for s in self.shards) // self.seq_len  # exact
+        else:
+            lengths = np.concatenate([np.asarray(s["lengths"], np.int64) for s in self.shards])
+            packable = lengths[(lengths > 0) & (lengths <= self.seq_len)]
+            # two neighbouring windows hold more than seq_len tokens (the second's first sample did
+            # not fit into the first), so G windows hold at least (G // 2) * (seq_len + 1) tokens
+            windows = min(len(packable), 2 * (int(packable.sum()) // (self.seq_len + 1)) + 1)
+        return windows // self.world_size // self.batch_size
+
+    @property
+    def deal_windows(self) -> bool:
+        """Whether the current epoch deals windows (else each rank reads whole shards)."""
+        return self.plan(self._epoch).dealt
 
     def reading_order(self, epoch: int, rank: int) -> tuple[list[int], int]:
         """The shards a rank reads in an epoch, in order, and the walk its shuffle draws use.
@@ -440,7 +475,10 @@ class PackedStream:
             (indices into the manifest's shards, walk): whole shards: the rank's own and the rank;
             dealt windows: all shards and 0, the same on every rank.
         """
-        if self.deal_windows:
+        return self._reading_order(epoch, rank, self.plan(epoch).dealt)
+
+    def _reading_order(self, epoch: int, rank: int, dealt: bool) -> tuple[list[int], int]:
+        if dealt:
             return assign_shards(len(self.shards), 0, 1, epoch, self.seed), 0
         return assign_shards(len(self.shards), rank, self.world_size, epoch, self.seed), rank
 
@@ -457,11 +495,10 @@ class PackedStream:
         plan = self.plan(self._epoch)
         if plan.batches_per_epoch == 0:
             worst = int(np.argmin(plan.windows))
+            # no smaller shards in the advice: dealing gives no batch either (else it was chosen)
             ranks = ""
             if self.world_size > 1:
-                # with whole shards, smaller shards even out what the ranks get
-                shards = "" if self.deal_windows else ", smaller shards (launch/prepare_data.py --shard-mb)"
-                ranks = f"{shards}, fewer ranks (ray.num_workers)"
+                ranks = ", fewer ranks (ray.num_workers, or the launcher's --nproc-per-node / --num_gpus)"
             raise DataError(
                 f"{self.data_dir}: in epoch {self._epoch} rank {worst} of {self.world_size} gets "
                 f"{plan.windows[worst]} window(s) of seq_len={self.seq_len}, fewer than one batch of "

@@ -16,8 +16,9 @@ one the checkpoint was trained with (its sha256 is in the checkpoint's meta.json
 refused unless --force. A tokenizer with more pieces than the model's vocab_size is always refused.
 
 The export is written beside DIR and renamed into place when complete, so DIR never holds half
-an export, nor files of an earlier one. A DIR that is not empty is refused unless --overwrite,
-which replaces it once the new export is complete.
+an export, nor files of an earlier one. A DIR that holds an earlier export is refused unless
+--overwrite, which replaces it once the new export is complete; a DIR holding anything an export
+does not write (a run directory, data, notes) is never replaced.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ import sys
 from pathlib import Path
 
 from model.config import ModelConfig
-from training.checkpoint import checkpoint_tokenizer, find_latest, load_model_weights, read_meta, write_export
+from training.checkpoint import (
+    checkpoint_tokenizer,
+    find_latest,
+    load_model_weights,
+    not_export_files,
+    read_meta,
+    write_export,
+)
 from training.config import ConfigError
 
 
@@ -70,10 +78,18 @@ def out_problem(out: Path, overwrite: bool) -> str | None:
     """Why the export must not go to `out`, or None."""
     if out.exists() and not out.is_dir():
         return f"--out {out} is a file, not a folder"
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if not (out.is_dir() and any(out.iterdir())):
+        return None
+    foreign = not_export_files(out)
+    if foreign:  # a run directory, a data folder, `.`: never replaced, --overwrite or not
         return (
-            f"--out {out} is not empty (an earlier export?): pass --overwrite to replace it once the new export "
-            "is complete, or choose another folder"
+            f"--out {out} holds files an export does not write ({', '.join(foreign[:3])}): choose a new folder, "
+            "or an earlier export's"
+        )
+    if not overwrite:
+        return (
+            f"--out {out} holds an earlier export: pass --overwrite to replace it once the new export is "
+            "complete, or choose another folder"
         )
     return None
 

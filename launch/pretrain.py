@@ -19,12 +19,13 @@ from training.config import CONFIG_DIR, ConfigError, parse_cli
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(argv, __doc__, default_config=str(CONFIG_DIR / "pretrain" / "tiny.yaml"))
+    from training.engine import RankError
     from training.loop import TrainingError
     from training.ray_job import run
 
     try:
         state = run(cfg)
-    except (ConfigError, DataError, TrainingError) as error:
+    except (ConfigError, DataError, TrainingError, RankError) as error:
         print(f"pretrain: error: {error}", file=sys.stderr)
         return 2
     export = Path(cfg.run_dir) / "hf"

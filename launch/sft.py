@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from data_pipeline.records import DataError
 from training.config import CONFIG_DIR, ConfigError, parse_cli
+from training.engine import RankError
 from training.loop import TrainingError, train
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(argv, __doc__, default_config=str(CONFIG_DIR / "sft" / "tiny.yaml"))
     try:
         train(cfg)
-    except (ConfigError, DataError, TrainingError) as error:
+    except (ConfigError, DataError, TrainingError, RankError) as error:
         print(f"sft: error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -286,7 +286,13 @@ def _named(file: Path):
 def _weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not an index of safetensors files ({type(e).__name__}: {e})") from None
+        if not all(isinstance(s, str) and Path(s).name == s for s in shards):
+            raise ValueError(f"{index}: weight_map names files outside {path}")
         return [path / s for s in shards]
     single = path / "model.safetensors"
     if single.is_file():

@@ -31,6 +31,7 @@ from training.checkpoint import (
     save_checkpoint,
     write_export,
 )
+from training.config import ConfigError
 from training.engine import Dist, LossScaler, free_port, init_distributed, single_process_dcp
 
 ALONE = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -127,6 +128,16 @@ def test_a_rank_state_that_would_not_read_back_is_refused_at_save(tok, tmp_path)
         assert find_latest(tmp_path / "run") == good  # the checkpoint before it is as it was
 
 
+def test_a_rank_file_from_before_plain_data_is_named_as_such_not_as_damaged(tok, tmp_path):
+    folder = save_run(tmp_path / "run", tok, step=1)
+    rank_file = folder / "rank_00000.pt"
+    old = torch.load(rank_file, weights_only=True)
+    old["rng"]["numpy"] = np.random.get_state()  # as every rank file held it before
+    torch.save(old, rank_file)
+    with pytest.raises(ConfigError, match=r"rank_00000\.pt: written by an earlier Crucible.*init_from=EXPORT"):
+        load_checkpoint(DecoderEngine(tiny_model(tok)), folder, ALONE, "single")
+
+
 def test_a_checkpoint_carries_the_tokenizer_it_trained_with(tok, tmp_path):
     from launch.export_hf import main as export_hf
 
@@ -160,10 +171,16 @@ def test_an_export_replaces_everything_an_earlier_one_left(tok, tmp_path):
     out.mkdir()
     stale_index = {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}
     (out / "model.safetensors.index.json").write_text(json.dumps(stale_index))  # would win over the new weights
-    (out / "notes.txt").write_text("an earlier export's file")
+    (out / "notes.txt").write_text("a user's file")
     model = tiny_model(tok)
-    assert write_export(model.state_dict(), model.cfg, out, tok) == out
-    assert not (out / "model.safetensors.index.json").exists() and not (out / "notes.txt").exists()
+    with pytest.raises(ConfigError, match=r"holds files an export does not write \(notes\.txt\)"):
+        write_export(model.state_dict(), model.cfg, out, tok)  # only an earlier export is replaced
+    assert (out / "notes.txt").read_text() == "a user's file"
+    (out / "notes.txt").unlink()
+    link = tmp_path / "latest"
+    link.symlink_to(out)
+    assert write_export(model.state_dict(), model.cfg, link, tok) == out  # through a link: its folder
+    assert link.is_symlink() and not (out / "model.safetensors.index.json").exists()
     loaded, _ = load_hf(out)
     assert torch.equal(loaded.output_weight, model.output_weight)
     assert not list(tmp_path.glob(".hf*"))  # no staging or set-aside folder left
@@ -189,6 +206,11 @@ def test_export_cli_refuses_a_non_empty_out_unless_overwrite(tok, tmp_path, caps
     assert export_hf([str(run), "--out", str(out), "--overwrite"]) == 0
     assert not (out / "model.safetensors.index.json").exists()
     assert torch.equal(load_hf(out)[0].output_weight, tiny_model(tok).output_weight)
+    for wrong in (run, tmp_path):  # the run itself, a folder above it: never replaced, --overwrite or not
+        with pytest.raises(SystemExit) as exit_info:
+            export_hf([str(run), "--out", str(wrong), "--overwrite"])
+        assert exit_info.value.code == 2 and "holds files an export does not write" in capsys.readouterr().err
+    assert find_latest(run) is not None
     with pytest.raises(SystemExit):
         export_hf(["--help"])
     assert "A checkpoint is code" in capsys.readouterr().out

@@ -214,3 +214,21 @@ def test_weights_that_do_not_fit_the_config_are_one_error_naming_the_folder(fiel
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=rf"{tmp_path}: the weights do not fit config.json"):
         load_hf(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "index, named",
+    [
+        ("{", "not an index"),
+        ('{"metadata": {}}', "not an index"),
+        ('{"weight_map": {"a": "../x.safetensors"}}', "outside"),
+    ],
+)
+def test_a_bad_weight_index_is_one_error_naming_it_in_the_check_and_the_load(index, named, tmp_path):
+    from model.hf import check_hf
+
+    save_hf(Decoder(SMALL), SMALL, tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    for read in (check_hf, load_hf):
+        with pytest.raises(ValueError, match=rf"model\.safetensors\.index\.json: .*{named}"):
+            read(tmp_path)

@@ -1,6 +1,7 @@
 """launch/prepare_data.py as a user runs it: real files in, shards + manifest + tokenizer out."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -280,6 +281,23 @@ def test_overwrite_replaces_only_what_the_earlier_manifest_lists(tmp_path):
     assert set(after) == new_files | set(mine)  # the earlier shards past the new ones are gone
     assert after["tokenizer/tokenizer.model"] != before["tokenizer/tokenizer.model"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "o", "old_tok"]  # nothing set aside
+
+
+def test_a_swapped_in_out_keeps_its_permissions(tmp_path):
+    from data_pipeline.prepare import build_beside, swap_in
+
+    umask = os.umask(0o022)
+    try:
+        for out, mode in ((tmp_path / "existing", 0o750), (tmp_path / "new", None)):
+            if mode is not None:
+                out.mkdir(mode=mode)
+                out.chmod(mode)
+            with build_beside(out) as build:
+                (build / "manifest.json").write_text("{}")
+                swap_in(build, out)
+            assert out.stat().st_mode & 0o777 == (mode or 0o755), out  # not mkdtemp's 0700
+    finally:
+        os.umask(umask)
 
 
 def test_swap_in_keeps_unlisted_files_whose_names_the_new_dataset_uses(tmp_path):

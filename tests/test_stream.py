@@ -62,15 +62,21 @@ def sft(tmp_path_factory) -> tuple[Path, list[Sample]]:
 
 @pytest.fixture(scope="module")
 def few_shards(tmp_path_factory) -> dict[str, tuple[Path, list[Sample]]]:
-    """Data sets with fewer shards than the ranks that read them: windows are dealt."""
+    """Data sets with fewer shards than ranks, or shards so uneven that windows are dealt in some
+    epoch (target_bytes=4000 puts each sample of these into a shard of its own)."""
     one_document = make_samples(1, seed=9, min_len=1000, max_len=1000)  # 31 windows and 8 tokens
+    long = make_samples(2, seed=5, min_len=1000, max_len=1000)  # ids 1..2000
     made = {
         "pretrain_1_shard": (_pretrain_samples(), "pretrain", 10**9),
         "sft_1_shard": (_sft_samples(), "sft", 10**9),
         "one_document": (one_document, "pretrain", 10**9),
         "pretrain_4_shards": (_pretrain_samples(), "pretrain", 60_000),
         # a long document's shard beside a short one's: whole shards give one rank no batch
-        "uneven_2_shards": (make_samples(2, seed=5, min_len=1000, max_len=1000)[:1] + _short(), "pretrain", 4000),
+        "uneven_2_shards": (long[:1] + _short(10, start=1001), "pretrain", 4000),
+        # ... or one batch (31 and 4 windows), where dealing gives 4 batches
+        "long_beside_130": (long[:1] + _short(130, start=1001), "pretrain", 4000),
+        # whole shards give both ranks 31 windows, until an epoch's order puts both long ones on one rank
+        "two_long_one_short": (long + _short(10, start=2001), "pretrain", 4000),
     }
     return {
         name: (write_dataset(tmp_path_factory.mktemp(name), samples, kind=kind, target_bytes=size), samples)
@@ -78,9 +84,9 @@ def few_shards(tmp_path_factory) -> dict[str, tuple[Path, list[Sample]]]:
     }
 
 
-def _short() -> list[Sample]:
-    """One 10-token sample whose ids follow make_samples(1, min_len=1000)'s (ids name positions)."""
-    ids = np.arange(1001, 1011, dtype=np.int32)
+def _short(length: int, start: int) -> list[Sample]:
+    """One sample with ids start.. (after make_samples' ids, so that ids still name positions)."""
+    ids = np.arange(start, start + length, dtype=np.int32)
     return [Sample(input_ids=ids, labels=np.append(ids[1:], 0).astype(np.int32))]
 
 
@@ -197,33 +203,45 @@ def test_sft_packing_pads_whole_samples_and_drops_overlong(sft):
 # --- ranks and equal counts -------------------------------------------------------------------
 
 
+ALL_EPOCHS = (0, 1, 2)
+
+
 @pytest.mark.parametrize(
-    "name, world_size",
+    "name, world_size, dealt_epochs",
     [
-        ("pretrain", 3),
-        ("sft", 3),
+        ("pretrain", 3, ()),
+        ("sft", 3, ()),
         # fewer shards than ranks (issue 17): the ranks share the packed windows of all shards
-        ("pretrain_1_shard", 2),
-        ("pretrain_1_shard", 3),
-        ("sft_1_shard", 2),
-        ("sft_1_shard", 3),
-        ("one_document", 2),
-        ("one_document", 3),
-        ("pretrain_4_shards", 8),
-        ("uneven_2_shards", 2),
+        ("pretrain_1_shard", 2, ALL_EPOCHS),
+        ("pretrain_1_shard", 3, ALL_EPOCHS),
+        ("sft_1_shard", 2, ALL_EPOCHS),
+        ("sft_1_shard", 3, ALL_EPOCHS),
+        ("one_document", 2, ALL_EPOCHS),
+        ("one_document", 3, ALL_EPOCHS),
+        ("pretrain_4_shards", 8, ALL_EPOCHS),
+        # whole shards would give fewer than half the batches of dealing: 0 of 7, 1 of 4
+        ("uneven_2_shards", 2, ALL_EPOCHS),
+        ("long_beside_130", 2, ALL_EPOCHS),
+        # as many batches either way until epoch 2's order gives one rank only the short shard
+        ("two_long_one_short", 2, (2,)),
     ],
 )
-def test_ranks_cover_every_sample_once_and_agree_on_the_count(name, world_size, pretrain, sft, few_shards):
+def test_ranks_cover_every_sample_once_and_agree_on_the_count(
+    name, world_size, dealt_epochs, pretrain, sft, few_shards
+):
     data_dir, samples = dataset(name, pretrain, sft, few_shards)
     mode = load_manifest(data_dir)["kind"]
     n_shards = len(load_manifest(data_dir)["shards"])
     where = positions_of(samples)
     ranks = [stream(data_dir, rank=r, world_size=world_size, seed=11) for r in range(world_size)]
-    assert {s.deal_windows for s in ranks} == {n_shards < world_size or name.startswith("uneven")}
-    assert n_shards == 2 or not name.startswith("uneven")
-    for epoch in (0, 1):
+    for epoch in ALL_EPOCHS:
         plan = ranks[0].plan(epoch)
         assert {r.batches_per_epoch for r in ranks} == {plan.batches_per_epoch} and plan.batches_per_epoch > 0
+        assert {r.deal_windows for r in ranks} == {epoch in dealt_epochs}
+        # that is the rule (module docstring), applied to the exact plans of both ways
+        dealt = ranks[0]._plan(epoch, dealt=True).batches_per_epoch
+        whole = ranks[0]._plan(epoch, dealt=False).batches_per_epoch if n_shards >= world_size else -1
+        assert plan.dealt == (epoch in dealt_epochs) == (2 * whole < dealt)
         seen, tail_tokens = Counter(), 0
         for r, s in enumerate(ranks):
             windows = list(s.epoch_windows(epoch))
@@ -252,14 +270,16 @@ def test_too_little_data_for_a_batch(pretrain, tmp_path):
     with pytest.raises(DataError, match="fewer than one batch of 100000") as e:
         stream(data_dir, batch_size=100_000)
     assert str(e.value).endswith("use more data, a smaller train.micro_batch or a shorter data.seq_len")
-    # the message names what to change by its flag or config key
+    # the message names what to change by its flag or config key, the rank count for each launcher
     with pytest.raises(DataError, match="rank . of 2 gets .*fewer than one batch of 100000") as e:
         stream(data_dir, batch_size=100_000, world_size=2)
-    for key in ("ray.num_workers", "train.micro_batch", "data.seq_len"):
+    for key in ("ray.num_workers", "--nproc-per-node", "--num_gpus", "train.micro_batch", "data.seq_len"):
         assert key in str(e.value)
+    # smaller shards would not help: windows are dealt wherever that gives more batches
+    assert "--shard-mb" not in str(e.value)
     with pytest.raises(DataError, match="rank 7 of 8 gets 3 window.*fewer than one batch of 4") as e:
         stream(write_dataset(tmp_path, make_samples(1, min_len=1000, max_len=1000)), world_size=8)
-    assert "--shard-mb" not in str(e.value), "one shard per rank would not help when windows are dealt"
+    assert "--shard-mb" not in str(e.value)
 
 
 def test_no_manifest_or_no_shards(tmp_path):
@@ -320,6 +340,42 @@ def test_resume_with_dealt_windows_gives_exactly_the_uninterrupted_batches(name,
     # the cases above include a sample carried into the next window and windows other ranks took
     assert any(st["carry"] for st in states)
     assert all(st["windows_built"] > BATCH for st in states if st["batches_in_epoch"] > 0)
+
+
+def test_an_epoch_whose_order_starves_a_rank_is_dealt(few_shards):
+    # seed 1: epoch 3's order gives one rank both 1000-token shards, the other only the 10-token one
+    data_dir, _ = few_shards["two_long_one_short"]
+    ranks = [stream(data_dir, rank=r, world_size=2, seed=1) for r in range(2)]
+    modes = []
+    for epoch in range(6):
+        assert ranks[0].batches_per_epoch == ranks[1].batches_per_epoch > 0
+        assert ranks[0].deal_windows == ranks[1].deal_windows
+        modes.append(ranks[0].deal_windows)
+        used = Counter(int(t) for s in ranks for b in take(s, s.batches_per_epoch) for t in b["tokens"].ravel())
+        assert max(used.values()) == 1, f"no token twice in epoch {epoch}"
+        assert all(s.epoch == epoch + 1 for s in ranks)
+    assert modes == [False, False, False, True, False, False]
+
+
+def test_resume_across_a_change_between_whole_shards_and_dealt_windows(few_shards):
+    data_dir, _ = few_shards["two_long_one_short"]
+    kw = dict(rank=1, world_size=2, seed=1)  # epoch 3 is dealt, the others whole shards
+    reference = stream(data_dir, **kw)
+    bpe = reference.batches_per_epoch
+    assert [reference.plan(e).batches_per_epoch for e in range(5)] == [bpe] * 5
+    total = 5 * bpe
+    expected = take(reference, total)
+    # mid epoch 2, the start and middle of the dealt epoch 3, the start and middle of epoch 4
+    for k in (2 * bpe + 3, 3 * bpe, 3 * bpe + 3, 4 * bpe, 4 * bpe + 2):
+        first = stream(data_dir, **kw)
+        take(first, k)
+        state = json.loads(json.dumps(first.state_dict()))
+        assert first.deal_windows == (state["epoch"] == 3)
+        resumed = stream(data_dir, **kw)
+        resumed.load_state_dict(state)
+        assert resumed.deal_windows == first.deal_windows
+        assert same(rows(take(resumed, total - k)), rows(expected[k:])), f"resumed after {k} batches"
+        assert resumed.stats == reference.stats
 
 
 def test_resume_while_draining_a_buffer_larger_than_the_data(sft):

@@ -227,6 +227,9 @@ def test_deepspeed_json_is_filled_from_the_run_config_or_must_agree(training_dat
         fp16 = tmp_path / "bf16.json"
         fp16.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
         load_config([str(fp16)], [*data_overrides(training_data), "train.precision=fp16"])
+    # precision auto is decided on the worker: a JSON that decides it instead is refused up front
+    with pytest.raises(ConfigError, match=r"bf16\.enabled=True with train\.precision=auto: .*train\.precision=bf16"):
+        load_config([str(fp16)], data_overrides(training_data))
 
 
 def test_misspelled_deepspeed_keys_are_refused_with_the_file_named(training_data, tmp_path):

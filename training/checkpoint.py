@@ -16,7 +16,8 @@ checks that it sees every rank's file before it writes meta.json.
 
 Each rank-local part of a save or a load (this rank's files, restoring its state) runs inside
 `together`: when it fails on one rank, every rank raises the same error naming that rank, rather
-than the others waiting in their next collective until the process-group timeout.
+than the others waiting in their next collective until the process-group timeout. The engine's
+own save and load do not: they are collectives with barriers of their own.
 
 Trust. A checkpoint is code: DCP's metadata and DeepSpeed's files are pickles, and unpickling can
 run code. Load only your own runs' checkpoints (resume, launch/export_hf.py, or
@@ -167,8 +168,9 @@ def save_checkpoint(
             raise ConfigError(
                 f"{tmp}: rank 0 made this folder but rank {where.rank} does not see it; {_SHARED_STORAGE}"
             )
-    with together(what):
-        engine.save(tmp / "engine")
+    # A collective with barriers of its own (DCP raises a failure on every rank itself): inside
+    # `together`, a rank that failed would wait for the others, and they for it, until the timeout.
+    engine.save(tmp / "engine")
     with together(what):
         rank_state = {"stream": stream_state, "rng": _rng_state(), "engine": engine.extra_state()}
         _check_plain(rank_state, "rank state")
@@ -240,7 +242,7 @@ def load_checkpoint(engine, folder: Path, where: Dist, engine_name: str) -> tupl
                 f"{folder}: written by {meta['world_size']} rank(s) of engine {meta['engine']}, resumed with "
                 f"{where.world_size} of {engine_name}: resume with the same engine and number of ranks"
             )
-    with together(what), _named_if_damaged(folder, "its engine/ files do not load"):
+    with _named_if_damaged(folder, "its engine/ files do not load"):  # a collective: not in together (save)
         engine.load(folder / "engine")
     rank_file = _rank_file(folder, where.rank)
     with together(what), _named_if_damaged(folder, f"{rank_file.name} does not load"):
@@ -259,7 +261,14 @@ def _read_plain(path: Path) -> dict:
         # torch's message advises weights_only=False: the one thing not to do with a file that
         # should hold plain values only. Its cause is the line after "WeightsUnpickler error:".
         cause = re.search(r"WeightsUnpickler error:\s*(.+?)(\.\s|$)", str(e), re.MULTILINE)
-        raise ValueError(f"it holds more than plain values and tensors ({cause.group(1) if cause else e})") from e
+        cause = cause.group(1) if cause else str(e)
+        if "numpy" in cause:  # what every rank file held before they became plain data
+            raise ConfigError(
+                f"{path}: written by an earlier Crucible, whose rank files pickled numpy's RNG state; this one "
+                "loads plain data only. Finish the run with the Crucible that wrote it, or export it "
+                "(launch/export_hf.py) and start a new run with init_from=EXPORT"
+            ) from e
+        raise ValueError(f"it holds more than plain values and tensors ({cause})") from e
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
@@ -383,7 +392,13 @@ def write_export(state_dict: dict[str, torch.Tensor], model_cfg, out: str | os.P
     from data_pipeline.tokenizer import Tokenizer
     from model.hf import save_hf
 
-    out = Path(out)
+    out = Path(out).resolve()  # a symlinked out: replace the folder it points to, keep the link
+    foreign = not_export_files(out)
+    if foreign:
+        raise ConfigError(
+            f"{out} holds files an export does not write ({', '.join(foreign[:3])}), so it is not replaced: "
+            "export into a new folder"
+        )
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -396,6 +411,24 @@ def write_export(state_dict: dict[str, torch.Tensor], model_cfg, out: str | os.P
         raise
     _replace_folder(staging, out)
     return out
+
+
+_EXPORT_FILE = re.compile(
+    r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+)
+
+
+def not_export_files(folder: str | os.PathLike) -> list[str]:
+    """The entries of `folder` that no export writes (a run's checkpoints, data, a user's notes):
+    an export replaces only a folder holding none, so that a wrong --out never deletes them."""
+    from data_pipeline.tokenizer import HF_FILES
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name for p in folder.iterdir() if not (p.is_file() and (p.name in HF_FILES or _EXPORT_FILE.fullmatch(p.name)))
+    )
 
 
 def _replace_folder(new: Path, old: Path) -> None:

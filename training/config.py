@@ -539,9 +539,14 @@ def deepspeed_config(cfg: RunConfig, world_size: int | None) -> dict:
     for key, (source, value) in wanted.items():
         _agree(ds, key, value, source)
     for section, precision in (("bf16", "bf16"), ("fp16", "fp16")):
-        if cfg.train.precision == "auto":
-            break  # decided on the worker's device (training.engine.resolve_precision), checked there
         block = ds.setdefault(section, {})
+        if cfg.train.precision == "auto":  # decided on the worker's device, where this runs again
+            if block.get("enabled", "auto") != "auto":
+                raise ConfigError(
+                    f"deepspeed.{section}.enabled={block['enabled']} with train.precision=auto: the run config sets "
+                    f"the precision; give train.precision={precision} (or fp32), and 'auto' in the JSON"
+                )
+            continue
         enabled = cfg.train.precision == precision
         if block.get("enabled", "auto") not in ("auto", enabled):
             raise ConfigError(

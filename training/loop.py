@@ -107,10 +107,11 @@ def train(
         if cfg.data.val is not None:  # a bad validation split fails now, not after hours of training
             make_stream(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1).close()
     state = _resume(cfg, engine, stream, where, model_cfg, tokenizer)
-    report = Reporter(cfg.run_dir, where.rank, cfg.train.max_steps, start_step=state.step)
-    if where.is_main:
-        save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
-        report.truncate_after(state.step)
+    with together("writing config.yaml and metrics.jsonl"):
+        report = Reporter(cfg.run_dir, where.rank, cfg.train.max_steps, start_step=state.step)
+        if where.is_main:
+            save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
+            report.truncate_after(state.step)
     report.print(_announce(cfg, where, n_params, state, asked))
     meta = _checkpoint_meta(cfg, engine, model_cfg, tokenizer)
     tokens_per_step = cfg.batch_arithmetic(where.world_size)["tokens_per_step"]
@@ -199,12 +200,12 @@ def train_step(engine, micro: list[dict] | Exception, cfg: RunConfig, where: Dis
     carries a failure flag, so every rank raises the same error rather than wait for this one.
     The step is queued without waiting for the device: the loss, the gradient norm and whether
     the step was applied are read back together once its work is queued (one transfer)."""
-    failed = isinstance(micro, Exception)
-    local_count = 0 if failed else sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)  # host: no sync
-    global_count, failures = all_reduce_sum([local_count, failed], where.device)
+    error = micro if isinstance(micro, Exception) else None
+    local_count = 0 if error else sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)  # host: no sync
+    micro = [] if error else [_to_device(m, where.device) for m in micro]  # copies queued before the reduction
+    global_count, failures = all_reduce_sum([local_count, error is not None], where.device)
     if failures:
-        raise_together("reading the step's data", micro if failed else None)
-    micro = [_to_device(m, where.device) for m in micro]
+        raise_together("reading the step's data", error)
     if global_count == 0:  # only padding on every rank (corrupt shards skipped): nothing to learn
         return StepResult(math.nan, 0, math.nan, False)
     scale = engine.grad_divisor / global_count
