@@ -449,7 +449,7 @@ class PackedStream:
         return EpochPlan(epoch, dealt, windows, bpe, [w - bpe * self.batch_size for w in windows], tail_tokens)
 
     def _bound_dealt_batches(self) -> int:
-        """At least the batches per epoch that dealing gives, in any epoch, without the replay."""
+        """An upper bound on the batches per epoch that dealing gives, in any epoch, without the replay."""
         if self.split_samples:
             windows = sum(s["tokens"] for s in self.shards) // self.seq_len  # exact
         else:

@@ -32,7 +32,7 @@ from training.checkpoint import (
     write_export,
 )
 from training.config import ConfigError
-from training.engine import Dist, LossScaler, free_port, init_distributed, single_process_dcp
+from training.engine import Dist, LossScaler, barrier_last, free_port, init_distributed, single_process_dcp
 
 ALONE = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 WORDS = "the a red small old quick cat dog bird tree house river sees finds likes eats runs to from over".split()
@@ -298,6 +298,7 @@ def _dist_worker(rank: int, world: int, port: int, base: str, tokenizer: str) ->
     where = init_distributed(needs_group=True, timeout_s=60)
     try:
         results = _scenarios(where, Path(base), Tokenizer.load(tokenizer))
+        barrier_last()  # as train() ends: no Python tensor left in gloo's threads at exit
     finally:
         torch.distributed.destroy_process_group()
     (Path(base) / f"rank{rank}.json").write_text(json.dumps(results))

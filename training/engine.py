@@ -127,6 +127,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def barrier_last() -> None:
+    """A barrier as a process's last collective before the group is destroyed.
+
+    Gloo's worker threads can still hold the last operation's tensors when a collective returns;
+    if that last operation held tensors made in Python, the thread releasing them during the
+    interpreter's teardown aborts the process ("terminate called without an active exception",
+    pytorch/pytorch#179291). A barrier's own tensor is made in C++, so after it nothing is left.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def _multi_rank() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
@@ -182,6 +194,7 @@ def agree_on_failure(what: str, error: BaseException | None) -> Exception | None
     causes: list = [None] * dist.get_world_size()
     mine = None if error is None else (type(error).__name__, _one_line(error))
     dist.all_gather_object(causes, mine)
+    barrier_last()  # the ranks raise next, and may exit
     failures = [(r, c) for r, c in enumerate(causes) if c is not None]
     rank, (kind, message) = failures[0]
     others = f" (and on rank(s) {', '.join(str(r) for r, _ in failures[1:])})" if len(failures) > 1 else ""

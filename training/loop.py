@@ -48,6 +48,7 @@ from training.engine import (
     Dist,
     all_reduce_sum,
     all_reduce_sum_,
+    barrier_last,
     broadcast_from_main,
     build_engine,
     init_distributed,
@@ -176,9 +177,10 @@ def train(
                 break
 
     finished = state.step == cfg.train.max_steps or state.stopped_early
-    export = None
-    if cfg.export_hf and finished:
-        export = export_hf(engine, model_cfg, Path(cfg.run_dir) / "hf", tokenizer, where)
+    export = (
+        export_hf(engine, model_cfg, Path(cfg.run_dir) / "hf", tokenizer, where) if cfg.export_hf and finished else None
+    )
+    barrier_last()
     report.print(f"done: step {state.step}, {state.tokens:,} tokens, {state.skipped_steps} skipped step(s)")
     report.close()
     return {
