@@ -156,12 +156,7 @@ def train(
             report.log_step(record)
             if state.bad_in_a_row >= cfg.train.max_bad_steps:
                 report.close()
-                good = find_latest(cfg.run_dir)
-                raise TrainingError(
-                    f"{state.bad_in_a_row} non-finite steps in a row (last at step {state.step}): stopping; the last "
-                    f"good checkpoint is {good or 'none (no checkpoint was written yet)'}. "
-                    "Lower train.lr or check the data."
-                )
+                raise _diverged(state, cfg.run_dir)
             exit_now = state.step == cfg.train.exit_at_step
             final = state.step == cfg.train.max_steps or state.stopped_early or exit_now
             if state.step % cfg.train.checkpoint_every == 0 or final:
@@ -193,6 +188,14 @@ def train(
         "export": str(export) if export else None,
         "last_record": record,
     }
+
+
+def _diverged(state: TrainState, run_dir: str) -> TrainingError:
+    good = find_latest(run_dir)
+    return TrainingError(
+        f"{state.bad_in_a_row} non-finite steps in a row (last at step {state.step}): stopping; the last "
+        f"good checkpoint is {good or 'none (no checkpoint was written yet)'}. Lower train.lr or check the data."
+    )
 
 
 def train_step(engine, micro: list[dict] | Exception, cfg: RunConfig, where: Dist, lr: float) -> StepResult:
