@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import sys
 
-import torch.distributed as dist
-
 from data_pipeline.records import DataError
 from training.config import CONFIG_DIR, ConfigError, parse_cli
-from training.engine import RankError
+from training.engine import RankError, exit_without_teardown
 from training.loop import TrainingError, train
 
 
@@ -28,11 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, TrainingError, RankError) as error:
         print(f"sft: error: {error}", file=sys.stderr)
         return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())  # no group teardown at exit to abort a finished run

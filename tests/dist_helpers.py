@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from training.config import RunConfig
-from training.engine import free_port
+from training.engine import exit_without_teardown, free_port
 
 
 class FixedBatches:
@@ -50,15 +50,10 @@ def _worker(rank: int, world: int, port: int, cfg: RunConfig, batches, hook, out
     data = None
     if batches is not None:
         data = FixedBatches(batches, rank, world, cfg.train.grad_accum, cfg.train.micro_batch)
-    try:
-        summary = loop.train(cfg, data=data, model_hook=(lambda m: hook(m, rank)) if hook else None)
-    finally:
-        # As launch/sft.py does: a group left to the interpreter's exit can abort the process
-        # ("terminate called without an active exception") after the run itself succeeded.
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    summary = loop.train(cfg, data=data, model_hook=(lambda m: hook(m, rank)) if hook else None)
     with open(Path(out) / f"rank{rank}.pkl", "wb") as f:
         pickle.dump(summary, f)
+    exit_without_teardown(0)  # as launch/sft.py: gloo's threads can abort the teardown of a finished run
 
 
 def run_processes(cfg: RunConfig, world: int, out: Path, batches: list[dict] | None = None, hook=None) -> list[dict]:
@@ -86,10 +81,8 @@ def _failing_worker(rank: int, world: int, port: int, cfg: RunConfig, out: str) 
         outcome = None
     except Exception as e:
         outcome = f"{type(e).__name__}: {e}"
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     Path(out, f"rank{rank}.txt").write_text(repr(outcome))
+    exit_without_teardown(0)
 
 
 def errors_of_processes(cfg: RunConfig, world: int, out: Path) -> list[str | None]:

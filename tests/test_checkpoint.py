@@ -32,7 +32,15 @@ from training.checkpoint import (
     write_export,
 )
 from training.config import ConfigError
-from training.engine import Dist, LossScaler, barrier_last, free_port, init_distributed, single_process_dcp
+from training.engine import (
+    Dist,
+    LossScaler,
+    barrier_last,
+    exit_without_teardown,
+    free_port,
+    init_distributed,
+    single_process_dcp,
+)
 
 ALONE = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 WORDS = "the a red small old quick cat dog bird tree house river sees finds likes eats runs to from over".split()
@@ -296,12 +304,10 @@ def _dist_worker(rank: int, world: int, port: int, base: str, tokenizer: str) ->
     torch.set_num_threads(1)
     # A short timeout: a rank left waiting fails this test in a minute rather than hanging it.
     where = init_distributed(needs_group=True, timeout_s=60)
-    try:
-        results = _scenarios(where, Path(base), Tokenizer.load(tokenizer))
-        barrier_last()  # as train() ends: no Python tensor left in gloo's threads at exit
-    finally:
-        torch.distributed.destroy_process_group()
+    results = _scenarios(where, Path(base), Tokenizer.load(tokenizer))
+    barrier_last()
     (Path(base) / f"rank{rank}.json").write_text(json.dumps(results))
+    exit_without_teardown(0)  # as launch/sft.py: gloo's threads can abort the teardown
 
 
 @pytest.fixture(scope="module")

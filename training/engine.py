@@ -17,6 +17,7 @@ import contextlib
 import datetime
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -125,6 +126,18 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def exit_without_teardown(code: int) -> None:
+    """End this process now, skipping the interpreter's teardown (stdout and stderr flushed).
+
+    After a finished run, gloo's threads can abort the process while the interpreter tears down
+    ("terminate called without an active exception", pytorch/pytorch#179291): the launcher then
+    reports a failed rank. Checkpoints, metrics and exports are closed and synced by then.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier_last() -> None:
