@@ -2,6 +2,7 @@
 exported folder, exact per-turn masks in the aligned frame, the over-length policy, documents."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,20 +264,12 @@ def test_transformers_generate_stops_at_the_end_of_a_turn(tok, export, shared_da
 def test_export_hf_writes_the_tokenizer_files_of_its_tokenizer_model(tok, shared_data, tmp_path):
     """`--tokenizer DIR` needs only tokenizer.model (what train_tokenizer writes): the export
     still gets the HF tokenizer, its chat template and the stop ids, all of that tokenizer."""
-    from dataclasses import asdict
 
-    import torch.distributed.checkpoint as dcp
     from transformers import AutoTokenizer, GenerationConfig
 
     from launch.export_hf import main as export_hf
-    from training.engine import single_process_dcp
 
-    state, cfg = stop_at_once_model(tok)
-    folder = tmp_path / "run" / "checkpoints" / "step_00000001"
-    with single_process_dcp():
-        dcp.save({"model": state}, checkpoint_id=str(folder / "engine"))
-    meta = {"engine": "single", "model": asdict(cfg), "tokenizer_sha256": tok.sha256, "state": {"step": 1}}
-    (folder / "meta.json").write_text(json.dumps({**meta, "tokenizer_dir": str(tok.path.parent)}))
+    folder = single_checkpoint(tok, tmp_path / "run")
     assert sorted(p.name for p in tok.path.parent.iterdir()) == ["tokenizer.model"]
 
     assert export_hf([str(folder), "--out", str(tmp_path / "out")]) == 0
@@ -284,6 +277,24 @@ def test_export_hf_writes_the_tokenizer_files_of_its_tokenizer_model(tok, shared
     messages = rolebench_chat(shared_data, "zh")[:-1]
     assert template_ids(hf_tok, messages, add_generation_prompt=True) == encode_prompt(messages, tok)
     assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == [tok.im_end_id, tok.eos_id]
+
+
+def single_checkpoint(tok, run_dir: Path) -> Path:
+    """run_dir/checkpoints/step_00000001 of a one-process run of stop_at_once_model, with its meta.json
+    naming the tokenizer's folder (no copy of its own, as checkpoints before they carried one)."""
+    from dataclasses import asdict
+
+    import torch.distributed.checkpoint as dcp
+
+    from training.engine import single_process_dcp
+
+    state, cfg = stop_at_once_model(tok)
+    folder = run_dir / "checkpoints" / "step_00000001"
+    with single_process_dcp():
+        dcp.save({"model": state}, checkpoint_id=str(folder / "engine"))
+    meta = {"engine": "single", "model": asdict(cfg), "tokenizer_sha256": tok.sha256, "state": {"step": 1}}
+    (folder / "meta.json").write_text(json.dumps({**meta, "tokenizer_dir": str(tok.path.parent)}))
+    return folder
 
 
 def one_error_line(capsys, *args) -> str:
@@ -322,19 +333,9 @@ def test_chat_damaged_export_is_one_error_line(export, tmp_path, capsys):
 
 def test_chat_refuses_a_checkpoint_unless_trusted(tok, tmp_path, capsys):
     """A checkpoint is code (loading it unpickles): only --trust-checkpoint loads one."""
-    from dataclasses import asdict
-
-    import torch.distributed.checkpoint as dcp
-
     from launch import chat
-    from training.engine import single_process_dcp
 
-    state, cfg = stop_at_once_model(tok)
-    folder = tmp_path / "run" / "checkpoints" / "step_00000001"
-    with single_process_dcp():
-        dcp.save({"model": state}, checkpoint_id=str(folder / "engine"))
-    meta = {"engine": "single", "model": asdict(cfg), "tokenizer_sha256": tok.sha256, "state": {"step": 1}}
-    (folder / "meta.json").write_text(json.dumps({**meta, "tokenizer_dir": str(tok.path.parent)}))
+    folder = single_checkpoint(tok, tmp_path / "run")
     for path in (folder, tmp_path / "run"):  # a checkpoint, and a run directory without an export
         error = one_error_line(capsys, path)
         assert "a checkpoint is code" in error and "--trust-checkpoint" in error
