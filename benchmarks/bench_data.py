@@ -53,7 +53,7 @@ def bench_prepare(out: Path, vocab_size: int) -> None:
     """Two runs of the job: training a tokenizer, then reusing it (the tokenization throughput)."""
     from data_pipeline.prepare import PrepareOptions
     from launch.prepare_data import run
-    from launch.ray_cluster import init_ray
+    from training.ray_cluster import init_ray
 
     inputs = [DATA / "pretrain" / "tinyshakespeare.txt", DATA / "pretrain" / "journey_to_the_west.txt"]
     n_mib = sum(p.stat().st_size for p in inputs) / 2**20

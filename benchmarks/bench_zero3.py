@@ -11,7 +11,7 @@ them), the same random batches with rank r taking rows r·batch … of each step
 (Trainer's sequential sampler, sharded by accelerate, hands out the same rows), fp32, micro
 batch `--batch` per rank, no accumulation, clipping at train.grad_clip, AdamW with train.lr,
 betas, eps and weight decay at a constant learning rate. Crucible fills the JSON's "auto" fields
-with `training.config.deepspeed_config`, Trainer with its TrainingArguments; the two DeepSpeed
+with `training.deepspeed_config.deepspeed_config`, Trainer with its TrainingArguments; the two DeepSpeed
 engines' resolved batch, clipping, precision and ZeRO settings are compared, and the first
 step's loss must agree, or the benchmark stops. One difference is Trainer's own: it also decays
 the (tied) embedding, which Crucible does not; that changes the weights after the first step,

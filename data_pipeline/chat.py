@@ -1,22 +1,16 @@
-"""The one chat template (ChatML) and the loss mask: messages → aligned input ids and labels.
+"""Messages → aligned input ids and labels, through the tokenizer's own chat template; and
+documents → ids.
 
-Each message is rendered as
+The template is the tokenizer's (data_pipeline/tokenizer.py): ChatML for the tokenizers Crucible
+trains, the model's Jinja template for a Hugging Face tokenizer (or `--chat-template FILE`).
+Either way only assistant turns carry loss: the content of each and the token(s) that close it
+(`<|im_end|>`, `<|eot_id|>`, `</s>`), so the model learns to end its turn. Everything else is
+IGNORE_INDEX: system and user messages, role headers, and what follows the end-of-turn token
+(ChatML's newline), which generation never has to produce since it stops at that token.
 
-    <|im_start|>{role}\\n{content}<|im_end|>\\n
-
-and a generation prompt appends `<|im_start|>assistant\\n`. Only assistant turns carry loss: the
-assistant's content tokens and its closing `<|im_end|>` (so the model learns to end its turn).
-Everything else is IGNORE_INDEX: system and user messages, every `<|im_start|>role\\n` header,
-and the `\\n` after each `<|im_end|>`. That newline is part of the template (it separates turns,
-as in ChatML) but is never a target: generation stops at `<|im_end|>`, so the model never has
-to produce it, and the next prompt supplies it.
-
-Ids are built piece by piece (special tokens as ids, texts through `Tokenizer.encode`) and equal
-what `AutoTokenizer.apply_chat_template` gives on the folder `Tokenizer.save_hf` writes: the
-tokenizer never merges across a newline or a special token, the only places pieces are joined.
-One deliberate difference: a special-token string inside a content (an answer quoting
-`<|im_end|>`) is text here, never a control id, so that it cannot end a turn early or forge one;
-apply_chat_template, which tokenizes the rendered string, cannot tell it from the template's own.
+This module holds the policies that do not depend on the template: which turns to keep when a
+conversation is too long, how a document is framed (bos only where the tokenizer adds one, eos
+always, never doubled), and how a prompt is fitted into the model's context.
 """
 
 from __future__ import annotations
@@ -29,17 +23,12 @@ from data_pipeline.records import ROLES, DataError, Sample
 from data_pipeline.tokenizer import Tokenizer
 from model.loss import IGNORE_INDEX
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-"""The Jinja template written into the Hugging Face tokenizer folder; the same text as this module builds."""
-
 CUT_EARLIER_TURNS = "cut_earlier_turns"
 TOO_LONG = "too_long"
 NO_ASSISTANT_TURN = "no_assistant_turn"
+UNTRAINED_TURN = "assistant_turn_without_loss"
+"""A kept assistant turn to which the template gave no token to learn; the sample is kept when
+another turn has some (a note in the report), dropped when none has."""
 
 
 def encode_conversation(
@@ -54,7 +43,9 @@ def encode_conversation(
     system message plus the last exchange that holds an assistant reply does not fit, nothing is
     returned and the reason is "too_long". A single turn is never cut in the middle: a truncated
     answer would teach the model to stop mid-sentence, or never to stop. A conversation without
-    an assistant message has nothing to learn and is dropped as "no_assistant_turn".
+    an assistant message has nothing to learn and is dropped as "no_assistant_turn". A kept
+    assistant turn that the template leaves without a trained token is "assistant_turn_without_loss":
+    a note on the kept sample, or the drop reason when no turn has any.
 
     Args:
         messages: `{"role": "system"|"user"|"assistant", "content": str}` in order.
@@ -64,42 +55,46 @@ def encode_conversation(
         (sample, reason): the Sample (input_ids = ids[:-1], labels = targets[1:], so labels[t]
         is the target of position t) or None, and the cut/drop reason or None.
     Raises:
-        DataError: a message with an unknown role or a non-string content.
+        DataError: a message with an unknown role or a non-string content, or a chat the
+            template cannot render or mask (naming the template and the turn).
     """
     _check_messages(messages)
     if not any(m["role"] == "assistant" for m in messages):
         return None, NO_ASSISTANT_TURN
-    blocks = [_encode_message(m, tok) for m in messages]
     head = 1 if messages[0]["role"] == "system" else 0
-    start, reason = head, None
-    if max_len is not None:
-        sizes = [len(ids) for ids, _ in blocks]
-        fixed = sum(sizes[:head])
-        for start in _exchange_starts(messages, head):
-            if fixed + sum(sizes[start:]) - 1 <= max_len:
-                break
-        else:
-            return None, TOO_LONG
-        reason = CUT_EARLIER_TURNS if start > head else None
-    kept = blocks[:head] + blocks[start:]
-    ids = np.concatenate([b[0] for b in kept])
-    targets = np.concatenate([b[1] for b in kept])
+    for start in _exchange_starts(messages, head):
+        chat = tok.encode_chat([*messages[:head], *messages[start:]])
+        if max_len is None or len(chat.ids) - 1 <= max_len:
+            break
+    else:
+        return None, TOO_LONG
+    ids = np.array(chat.ids, dtype=np.int32)
+    targets = np.where(np.array(chat.trained, dtype=bool), ids, IGNORE_INDEX).astype(np.int32)
+    reason = CUT_EARLIER_TURNS if start > head else None
+    if 0 in chat.turn_tokens:
+        if not any(chat.turn_tokens):
+            return None, UNTRAINED_TURN
+        reason = UNTRAINED_TURN
     return Sample(input_ids=ids[:-1], labels=targets[1:]), reason
 
 
 def encode_document(text: str, tok: Tokenizer) -> Sample:
     """Tokenize a pretraining document as `[bos] + encode(text) + [eos]`, every target learned.
 
-    Long documents are not cut here; the stream packs and splits them.
+    The bos is there only when the tokenizer's own config adds one (Llama's, Crucible's; not
+    Qwen's). Neither is ever doubled: `encode` never yields a special id, even for a document
+    that quotes the bos or eos string. Long documents are not cut here; the stream packs and
+    splits them.
 
     Args:
         text: the document.
         tok: the tokenizer.
     Returns:
-        The aligned Sample (length = number of text tokens + 1); its last label is eos, so the
-        model learns where documents end.
+        The aligned Sample (length = number of ids - 1); its last label is eos, so the model
+        learns where documents end.
     """
-    ids = np.array([tok.bos_id, *tok.encode(text), tok.eos_id], dtype=np.int32)
+    bos = [] if tok.bos_id is None else [tok.bos_id]
+    ids = np.array([*bos, *tok.encode(text), tok.eos_id], dtype=np.int32)
     return Sample(input_ids=ids[:-1], labels=ids[1:].copy())
 
 
@@ -110,12 +105,11 @@ def encode_prompt(messages: Sequence[dict[str, str]], tok: Tokenizer) -> list[in
         messages: the conversation so far (any roles; usually ending with a user message).
         tok: the tokenizer.
     Returns:
-        The rendered messages followed by `<|im_start|>assistant\\n`, equal to
+        The rendered messages followed by the template's generation prompt, equal to
         `apply_chat_template(messages, add_generation_prompt=True)`.
     """
     _check_messages(messages, allow_empty=True)
-    ids = [int(i) for m in messages for i in _encode_message(m, tok)[0]]
-    return ids + [tok.im_start_id, *tok.encode("assistant\n")]
+    return tok.encode_chat(messages, add_generation_prompt=True).ids
 
 
 def fit_prompt(messages: Sequence[dict[str, str]], tok: Tokenizer, max_seq_len: int, max_new_tokens: int):
@@ -149,16 +143,25 @@ def fit_prompt(messages: Sequence[dict[str, str]], tok: Tokenizer, max_seq_len: 
     raise DataError(f"the prompt is {len(ids)} tokens; the model's context is {max_seq_len}")
 
 
-def _encode_message(message: dict[str, str], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, targets) of one rendered message, unaligned: targets[i] is ids[i] or IGNORE_INDEX."""
-    header = [tok.im_start_id, *tok.encode(message["role"] + "\n")]
-    body = [*tok.encode(message["content"]), tok.im_end_id]
-    tail = tok.encode("\n")
-    ids = np.array(header + body + tail, dtype=np.int32)
-    targets = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
-    if message["role"] == "assistant":
-        targets[len(header) : len(header) + len(body)] = body
-    return ids, targets
+def show_masks(messages: Sequence[dict[str, str]], tok: Tokenizer) -> str:
+    """A conversation as its template renders it, each stretch of trained tokens between ⟦ and ⟧:
+    what prepare_data's --show-masks prints, so a user sees what the model will learn.
+
+    Args:
+        messages: the conversation.
+        tok: the tokenizer (its chat template renders).
+    Returns:
+        The rendered text with the marks.
+    """
+    _check_messages(messages)
+    chat = tok.encode_chat(messages)
+    parts, start = [], 0
+    for end in range(1, len(chat.ids) + 1):
+        if end == len(chat.ids) or chat.trained[end] != chat.trained[start]:
+            text = tok.decode(chat.ids[start:end])
+            parts.append(f"⟦{text}⟧" if chat.trained[start] else text)
+            start = end
+    return "".join(parts)
 
 
 def _exchange_starts(messages: Sequence[dict[str, str]], head: int) -> list[int]:

@@ -31,8 +31,8 @@ import numpy as np
 from data_pipeline import clean, dedup, formats
 from data_pipeline.chat import encode_conversation, encode_document
 from data_pipeline.records import Conversation, DataError, Document, DropReport, Sample
-from data_pipeline.shards import MANIFEST_NAME, ShardWriter, load_manifest, sha256_file, write_manifest
-from data_pipeline.tokenizer import HF_FILES, MODEL_FILE, Tokenizer
+from data_pipeline.shards import MANIFEST_NAME, ShardWriter, load_manifest, write_manifest
+from data_pipeline.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
 
 KINDS = ("pretrain", "sft")
 
@@ -214,7 +214,7 @@ _TOKENIZERS: dict[str, Tokenizer] = {}
 def _tokenizer(path: str) -> Tokenizer:
     # Loaded once per worker process, not once per batch.
     if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = Tokenizer.load(path)
+        _TOKENIZERS[path] = load_tokenizer(path)
     return _TOKENIZERS[path]
 
 
@@ -252,7 +252,7 @@ def write_outputs(
     extra: dict | None = None,
     out_dir: str | Path | None = None,
 ) -> PrepareResult:
-    """Write the shards, the tokenizer (sentencepiece model + HF folder) and manifest.json.
+    """Write the shards, the tokenizer (a Hugging Face folder, as `Tokenizer.save` writes it) and manifest.json.
 
     Args:
         samples: the tokenized samples, in order.
@@ -274,7 +274,7 @@ def write_outputs(
             writer.write(sample)
     if not writer.shards:
         raise nothing_kept(report, opts.out)
-    tok.save_hf(out / "tokenizer")  # tokenizer.model too, so Tokenizer.load(out / "tokenizer") works
+    tok.save(out / "tokenizer")
     manifest = write_manifest(
         out, kind=opts.kind, shards=writer.shards, tokenizer_sha256=tok.sha256, report=report, extra=extra
     )
@@ -354,7 +354,7 @@ def swap_in(build: str | Path, out: str | Path) -> Path | None:
 
 def earlier_dataset(folder: str | Path) -> list[Path]:
     """The files of the dataset that `folder`'s manifest describes: the manifest, the shards it
-    lists, and tokenizer/'s files (HF_FILES) when its tokenizer.model is the one the manifest
+    lists, and tokenizer/'s files (TOKENIZER_FILES) when it holds the tokenizer the manifest
     names. An unreadable manifest describes nothing.
 
     Args:
@@ -370,9 +370,16 @@ def earlier_dataset(folder: str | Path) -> list[Path]:
     listed = [folder / MANIFEST_NAME] + [folder / shard["path"] for shard in manifest["shards"]]
     listed = [p for p in listed if p.parent == folder]  # never a path outside the folder
     tok_dir = folder / "tokenizer"
-    if (tok_dir / MODEL_FILE).is_file() and sha256_file(tok_dir / MODEL_FILE) == manifest["tokenizer_sha256"]:
-        listed += [tok_dir / name for name in HF_FILES]
+    if _tokenizer_digest(tok_dir) == manifest["tokenizer_sha256"]:
+        listed += [tok_dir / name for name in TOKENIZER_FILES]
     return [p for p in listed if p.is_file() and not p.is_symlink()]
+
+
+def _tokenizer_digest(folder: Path) -> str | None:
+    try:
+        return load_tokenizer(folder).sha256
+    except DataError:
+        return None
 
 
 def _move_across(src: Path, dst: Path) -> None:

@@ -83,3 +83,16 @@ class DropReport:
             rows.append((f"kept, {reason}", count, ""))
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{name:<{width}}  {count:>9,}  {ex}".rstrip() for name, count, ex in rows)
+
+
+@dataclass
+class RenderedChat:
+    """A conversation rendered by a chat template: its ids, which of them carry loss, and how many
+    each assistant message got (so that a turn left with none is counted, never silently empty)."""
+
+    ids: list[int]
+    trained: list[bool]
+    """Same length as ids: True for the tokens of an assistant turn's content and its closing
+    token(s) (`<|im_end|>`, `<|eot_id|>`, `</s>`); False for headers, system and user turns."""
+    turn_tokens: list[int]
+    """Trained tokens of each assistant message, in order."""

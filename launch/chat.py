@@ -8,7 +8,8 @@ folder, or a run directory without an export (its newest checkpoint), needs --tr
 a checkpoint is code (loading it unpickles files, which can run code), so load only your own
 runs' checkpoints. The character card becomes the system message: a character of a world file
 ({"characters": [{"name": ..., "card": ...}]}), a text file, or text given here. Each line typed
-is a user turn; the answer ends at <|im_end|>. The oldest exchanges are dropped when the
+is a user turn, rendered by the model's own chat template; the answer ends at the template's
+end-of-turn token (<|im_end|>, <|eot_id|>, ...). The oldest exchanges are dropped when the
 conversation would not fit the model's context. With --prompt it answers once, prints only the
 answer and exits. Ctrl-D quits. Sampling: --temperature 0.7 --top-p 0.9 --max-tokens 200 by
 default; --temperature 0 is greedy.
@@ -117,11 +118,10 @@ def build_prompt(
 
 def stream_answer(model: Decoder, tok: Tokenizer, prompt: list[int], args, generator) -> str:
     """Generate and print the answer as it comes; return its text."""
-    max_new = min(args.max_tokens, model.cfg.max_seq_len - len(prompt))
-    stop = (tok.im_end_id, tok.eos_id)
+    max_new = min(args.max_tokens, model.cfg.context_len - len(prompt))
     ids: list[int] = []
     shown = ""
-    settings = dict(temperature=args.temperature, top_p=args.top_p, stop_ids=stop, generator=generator)
+    settings = dict(temperature=args.temperature, top_p=args.top_p, stop_ids=tok.stop_ids, generator=generator)
     for token in generate(model, prompt, max_new_tokens=max_new, **settings):
         ids.append(token)
         # Decode everything so far and print the new suffix: a character split over several
@@ -146,7 +146,7 @@ def chat_loop(model: Decoder, tok: Tokenizer, system: str | None, args, generato
             if not user:
                 continue
             try:
-                prompt, dropped = build_prompt(system, history, user, tok, model.cfg.max_seq_len, args.max_tokens)
+                prompt, dropped = build_prompt(system, history, user, tok, model.cfg.context_len, args.max_tokens)
             except ChatError as error:
                 print(f"chat: {error}; say something shorter", file=sys.stderr)
                 continue
@@ -183,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         system = read_card(args)
         model, tok = load_model(args.model, device, args.trust_checkpoint)
-        check_card(system, tok, model.cfg.max_seq_len)
+        check_card(system, tok, model.cfg.context_len)
         if args.prompt is not None:
-            prompt, _ = build_prompt(system, [], args.prompt, tok, model.cfg.max_seq_len, args.max_tokens)
+            prompt, _ = build_prompt(system, [], args.prompt, tok, model.cfg.context_len, args.max_tokens)
     except (ChatError, DataError) as error:
         print(f"chat: error: {error}", file=sys.stderr)
         return 2

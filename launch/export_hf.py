@@ -97,24 +97,23 @@ def out_problem(out: Path, overwrite: bool) -> str | None:
 def tokenizer_problem(tokenizer: Path, meta: dict, folder: Path, force: bool) -> str | None:
     """Why `tokenizer` must not be exported beside the checkpoint's weights, or None."""
     from data_pipeline.records import DataError
-    from data_pipeline.tokenizer import Tokenizer
+    from data_pipeline.tokenizer import load_tokenizer
 
-    if not (tokenizer / "tokenizer.model").is_file():
-        return f"{tokenizer}: no tokenizer.model there; pass --tokenizer DIR"
     try:
-        tok = Tokenizer.load(tokenizer)
+        tok = load_tokenizer(tokenizer)
     except DataError as e:
-        return str(e)
+        return f"{e}; pass --tokenizer DIR"
+
     vocab_size = meta["model"]["vocab_size"]
     if tok.vocab_size > vocab_size:
         return (
-            f"{tokenizer}/tokenizer.model has {tok.vocab_size} pieces, more than the vocab_size={vocab_size} of "
+            f"the tokenizer {tokenizer} has {tok.vocab_size} ids, more than the vocab_size={vocab_size} of "
             f"{folder}: its ids past {vocab_size - 1} have no embedding row"
         )
     trained = meta.get("tokenizer_sha256")
     if trained is not None and tok.sha256 != trained and not force:
         return (
-            f"{tokenizer}/tokenizer.model (sha256 {tok.sha256[:12]}…) is not the tokenizer {folder} was trained "
+            f"the tokenizer {tokenizer} (sha256 {tok.sha256[:12]}…) is not the tokenizer {folder} was trained "
             f"with (sha256 {trained[:12]}…); pass that one with --tokenizer DIR, or --force to pair them anyway"
         )
     return None

@@ -1,9 +1,12 @@
-"""python launch/prepare_data.py pretrain --input PATH... --out DIR [--tokenizer MODEL | --vocab-size N]
+"""python launch/prepare_data.py pretrain --input PATH... --out DIR [--tokenizer DIR | --vocab-size N]
 python launch/prepare_data.py sft --format rolebench|messages|sharegpt|alpaca --input PATH... \
-    --tokenizer MODEL --out DIR
+    --tokenizer DIR --out DIR [--chat-template FILE] [--show-masks N]
 
 Raw text or chat data → cleaned, deduplicated, tokenized webdataset shards with a manifest.json
-and the tokenizer beside them. Runs as a Ray Data job: on a local Ray by default, on a cluster
+and the tokenizer beside them. --tokenizer is a tokenizer Crucible trained (an earlier run's
+tokenizer/, an export) or a Hugging Face model or tokenizer folder (tokenizer.json +
+tokenizer_config.json): conversations are then rendered by that model's own chat template, or
+by --chat-template FILE. Runs as a Ray Data job: on a local Ray by default, on a cluster
 with --address. The stages themselves are plain functions in data_pipeline/prepare.py; this file
 only wires them into Ray Data (data_pipeline/ never imports ray).
 
@@ -16,6 +19,7 @@ lists is deleted, and any other file in --out is kept (data_pipeline.prepare.swa
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -25,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data_pipeline.chat import show_masks
 from data_pipeline.dedup import Deduplicator
 from data_pipeline.prepare import (
     ERROR,
@@ -40,8 +45,9 @@ from data_pipeline.prepare import (
 )
 from data_pipeline.records import DataError, DropReport, Sample
 from data_pipeline.shards import MANIFEST_NAME
-from data_pipeline.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
-from launch.ray_cluster import init_ray
+from data_pipeline.sp_tokenizer import SPECIAL_TOKENS, train_tokenizer
+from data_pipeline.tokenizer import Tokenizer, load_tokenizer
+from training.ray_cluster import init_ray
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             help="replace the dataset an earlier run left in --out, once the new one is complete (deletes what "
             "its manifest lists; other files in --out are kept)",
         )
-        p.add_argument("--tokenizer", help="an existing tokenizer.model (or a folder holding one)")
+        p.add_argument(
+            "--tokenizer",
+            help="a tokenizer folder: one Crucible trained, or a Hugging Face model or tokenizer folder",
+        )
+        p.add_argument("--chat-template", help="a Jinja chat template replacing the Hugging Face tokenizer's own")
         p.add_argument(
             "--on-error", choices=("raise", "skip"), default="raise", help="invalid records: stop, or skip and count"
         )
@@ -87,12 +97,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
             p.add_argument("--profiles", help="RoleBench: .json/.yaml mapping a role to its persona text")
             p.add_argument("--max-len", type=int, default=2048, help="longest tokenized conversation")
+            p.add_argument(
+                "--show-masks", type=int, default=0, metavar="N", help="print N rendered samples, trained tokens marked"
+            )
     args = parser.parse_args(argv)
     if args.kind == "pretrain" and not (args.tokenizer or args.vocab_size):
         parser.error("pretrain needs --tokenizer MODEL or --vocab-size N")
     if args.kind == "sft" and not args.tokenizer:
-        parser.error("sft needs --tokenizer MODEL (the one the model was pretrained with)")
-    for path in args.input + ([args.tokenizer] if args.tokenizer else []):
+        parser.error(
+            "sft needs --tokenizer DIR: the model's (its folder, or the tokenizer/ of the data it was pretrained on)"
+        )
+    for path in args.input + [p for p in (args.tokenizer, args.chat_template) if p]:
         if not Path(path).exists():
             parser.error(f"{path}: no such file or folder")
         if not os.access(path, os.R_OK):
@@ -118,12 +133,26 @@ def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(f"--max-chars ({args.max_chars}) must be at least --min-chars ({args.min_chars})")
     elif args.max_len < 1:
         parser.error(f"--max-len must be at least 1, not {args.max_len}")
+    if args.chat_template and not args.tokenizer:
+        parser.error("--chat-template goes with --tokenizer (a Hugging Face tokenizer folder)")
     if args.tokenizer:
         try:
-            Tokenizer.load(args.tokenizer)
+            tok = load_tokenizer(args.tokenizer, args.chat_template)
+            if args.kind == "sft":  # a template that cannot render or mask a chat fails now, not in a worker
+                tok.encode_chat(PROBE_CHAT)
         except DataError as error:
             parser.error(f"--tokenizer {args.tokenizer}: {error}")
     _check_out(parser, args)
+
+
+PROBE_CHAT = [
+    {"role": "system", "content": "You are a guard."},
+    {"role": "user", "content": "Who goes there?"},
+    {"role": "assistant", "content": "A friend."},
+    {"role": "user", "content": "Pass."},
+    {"role": "assistant", "content": "Thanks."},
+]
+"""A conversation every supported template must render and mask, checked before the job starts."""
 
 
 def _check_out(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -177,7 +206,12 @@ def options(args: argparse.Namespace) -> PrepareOptions:
 
 
 def run(
-    opts: PrepareOptions, tokenizer: str | None, vocab_size: int | None, out_dir: str | Path | None = None
+    opts: PrepareOptions,
+    tokenizer: str | None,
+    vocab_size: int | None,
+    out_dir: str | Path | None = None,
+    chat_template: str | None = None,
+    show: int = 0,
 ) -> PrepareResult:
     """The Ray Data job: import+clean per file, dedup keys per batch, dedup decisions in order,
     tokenizer, tokenization per batch, shards written in order.
@@ -187,6 +221,8 @@ def run(
         tokenizer: an existing tokenizer (--tokenizer), or None to train one of `vocab_size` pieces.
         vocab_size: the size of the tokenizer to train (--vocab-size).
         out_dir: the folder to write into (main's temporary folder beside --out); default `opts.out`.
+        chat_template: a Jinja file replacing a Hugging Face tokenizer's template (--chat-template).
+        show: print this many rendered conversations with their trained tokens marked (--show-masks).
     Returns:
         The shards and manifest written into `out_dir`.
     """
@@ -227,16 +263,25 @@ def run(
     if unique.count() == 0:  # before a tokenizer is trained on no text (write_outputs checks after encoding)
         raise nothing_kept(report, opts.out)
 
-    if tokenizer:
-        tok = Tokenizer.load(tokenizer)
-    else:
-        texts = (r["payload"] for r in unique.iter_rows())  # only pretraining trains a tokenizer
-        tok = train_tokenizer(texts, vocab_size, out_dir / "tokenizer")
+    tok = _tokenizer_in(out_dir / "tokenizer", unique, tokenizer, vocab_size, chat_template)
+    for row in unique.take(show):
+        print(show_masks(json.loads(row["payload"]), tok), end="\n\n")
     encoded = unique.map_batches(
-        encode_rows, fn_kwargs={"tokenizer_path": str(tok.path), "opts": opts}, batch_format="numpy"
+        encode_rows, fn_kwargs={"tokenizer_path": str(out_dir / "tokenizer"), "opts": opts}, batch_format="numpy"
     )
     samples = _samples(encoded, report)
     return write_outputs(samples, tok, opts, report, extra={"options": vars(opts)}, out_dir=out_dir)
+
+
+def _tokenizer_in(folder: Path, unique, tokenizer: str | None, vocab_size: int | None, chat_template) -> Tokenizer:
+    """The dataset's tokenizer, saved into its tokenizer/ folder (template included) and loaded
+    back from there: the workers, the manifest and later the runs all read that one copy."""
+    if tokenizer:
+        load_tokenizer(tokenizer, chat_template).save(folder)
+    else:
+        texts = (r["payload"] for r in unique.iter_rows())  # only pretraining trains a tokenizer
+        train_tokenizer(texts, vocab_size, folder).save(folder)
+    return load_tokenizer(folder)
 
 
 def _samples(encoded, report: DropReport):
@@ -259,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     # Built beside --out and swapped in when complete: a failure (or Ctrl-C) leaves --out as it was.
     with build_beside(opts.out) as build:
         try:
-            result = run(opts, args.tokenizer, getattr(args, "vocab_size", None), out_dir=build)
+            vocab_size, show = getattr(args, "vocab_size", None), getattr(args, "show_masks", 0)
+            result = run(opts, args.tokenizer, vocab_size, build, args.chat_template, show)
         except DataError as error:
             print(f"prepare_data: error: {error}", file=sys.stderr)
             if Path(opts.out).exists():

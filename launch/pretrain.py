@@ -15,6 +15,7 @@ from pathlib import Path
 
 from data_pipeline.records import DataError
 from training.config import CONFIG_DIR, ConfigError, parse_cli
+from training.preflight import preflight
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.ray_job import run
 
     try:
+        preflight(cfg)  # before Ray starts: the files the workers will read
         state = run(cfg)
     except (ConfigError, DataError, TrainingError, RankError) as error:
         print(f"pretrain: error: {error}", file=sys.stderr)

@@ -17,11 +17,13 @@ from data_pipeline.records import DataError
 from training.config import CONFIG_DIR, ConfigError, parse_cli
 from training.engine import RankError, exit_without_teardown
 from training.loop import TrainingError, train
+from training.preflight import preflight
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(argv, __doc__, default_config=str(CONFIG_DIR / "sft" / "tiny.yaml"))
     try:
+        preflight(cfg)  # before the process group: the files every rank will read
         train(cfg)
     except (ConfigError, DataError, TrainingError, RankError) as error:
         print(f"sft: error: {error}", file=sys.stderr)

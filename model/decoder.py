@@ -1,5 +1,8 @@
 """A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
 
+With the ModelConfig's switches it is also Llama 3.1 (scaled RoPE), Mistral (a sliding window it
+refuses to exceed), Qwen2 (q/k/v bias) and Qwen3 (per-head q/k norm, decoupled head_dim).
+
 Reads top to bottom: norm → rotary helpers → attention mask → KV cache → attention →
 feed-forward → activation checkpointing → block → decoder. Pure PyTorch; parallelism is applied
 from outside (training/engine.py).
@@ -54,10 +57,36 @@ class _RMSNorm(torch.autograd.Function):
 # --- rotary embeddings (Su et al. 2021), "rotate half" layout as in HF Llama -----------------
 
 
-def rope_frequencies(head_dim: int, theta: float, device=None) -> torch.Tensor:
-    """Inverse frequencies, (head_dim // 2,) in fp32."""
-    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim
-    return 1.0 / (theta**exponents)
+def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies, (head_dim // 2,) in fp32.
+
+    Args:
+        cfg: head_dim, rope_theta, and the rope_* scaling fields when rope_type is "llama3".
+        device: where the result goes.
+    Returns:
+        the frequencies, computed as transformers computes them (same ops, same order).
+    """
+    exponents = torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.int64).float() / cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta**exponents)
+    return _llama3_scaled(inv_freq, cfg) if cfg.rope_type == "llama3" else inv_freq
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    # Llama 3.1's scaling (Meta's apply_scaling; transformers' _compute_llama3_parameters):
+    # wavelengths shorter than original_len / high_freq_factor are kept, those longer than
+    # original_len / low_freq_factor are slowed by `factor`, and those between are interpolated.
+    old_len, low, high, factor = (
+        cfg.rope_original_max_len,
+        cfg.rope_low_freq_factor,
+        cfg.rope_high_freq_factor,
+        cfg.rope_factor,
+    )
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
@@ -170,6 +199,17 @@ class KVCache:
         return self.layers[0].k.shape[2]
 
 
+def _check_window(cfg: ModelConfig, span: int) -> None:
+    """Refuse attention over more positions than the sliding window: the Decoder computes full
+    attention, which equals sliding-window attention only within the window. `span` is the
+    row length T (with doc_ids too: a document may be that long) plus the cached positions."""
+    if cfg.sliding_window and span > cfg.sliding_window:
+        raise ValueError(
+            f"model.sliding_window={cfg.sliding_window}: asked to attend over {span} positions; keep sequences "
+            f"(cached plus new tokens) within the window (model.context_len={cfg.context_len})"
+        )
+
+
 def cached_causal_mask(past: int, T: int, max_len: int, device) -> torch.Tensor:
     """Boolean mask (1, 1, T, max_len) over the cache: new query t (at position past + t) sees
     the cached keys and the new keys up to itself, and no unwritten slot."""
@@ -188,13 +228,19 @@ class Attention(nn.Module):
         # One fused projection for q, k and v: one matmul instead of three.
         self.wqkv = nn.Linear(cfg.dim, q_out + 2 * kv_out, bias=cfg.qkv_bias)
         self.wo = nn.Linear(q_out, cfg.dim, bias=False)
+        # Qwen3's q/k norm: one RMSNorm over head_dim, shared by all heads.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, mask, cache: LayerCache | None = None):
         B, T, _ = x.shape
         q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split((q_out, kv_out, kv_out), dim=-1)
-        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # after the projection, before RoPE, as Qwen3Attention
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # A copy, not a view: a view would keep the whole q/k/v projection alive for backward.
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim).clone()
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, head_dim)
@@ -388,6 +434,7 @@ class Decoder(nn.Module):
             logits (B, T, vocab_size), hidden states, or (loss_sum, n_target_tokens).
         """
         past = 0 if cache is None else cache.length
+        _check_window(self.cfg, past + tokens.shape[1])
         if doc_ids is not None:
             doc_ids = document_runs(doc_ids)
         if position_ids is None:
@@ -399,7 +446,7 @@ class Decoder(nn.Module):
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         # Frequencies are recomputed in fp32 on every call rather than kept in a buffer, which
         # `model.to(bfloat16)` would round and the meta device would leave empty.
-        inv_freq = rope_frequencies(self.cfg.head_dim, self.cfg.rope_theta, device=h.device)
+        inv_freq = rope_frequencies(self.cfg, device=h.device)
         cos, sin = rope_cos_sin(position_ids, inv_freq, h.dtype)
         mask = None
         if doc_ids is not None:
@@ -434,6 +481,7 @@ class Decoder(nn.Module):
     def num_flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6N for the matmuls (forward + backward) plus 12·L·d·T for
         attention scores and values (PaLM, Chowdhery et al. 2022, appendix B). N excludes the
-        input embedding lookup but counts the output projection, tied or not."""
+        input embedding lookup but counts the output projection, tied or not; d is the attention
+        width n_heads · head_dim."""
         cfg = self.cfg
-        return 6 * self.num_params(exclude_embedding=True) + 12 * cfg.n_layers * cfg.dim * seq_len
+        return 6 * self.num_params(exclude_embedding=True) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

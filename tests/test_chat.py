@@ -22,7 +22,7 @@ def tok(tmp_path_factory):
 def hf_tok(tok, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(tok.save_hf(tmp_path_factory.mktemp("hf"))))
+    return AutoTokenizer.from_pretrained(str(tok.save(tmp_path_factory.mktemp("hf"))))
 
 
 def rolebench_chat(data, lang: str, n_exchanges: int = 3) -> list[dict[str, str]]:
@@ -241,7 +241,7 @@ def export(tok, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("export")
     state, cfg = stop_at_once_model(tok)
-    write_export(state, cfg, root / "hf", tok.save_hf(root / "tokenizer"))
+    write_export(state, cfg, root / "hf", tok.save(root / "tokenizer"))
     return root / "hf"
 
 

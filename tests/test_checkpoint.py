@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from data_pipeline.sp_tokenizer import train_tokenizer
+from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 from model.config import preset
 from model.decoder import Decoder
 from model.hf import load_hf
@@ -153,12 +154,12 @@ def test_a_checkpoint_carries_the_tokenizer_it_trained_with(tok, tmp_path):
     trained = make_tokenizer(source)
     folder = save_run(tmp_path / "run", trained)
     make_tokenizer(source, vocab_size=300)  # prepare_data run again: the data's tokenizer replaced
-    assert Tokenizer.load(source).sha256 != trained.sha256
+    assert load_tokenizer(source).sha256 != trained.sha256
 
     _, _, loaded = load_for_inference(folder, trust_checkpoint=True)
     assert loaded.sha256 == trained.sha256
     assert export_hf([str(tmp_path / "run"), "--out", str(tmp_path / "hf")]) == 0
-    assert Tokenizer.load(tmp_path / "hf").sha256 == trained.sha256
+    assert load_tokenizer(tmp_path / "hf").sha256 == trained.sha256
 
 
 def test_a_checkpoint_loads_for_inference_only_when_trusted(tok, tmp_path):
@@ -304,7 +305,7 @@ def _dist_worker(rank: int, world: int, port: int, base: str, tokenizer: str) ->
     torch.set_num_threads(1)
     # A short timeout: a rank left waiting fails this test in a minute rather than hanging it.
     where = init_distributed(needs_group=True, timeout_s=60)
-    results = _scenarios(where, Path(base), Tokenizer.load(tokenizer))
+    results = _scenarios(where, Path(base), load_tokenizer(tokenizer))
     barrier_last()
     (Path(base) / f"rank{rank}.json").write_text(json.dumps(results))
     exit_without_teardown(0)  # as launch/sft.py: gloo's threads can abort the teardown

@@ -5,7 +5,7 @@ import torch
 
 from model.config import ModelConfig, preset, preset_names
 from model.decoder import Decoder, document_causal_mask, positions_from_doc_ids
-from tests.conftest import requires_cuda
+from tests.conftest import ROOT, requires_cuda
 
 SMALL = dict(vocab_size=101, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
 
@@ -254,3 +254,95 @@ def test_compiled_selective_checkpointing_does_not_run_attention_again():
             model(tokens, labels=labels)[0].backward()
         runs[mode] = {e.key: e.count for e in prof.key_averages()}["aten::_scaled_dot_product_flash_attention_for_cpu"]
     assert runs == {"full": 2 * 2, "selective": 2}  # 2 layers: full runs attention again in backward
+
+
+# --- the families' switches: decoupled head_dim, q/k norm, scaled RoPE, sliding window ---------
+
+
+def test_preset_overrides_derive_head_dim_again_and_keep_an_explicit_one():
+    assert preset("tiny").head_dim == 256 // 8
+    assert preset("tiny", dim=64, n_heads=4).head_dim == 16  # not the preset's 32, frozen
+    assert preset("tiny", dim=64, n_heads=4, head_dim=32).head_dim == 32
+    assert ModelConfig(dim=64, n_heads=4, n_kv_heads=4) == ModelConfig(dim=64, n_heads=4, n_kv_heads=4, head_dim=16)
+    assert ModelConfig(dim=60, n_heads=4, n_kv_heads=4, head_dim=32).head_dim == 32  # dim need not divide
+
+
+def test_context_len_is_max_seq_len_capped_by_the_sliding_window():
+    assert preset("tiny").context_len == 512
+    assert preset("tiny", arch="mistral", sliding_window=128).context_len == 128
+    assert preset("tiny", arch="mistral", sliding_window=4096).context_len == 512
+
+
+@pytest.mark.parametrize(
+    "fields, error, named",
+    [
+        (dict(arch="gpt2"), ValueError, "model.arch='gpt2': expected one of llama, mistral, qwen2, qwen3"),
+        (dict(rope_type="yarn"), ValueError, "model.rope_type='yarn': expected one of default, llama3"),
+        (dict(arch=None), TypeError, "model.arch=None must be of type str"),
+        (dict(head_dim=-2), ValueError, "model.head_dim=-2 must be at least 0"),
+        (dict(head_dim=15), ValueError, "model.head_dim=15 must be even"),
+        (dict(dim=60, n_heads=8), ValueError, "model.dim=60 is not divisible by model.n_heads=8"),
+        (dict(arch="mistral", sliding_window=-1), ValueError, "model.sliding_window=-1 must be at least 0"),
+        (dict(rope_factor=0.0), ValueError, "model.rope_factor=0.0 must be positive"),
+        (dict(rope_high_freq_factor=1.0), ValueError, "model.rope_high_freq_factor=1.0 must be above"),
+        (dict(rope_original_max_len=0), ValueError, "model.rope_original_max_len=0 must be at least 1"),
+    ],
+)
+def test_bad_family_fields_are_rejected_naming_the_field(fields, error, named):
+    with pytest.raises(error, match=named):
+        preset("tiny", **fields)
+
+
+def test_qk_norm_and_decoupled_head_dim_set_the_attention_shapes():
+    model = small_model(arch="qwen3", qk_norm=True, head_dim=32)
+    attn = model.layers[0].attn
+    assert attn.wqkv.weight.shape == ((4 + 2 * 2) * 32, 64)  # q: n_heads · head_dim, k and v: n_kv_heads · head_dim
+    assert attn.wo.weight.shape == (64, 4 * 32)
+    assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (32,)
+    assert torch.all(attn.q_norm.weight == 1)  # init_weights fills them
+    assert small_model().layers[0].attn.q_norm is None
+    # attention FLOPs count the attention width, n_heads · head_dim, not dim
+    extra = model.num_flops_per_token(16) - 6 * model.num_params(exclude_embedding=True)
+    assert extra == 12 * 2 * 4 * 32 * 16
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(arch="qwen3", qk_norm=True, head_dim=32),
+        dict(rope_type="llama3", rope_original_max_len=8, rope_theta=500000.0),
+        dict(arch="mistral", sliding_window=32),
+    ],
+    ids=["qwen3", "llama3-rope", "mistral-window"],
+)
+def test_each_family_keeps_packed_documents_apart_and_is_causal(kw):
+    model = small_model(**kw)
+    for layer in model.layers:  # make the q/k norm count
+        for norm in filter(None, (layer.attn.q_norm, layer.attn.k_norm)):
+            torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    lengths = [5, 11, 9]
+    docs = [torch.randint(0, 101, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    doc_ids = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    with torch.no_grad():
+        packed = model(torch.cat(docs)[None], doc_ids=doc_ids)[0]
+        alone = torch.cat([model(d[None])[0] for d in docs])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_longer_than_the_sliding_window_is_refused_even_when_packed():
+    """Full attention equals the window's only within it; a packed row of that length may hold
+    one document that long, so the row length counts."""
+    model = small_model(arch="mistral", sliding_window=16)
+    with torch.no_grad():
+        model(torch.randint(0, 101, (1, 16)))
+        with pytest.raises(ValueError, match="model.sliding_window=16: asked to attend over 17 positions"):
+            model(torch.randint(0, 101, (1, 17)), doc_ids=(torch.arange(17) // 5)[None])
+
+
+def test_model_files_import_torch_only():
+    import subprocess
+    import sys
+
+    code = "import sys, model.config, model.decoder; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert "transformers" not in loaded and "safetensors" not in loaded, loaded

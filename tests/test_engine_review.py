@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 
 from model.config import preset
 from model.decoder import Decoder
-from training.config import ConfigError, RunConfig, deepspeed_config
+from training.config import ConfigError, RunConfig
+from training.deepspeed_config import deepspeed_config
 from training.engine import free_port
 from training.optim import param_groups
 

@@ -14,7 +14,7 @@ import torch
 
 from data_pipeline.chat import encode_document, encode_prompt
 from data_pipeline.records import DataError
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import load_tokenizer
 from model.config import preset
 from model.decoder import Decoder
 from tests.training_data import TEST_MODEL
@@ -183,7 +183,7 @@ def test_read_items_takes_items_or_chats_and_names_a_bad_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def exported(training_data, tmp_path_factory) -> Path:
-    tok = Tokenizer.load(training_data["pretrain"] / "tokenizer")
+    tok = load_tokenizer(training_data["pretrain"] / "tokenizer")
     torch.manual_seed(0)
     cfg = preset("tiny", vocab_size=tok.vocab_size, **TEST_MODEL)
     model = Decoder(cfg)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from data_pipeline.tokenizer import train_tokenizer
+from data_pipeline.sp_tokenizer import train_tokenizer
 from launch import chat
 from model.config import preset
 from model.decoder import Decoder
@@ -26,6 +26,9 @@ CONFIGS = {
     "mha": dict(n_kv_heads=4),
     "gqa": dict(n_kv_heads=2),
     "mqa-qkv-bias-untied": dict(n_kv_heads=1, qkv_bias=True, tie_embeddings=False),
+    "qwen3-qk-norm-head-dim": dict(n_kv_heads=2, arch="qwen3", qk_norm=True, head_dim=32),
+    "llama3-rope": dict(n_kv_heads=2, rope_type="llama3", rope_theta=500000.0, rope_original_max_len=8),
+    "mistral-window": dict(n_kv_heads=2, arch="mistral", sliding_window=20),
 }
 
 
@@ -158,7 +161,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     lines = [" ".join(WORDS[(i * k + k) % len(WORDS)] for k in range(1, 8)) + "." for i in range(400)]
     tok = train_tokenizer(lines + ["你好，世界。"] * 20, 320, root / "tokenizer")
-    tok.save_hf(root / "tokenizer")
+    tok.save(root / "tokenizer")
     torch.manual_seed(0)
     cfg = preset("tiny", vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
     cfg.max_seq_len = 96

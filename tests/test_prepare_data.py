@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from data_pipeline.shards import MANIFEST_NAME, load_manifest
+from data_pipeline.sp_tokenizer import SAVED_FILES
 from data_pipeline.stream import PackedStream
-from data_pipeline.tokenizer import HF_FILES, Tokenizer
+from data_pipeline.tokenizer import load_tokenizer
 from model.loss import IGNORE_INDEX
 from tests.conftest import ROOT
 
@@ -43,7 +44,7 @@ def test_pretrain_shards_manifest_and_report(pretrain_dir):
     assert manifest["input_records"] == manifest["kept_records"] + sum(manifest["dropped"].values())
     assert manifest["kept_records"] == sum(s["samples"] for s in manifest["shards"]) > 100
     assert "read" in stdout and "kept" in stdout and "manifest.json" in stdout
-    tok = Tokenizer.load(out / "tokenizer")
+    tok = load_tokenizer(out / "tokenizer")
     assert tok.sha256 == manifest["tokenizer_sha256"]
     assert (out / "tokenizer" / "tokenizer_config.json").is_file()
     # The shards stream back; the packed labels are the next tokens of each document.
@@ -64,7 +65,7 @@ def test_sft_rolebench_with_the_pretraining_tokenizer(pretrain_dir, shared_data,
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["kind"] == "sft"
-    assert manifest["tokenizer_sha256"] == Tokenizer.load(out / "tokenizer").sha256
+    assert manifest["tokenizer_sha256"] == load_tokenizer(out / "tokenizer").sha256
     assert manifest["input_records"] == manifest["kept_records"] + sum(manifest["dropped"].values())
     stream = PackedStream(tmp_path, seq_len=256, batch_size=4)
     batch = next(stream)
@@ -78,7 +79,7 @@ def test_invalid_json_line_is_one_clear_error(tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()
-    from data_pipeline.tokenizer import train_tokenizer
+    from data_pipeline.sp_tokenizer import train_tokenizer
 
     train_tokenizer(["hello there, general kenobi"] * 50, 300, tok_dir)
     result = prepare(
@@ -107,7 +108,7 @@ def test_nothing_kept_is_one_clear_error_with_the_drop_table(tmp_path):
 def test_write_outputs_refuses_to_write_an_empty_dataset(tmp_path):
     from data_pipeline.prepare import PrepareOptions, write_outputs
     from data_pipeline.records import DataError, DropReport
-    from data_pipeline.tokenizer import train_tokenizer
+    from data_pipeline.sp_tokenizer import train_tokenizer
 
     tok = train_tokenizer(["hello there, general kenobi"] * 50, 300, tmp_path / "tok")
     report = DropReport(input_records=2)
@@ -164,7 +165,7 @@ def test_wrong_values_are_usage_errors_before_ray_starts(tmp_path, capsys):
 
 
 def test_sft_same_turns_under_another_card_are_kept_copies_across_files_are_not(tmp_path):
-    from data_pipeline.tokenizer import train_tokenizer
+    from data_pipeline.sp_tokenizer import train_tokenizer
 
     train_tokenizer(["Who are you? I am the Great Sage, Equal of Heaven."] * 50, 300, tmp_path / "tok")
 
@@ -200,7 +201,7 @@ def _earlier_dataset(out):
     from data_pipeline.chat import encode_document
     from data_pipeline.prepare import PrepareOptions, write_outputs
     from data_pipeline.records import DropReport
-    from data_pipeline.tokenizer import train_tokenizer
+    from data_pipeline.sp_tokenizer import train_tokenizer
 
     texts = _docs("old")
     tok = train_tokenizer(texts, 300, out.parent / "old_tok")
@@ -272,12 +273,12 @@ def test_overwrite_replaces_only_what_the_earlier_manifest_lists(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = load_manifest(out)
     assert manifest["kept_records"] == 40 and len(manifest["shards"]) == 1
-    tok = Tokenizer.load(out / "tokenizer")
+    tok = load_tokenizer(out / "tokenizer")
     assert tok.sha256 == manifest["tokenizer_sha256"]
     after = _files(out)
     for name, data in mine.items():
         assert after[name] == data, name  # the user's files are kept where they were
-    new_files = {MANIFEST_NAME} | {s["path"] for s in manifest["shards"]} | {f"tokenizer/{n}" for n in HF_FILES}
+    new_files = {MANIFEST_NAME} | {s["path"] for s in manifest["shards"]} | {f"tokenizer/{n}" for n in SAVED_FILES}
     assert set(after) == new_files | set(mine)  # the earlier shards past the new ones are gone
     assert after["tokenizer/tokenizer.model"] != before["tokenizer/tokenizer.model"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "o", "old_tok"]  # nothing set aside

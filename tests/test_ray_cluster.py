@@ -1,4 +1,4 @@
-"""launch/ray_cluster.py: a local Ray stays on 127.0.0.1; and the README's cluster commands, as
+"""training/ray_cluster.py: a local Ray stays on 127.0.0.1; and the README's cluster commands, as
 typed, against a head started with `ray start --head --node-ip-address 127.0.0.1`.
 
 The Ray these tests start keeps to the test: HOME (and so the token, ~/.ray/auth_token) and Ray's
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from launch.ray_cluster import CLUSTER_MODE, RayAddressError, check_loopback, init_ray
 from tests.conftest import ROOT
 from tests.training_data import TEST_MODEL
 from training.checkpoint import find_latest, read_meta
+from training.ray_cluster import CLUSTER_MODE, RayAddressError, check_loopback, init_ray
 
 RAY = Path(sys.executable).parent / "ray"  # the environment's CLI: its `python` runs the job
 requires_ray_cli = pytest.mark.skipif(not RAY.is_file(), reason=f"no ray CLI beside {sys.executable}")
@@ -87,14 +87,14 @@ def test_local_ray_node_is_on_loopback_and_an_earlier_import_fails_in_one_line(t
     pytest.importorskip("psutil")  # to end this Ray's processes
     env = _ray_env(tmp_path, marker=uuid.uuid4().hex)
     env.pop(CLUSTER_MODE, None)
-    up = "from launch.ray_cluster import init_ray; init_ray(); import ray; print(ray.util.get_node_ip_address())"
-    first = "import ray; from launch.ray_cluster import init_ray; init_ray()"
+    up = "from training.ray_cluster import init_ray; init_ray(); import ray; print(ray.util.get_node_ip_address())"
+    first = "import ray; from training.ray_cluster import init_ray; init_ray()"
     try:
         done = _python(up, env)
         assert done.returncode == 0 and done.stdout.split()[-1] == "127.0.0.1", done.stderr[-3000:]
         done = _python(first, env)
         last = done.stderr.strip().splitlines()[-1]
-        assert done.returncode == 1 and last.startswith("launch.ray_cluster.RayAddressError: ray was imported before")
+        assert done.returncode == 1 and last.startswith("training.ray_cluster.RayAddressError: ray was imported before")
     finally:
         _end_ray(env[MARKER])
 

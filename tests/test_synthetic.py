@@ -12,6 +12,7 @@ from data_pipeline.clean import clean_text
 from data_pipeline.dedup import conversation_dedup_text, exact_key
 from data_pipeline.formats import read_conversations, read_documents
 from data_pipeline.records import Conversation
+from data_pipeline.sp_tokenizer import SPECIAL_TOKENS
 from data_pipeline.synthetic import (
     CARD_FIELDS,
     EVAL_QUESTIONS,
@@ -22,7 +23,6 @@ from data_pipeline.synthetic import (
     make_world,
     write_corpus,
 )
-from data_pipeline.tokenizer import SPECIAL_TOKENS
 
 
 def _jsonl(path):

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from data_pipeline.records import DataError
-from data_pipeline.tokenizer import SPECIAL_TOKENS, Tokenizer, _training_lines, train_tokenizer
+from data_pipeline.sp_tokenizer import SPECIAL_TOKENS, _training_lines, train_tokenizer
+from data_pipeline.tokenizer import load_tokenizer
 from tests.conftest import SHARED_DATA
 
 TRAIN_CHARS = 300_000
@@ -67,7 +68,7 @@ def tok(tmp_path_factory):
 def hf_tok(tok, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    folder = tok.save_hf(tmp_path_factory.mktemp("hf"))
+    folder = tok.save(tmp_path_factory.mktemp("hf"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")  # a local folder must load with no network
         return AutoTokenizer.from_pretrained(str(folder))
@@ -78,7 +79,7 @@ def test_special_tokens_and_identity(tok):
     assert tok.vocab_size == VOCAB
     assert tok.path.name == "tokenizer.model"
     assert tok.sha256 == hashlib.sha256(tok.path.read_bytes()).hexdigest()
-    assert Tokenizer.load(tok.path.parent).sha256 == tok.sha256  # a folder loads its tokenizer.model
+    assert load_tokenizer(tok.path.parent).sha256 == tok.sha256  # a folder loads its tokenizer.model
 
 
 def test_round_trip_real_lines_and_tricky_strings(tok, shared_data):
@@ -144,17 +145,15 @@ def test_hf_export_encodes_and_decodes_identically(tok, hf_tok, shared_data):
 
 
 def test_hf_folder_contents(tok, tmp_path):
-    folder = tok.save_hf(tmp_path / "hf")
+    folder = tok.save(tmp_path / "hf")
     config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["chat_template"].startswith("{%- for message in messages %}")
     assert (config["bos_token"], config["eos_token"], config["pad_token"]) == SPECIAL_TOKENS[1:4]
     assert json.loads((folder / "special_tokens_map.json").read_text())["additional_special_tokens"] == list(
         SPECIAL_TOKENS[4:]
     )
-    assert Tokenizer.load(folder).sha256 == tok.sha256
-    # copied into a model's export, so that transformers' generate ends a turn at <|im_end|>
-    generation = json.loads((folder / "generation_config.json").read_text())
-    assert generation == {"bos_token_id": 1, "eos_token_id": [5, 2], "pad_token_id": 3}
+    assert load_tokenizer(folder).sha256 == tok.sha256
+    assert tok.stop_ids == (5, 2)  # <|im_end|>, </s>: an export's generation_config.json names them
 
 
 def test_training_input_is_split_at_newlines_and_long_lines_are_chunked(tok):
@@ -170,12 +169,12 @@ def test_load_missing_or_garbage_file_names_it(tmp_path):
     garbage = tmp_path / "tokenizer.model"
     garbage.write_bytes(b"this is not a sentencepiece model \x00\xff" * 10)
     with pytest.raises(DataError, match=str(garbage)):
-        Tokenizer.load(garbage)
+        load_tokenizer(garbage)
     with pytest.raises(DataError, match=str(garbage)):
-        Tokenizer.load(tmp_path)  # the folder form names the file inside it
+        load_tokenizer(tmp_path)  # the folder form names the file inside it
     missing = tmp_path / "nope" / "tokenizer.model"
     with pytest.raises(DataError, match="does not exist"):
-        Tokenizer.load(missing)
+        load_tokenizer(missing)
 
 
 def test_load_rejects_a_model_without_crucible_special_tokens(tmp_path):
@@ -186,7 +185,7 @@ def test_load_rejects_a_model_without_crucible_special_tokens(tmp_path):
         sentence_iterator=iter(lines), model_prefix=str(tmp_path / "plain"), vocab_size=31, minloglevel=2
     )
     with pytest.raises(DataError, match="plain.model"):
-        Tokenizer.load(tmp_path / "plain.model")
+        load_tokenizer(tmp_path / "plain.model")
 
 
 def test_small_vocabulary_on_chinese_keeps_the_common_characters(shared_data, tmp_path):
@@ -218,13 +217,14 @@ def test_train_error_is_a_data_error(tmp_path):
 # Run in a child process: a file size limit makes a write fail part-way, as a full disk does.
 _WRITE_UNDER_LIMIT = """
 import resource, signal, sys
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from data_pipeline.sp_tokenizer import train_tokenizer
+from data_pipeline.tokenizer import load_tokenizer
 limit, action, src, dest = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, not a signal
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 try:
     if action == "save_hf":
-        Tokenizer.load(src).save_hf(dest)
+        load_tokenizer(src).save(dest)
     else:
         train_tokenizer([f"another corpus, line {i} of many" for i in range(200)], 320, dest)
 except Exception as e:
@@ -253,22 +253,22 @@ def test_a_save_that_fails_part_way_leaves_the_earlier_tokenizer_whole(tmp_path)
     the earlier files are byte-identical and load, and no temporary file is left."""
     from tokenizers import Tokenizer as FastTokenizer
 
-    from data_pipeline.tokenizer import HF_FILES
+    from data_pipeline.sp_tokenizer import SAVED_FILES
 
-    folder = train_tokenizer(_small_corpus(), 300, tmp_path / "old").save_hf(tmp_path / "hf")
-    assert sorted(p.name for p in folder.iterdir()) == sorted(HF_FILES)
+    folder = train_tokenizer(_small_corpus(), 300, tmp_path / "old").save(tmp_path / "hf")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(SAVED_FILES)
     newer = train_tokenizer([t.upper() for t in _small_corpus()], 320, tmp_path / "new")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     limit = (folder / "tokenizer.json").stat().st_size // 2  # below the first file written, above the smallest
     result = _write_under_limit(limit, "save_hf", newer.path, folder)
     assert result.returncode != 0 and "failed:" in result.stderr, result.stderr[-2000:]
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    assert Tokenizer.load(folder).sha256 != newer.sha256
+    assert load_tokenizer(folder).sha256 != newer.sha256
     FastTokenizer.from_file(str(folder / "tokenizer.json"))
     # and with room to write, the same save replaces all of them
     assert _write_under_limit(10**8, "save_hf", newer.path, folder).returncode == 0
-    assert Tokenizer.load(folder).sha256 == newer.sha256
-    assert sorted(p.name for p in folder.iterdir()) == sorted(HF_FILES)
+    assert load_tokenizer(folder).sha256 == newer.sha256
+    assert sorted(p.name for p in folder.iterdir()) == sorted(SAVED_FILES)
 
 
 def test_training_that_fails_to_write_keeps_the_earlier_model(tmp_path):
@@ -276,7 +276,7 @@ def test_training_that_fails_to_write_keeps_the_earlier_model(tmp_path):
     before = old.path.read_bytes()
     result = _write_under_limit(len(before) // 2, "train", "-", tmp_path)
     assert result.returncode != 0 and "failed:" in result.stderr, result.stderr[-2000:]
-    assert old.path.read_bytes() == before and Tokenizer.load(tmp_path).sha256 == old.sha256
+    assert old.path.read_bytes() == before and load_tokenizer(tmp_path).sha256 == old.sha256
     assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.model"]  # no temporary file left
 
 
@@ -284,13 +284,13 @@ def test_messages_name_the_flag_not_a_function(tmp_path):
     import sentencepiece as spm
 
     with pytest.raises(DataError) as missing:
-        Tokenizer.load(tmp_path / "nope")
+        load_tokenizer(tmp_path / "nope")
     lines = ["the quick brown fox jumps over the lazy dog"] * 50
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(tmp_path / "plain"), vocab_size=31, minloglevel=2
     )
     with pytest.raises(DataError) as foreign:
-        Tokenizer.load(tmp_path / "plain.model")
+        load_tokenizer(tmp_path / "plain.model")
     with pytest.raises(DataError) as too_big:
         train_tokenizer(lines, 2000, tmp_path / "big")  # more pieces than this text has
     for error in (missing, foreign, too_big):

@@ -93,10 +93,10 @@ def exported_init(cfg: RunConfig) -> dict[str, torch.Tensor]:
 
 
 def _init_model(cfg: RunConfig):
-    from data_pipeline.tokenizer import Tokenizer
+    from data_pipeline.tokenizer import load_tokenizer
     from training.loop import build_model
 
-    return build_model(cfg, Tokenizer.load(Path(cfg.data.train) / "tokenizer"))
+    return build_model(cfg, load_tokenizer(Path(cfg.data.train) / "tokenizer"))
 
 
 def _init_gradients(cfg: RunConfig, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from data_pipeline.clean import CleanOptions, clean_documents
 from data_pipeline.formats import read_conversations, read_documents
 from data_pipeline.prepare import PrepareOptions, write_outputs
 from data_pipeline.records import DropReport
-from data_pipeline.tokenizer import train_tokenizer
+from data_pipeline.sp_tokenizer import train_tokenizer
 
 VOCAB = 1024
 SFT_LEN = 256  # RoleBench exchanges with their persona prompt are ~250 tokens with this tokenizer

@@ -162,7 +162,7 @@ def save_checkpoint(
         if where.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            tokenizer.save_hf(tmp / TOKENIZER)
+            tokenizer.save(tmp / TOKENIZER)
     with together(what):  # before DCP or DeepSpeed makes a folder of that name on a rank's own disk
         if not tmp.is_dir():
             raise ConfigError(
@@ -368,12 +368,13 @@ def checkpoint_tokenizer(folder: str | os.PathLike, meta: dict) -> Path:
     written before checkpoints carried one, the run's tokenizer folder named in meta.json (which
     may hold another tokenizer since: compare meta's tokenizer_sha256)."""
     own = Path(folder) / TOKENIZER
-    return own if (own / "tokenizer.model").is_file() else Path(meta["tokenizer_dir"])
+    return own if own.is_dir() else Path(meta["tokenizer_dir"])
 
 
 def write_export(state_dict: dict[str, torch.Tensor], model_cfg, out: str | os.PathLike, tokenizer) -> Path:
-    """A Hugging Face folder: config.json + model.safetensors (model/hf.py) + the tokenizer files,
-    generation_config.json included.
+    """A Hugging Face folder: config.json + model.safetensors (model/hf.py), the tokenizer's files
+    (its chat template included) and generation_config.json, whose eos ids are the tokenizer's
+    stop ids, so that transformers' `generate` ends a turn where launch/chat.py does.
 
     It is written into a folder beside `out` and renamed into place when complete: a crash
     leaves `out` as it was, and nothing an earlier export left in `out` survives (a stale
@@ -383,13 +384,12 @@ def write_export(state_dict: dict[str, torch.Tensor], model_cfg, out: str | os.P
         state_dict: the full model weights.
         model_cfg: the model's ModelConfig.
         out: the export folder; an existing one is replaced (launch/export_hf.py asks first).
-        tokenizer: a Tokenizer, or a folder holding its tokenizer.model (the files are made from
-            that file, not copied: the folder may hold it alone, or beside the files of a
-            tokenizer it has since replaced).
+        tokenizer: a loaded tokenizer, or a folder `load_tokenizer` reads (the files are written
+            from what it loads, not copied: the folder may hold stale files beside it).
     Returns:
         out.
     """
-    from data_pipeline.tokenizer import Tokenizer
+    from data_pipeline.tokenizer import load_tokenizer
     from model.hf import save_hf
 
     out = Path(out).resolve()  # a symlinked out: replace the folder it points to, keep the link
@@ -399,12 +399,14 @@ def write_export(state_dict: dict[str, torch.Tensor], model_cfg, out: str | os.P
             f"{out} holds files an export does not write ({', '.join(foreign[:3])}), so it is not replaced: "
             "export into a new folder"
         )
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, str | os.PathLike) else tokenizer
+    generation = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids), "pad_token_id": tok.pad_id}
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     try:
         save_hf(None, model_cfg, staging, state_dict=state_dict)
-        tok.save_hf(staging)
+        tok.save(staging)
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         _fsync_tree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -421,13 +423,15 @@ _EXPORT_FILE = re.compile(
 def not_export_files(folder: str | os.PathLike) -> list[str]:
     """The entries of `folder` that no export writes (a run's checkpoints, data, a user's notes):
     an export replaces only a folder holding none, so that a wrong --out never deletes them."""
-    from data_pipeline.tokenizer import HF_FILES
+    from data_pipeline.tokenizer import TOKENIZER_FILES
 
     folder = Path(folder)
     if not folder.is_dir():
         return []
     return sorted(
-        p.name for p in folder.iterdir() if not (p.is_file() and (p.name in HF_FILES or _EXPORT_FILE.fullmatch(p.name)))
+        p.name
+        for p in folder.iterdir()
+        if not (p.is_file() and (p.name in TOKENIZER_FILES or _EXPORT_FILE.fullmatch(p.name)))
     )
 
 
@@ -529,12 +533,12 @@ def load_for_inference(
         dtype: their dtype.
         trust_checkpoint: load a checkpoint too (a checkpoint is code; see `model_source`).
     Returns:
-        (Decoder in eval mode, ModelConfig, Tokenizer).
+        (Decoder in eval mode, ModelConfig, tokenizer).
     Raises:
         FileNotFoundError, UntrustedCheckpoint: as `model_source`.
         ValueError: the checkpoint's tokenizer folder holds another tokenizer than it trained with.
     """
-    from data_pipeline.tokenizer import Tokenizer
+    from data_pipeline.tokenizer import load_tokenizer
     from model.config import ModelConfig
     from model.decoder import Decoder
     from model.hf import load_hf
@@ -542,10 +546,10 @@ def load_for_inference(
     folder = model_source(path, trust_checkpoint)
     if (folder / "config.json").is_file():
         model, model_cfg = load_hf(folder, device=device, dtype=dtype)
-        return model.eval(), model_cfg, Tokenizer.load(folder)
+        return model.eval(), model_cfg, load_tokenizer(folder)
     meta = read_meta(folder)
     tok_dir = checkpoint_tokenizer(folder, meta)
-    tok = Tokenizer.load(tok_dir)
+    tok = load_tokenizer(tok_dir)
     if meta.get("tokenizer_sha256") not in (None, tok.sha256):
         raise ValueError(f"{tok_dir}: not the tokenizer checkpoint {folder} was trained with")
     model_cfg = ModelConfig(**meta["model"])

@@ -1,19 +1,22 @@
 """The run configuration: typed sections with defaults, config files, dotted overrides.
 
     defaults ─► each --config FILE in order (.yaml: run config; .json: DeepSpeed config, which
-    selects the deepspeed engine) ─► key=value overrides ─► checks ─► run_dir/config.yaml
+    selects the deepspeed engine) ─► key=value overrides ─► value checks ─► run_dir/config.yaml
 
 A bare file name (`zero3.json`) that does not exist as given is looked up in `configs/`. Every
 key is checked against the dataclasses below: an unknown key, or a value of the wrong type, is a
-ConfigError naming the key and where it came from. Two fields take mappings: the DeepSpeed JSON
-(`deepspeed`: its top-level keys must be DeepSpeed's, and `deepspeed_config` checks its values
-against the run config) and `model.overrides` (each key a ModelConfig field, each value checked
-against that field's type like any other key).
+ConfigError naming the key and where it came from. Two fields take mappings: `model.overrides`
+(each key a ModelConfig field, each value checked against that field's type like any other key)
+and the DeepSpeed JSON (`deepspeed`, kept as read; training/deepspeed_config.py checks it against
+the run config).
+
+This module is the schema and reads no file but the config files themselves, so a config loads
+and checks anywhere. What the run will read (shards, tokenizer, init_from, a resume folder) is
+checked by training/preflight.py, which the launchers call before any worker starts.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -24,11 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from data_pipeline.records import DataError
-from data_pipeline.tokenizer import Tokenizer
 from model.config import ModelConfig, preset, preset_names
 from model.decoder import RECOMPUTE_MODES
-from model.hf import check_hf
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ENGINES = ("single", "fsdp", "deepspeed")
@@ -183,7 +183,7 @@ def load_config(config_files: list[str], overrides: list[str]) -> RunConfig:
     for name in config_files:
         path = find_config_file(name)
         if path.suffix == ".json":
-            cfg.deepspeed = check_deepspeed_keys(_read_json(path), source=str(path))
+            cfg.deepspeed = _read_json(path)
             cfg.engine = "deepspeed"
         elif path.suffix in (".yaml", ".yml"):
             merge(cfg, _read_yaml(path), source=str(path))
@@ -258,8 +258,8 @@ def merge(target, values: dict, source: str, prefix: str = "") -> None:
             setattr(target, key, _deep_merge(current, value))
         else:
             setattr(target, key, _coerce(value, hints[key], dotted, source))
-        if dotted in _MAPPING_CHECKS and getattr(target, key) is not None:
-            setattr(target, key, _MAPPING_CHECKS[dotted](getattr(target, key), source))
+        if dotted == "model.overrides":  # a mapping, which _coerce cannot check by its type
+            setattr(target, key, check_model_overrides(getattr(target, key), source))
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -312,58 +312,12 @@ def check_model_overrides(overrides: dict, source: str) -> dict:
     return out
 
 
-def check_deepspeed_keys(ds: dict, source: str) -> dict:
-    """The DeepSpeed JSON, refused when a top-level key is not one DeepSpeed reads.
-
-    DeepSpeed itself ignores an unknown top-level key (it forbids extra keys only inside its
-    sections), so "zero_optimisation": {"stage": 3} would silently train with ZeRO-0.
-    """
-    for key in ds:
-        if key in _DEEPSPEED_RENAMED:
-            raise ConfigError(
-                f"{source}: deepspeed.{key} is DeepSpeed's old spelling, which the {_DEEPSPEED_RENAMED[key]!r} "
-                f"section this loop fills in overrides; write it as {_DEEPSPEED_RENAMED[key]!r}"
-            )
-        if key not in DEEPSPEED_KEYS:
-            close = difflib.get_close_matches(str(key), DEEPSPEED_KEYS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else " (DeepSpeed would ignore it)"
-            raise ConfigError(f"{source}: unknown DeepSpeed key 'deepspeed.{key}'{hint}")
-    return ds
-
-
-# The top-level keys DeepSpeed's DeepSpeedConfig reads (0.19; tests/test_training.py re-derives
-# them from the installed DeepSpeed and fails when they drift). A list, not an import: config
-# checks run in every launcher and on Ray's driver, and importing deepspeed there would cost time
-# and fix its accelerator at first import, before the engine sets DS_ACCELERATOR.
-# fmt: off
-DEEPSPEED_KEYS = frozenset((
-    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "checkpoint", "comet",
-    "comms_logger", "communication_data_type", "compile", "compression_training", "csv_monitor",
-    "curriculum_learning", "data_efficiency", "data_types", "dataloader_drop_last",
-    "datastates_ckpt", "disable_allgather", "disable_python_gc", "dump_state", "eigenvalue",
-    "elasticity", "expert_parallel", "flops_profiler", "fp16", "gradient_accumulation_steps",
-    "gradient_allreduce_op", "gradient_clipping", "gradient_predivide_factor", "graph_harvesting",
-    "hybrid_engine", "log_level", "managed_gradient_accumulation", "memory_breakdown", "nebula",
-    "optimizer", "pipeline", "prescale_gradients", "progressive_layer_drop", "quantize_training",
-    "scheduler", "seq_parallel_communication_data_type", "sparse_attention", "sparse_gradients",
-    "steps_per_print", "tensor_parallel", "tensorboard", "timers", "torch_autocast",
-    "train_batch_size", "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism",
-    "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization",
-    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "zero_optimization",
-))
-# fmt: on
-_DEEPSPEED_RENAMED = {"bfloat16": "bf16"}
-"""Old spellings DeepSpeed still reads, but only when the new key is absent."""
-
-_MAPPING_CHECKS = {"model.overrides": check_model_overrides, "deepspeed": check_deepspeed_keys}
-"""The mapping fields merge() cannot check by their type, by dotted key."""
-
-
 # --- checks -----------------------------------------------------------------------------------
 
 
 def check(cfg: RunConfig) -> None:
-    """Fail before any worker starts, naming the key at fault."""
+    """Check the values and how they go together, naming the key at fault; no file is read
+    (training/preflight.py checks what the run will read)."""
     _choice("engine", cfg.engine, ENGINES)
     _choice("data.on_error", cfg.data.on_error, ("skip", "raise"))
     _check_train(cfg.train)
@@ -379,13 +333,6 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("engine=deepspeed needs a DeepSpeed JSON: --config zero3.json (or zero2.json, ...)")
     if cfg.engine != "deepspeed" and cfg.deepspeed is not None:
         raise ConfigError(f"engine={cfg.engine} was given together with a DeepSpeed JSON; drop one of them")
-    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
-        raise ConfigError(f"resume={cfg.resume!r}: expected auto, never or a checkpoint folder")
-    if cfg.init_from is not None and not (Path(cfg.init_from) / "config.json").is_file():
-        raise ConfigError(f"init_from={cfg.init_from}: no config.json there (expected a Hugging Face export)")
-    _check_data("data.train", cfg.data.train)
-    if cfg.data.val is not None:
-        _check_data("data.val", cfg.data.val)
     if (cfg.train.eval_every or cfg.train.patience) and cfg.data.val is None:
         raise ConfigError("train.eval_every / train.patience need data.val (a validation shard folder)")
     if cfg.train.patience and not cfg.train.eval_every:
@@ -397,9 +344,8 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError("train.compile=true is supported with the single and fsdp engines, not deepspeed")
     if cfg.model.preset not in preset_names():
         raise ConfigError(f"model.preset={cfg.model.preset!r}; choose one of {', '.join(preset_names())}")
-    _check_model_fits_data(cfg)
-    if cfg.deepspeed is not None:
-        deepspeed_config(cfg, world_size=None)
+    if cfg.init_from is None:  # init_from brings its own shape, which the preflight reads
+        model_config(cfg, vocab_size=None)
 
 
 def _check_train(t: TrainSection) -> None:
@@ -438,52 +384,6 @@ def _choice(key: str, value: str, options: tuple) -> None:
         raise ConfigError(f"{key}={value!r}; choose one of {', '.join(options)}")
 
 
-def _check_data(key: str, folder: str) -> None:
-    if not (Path(folder) / "manifest.json").is_file():
-        raise ConfigError(
-            f"{key}={folder}: no manifest.json there; write shards with launch/prepare_data.py and point {key} at them"
-        )
-
-
-def _check_model_fits_data(cfg: RunConfig) -> None:
-    """The model's vocabulary holds the tokenizer's ids and its context holds data.seq_len.
-
-    The model is the one the workers will build (init_from's config.json, else the preset with
-    model.overrides), the tokenizer the one beside the training shards; reading both is cheap
-    (a JSON file, a sentencepiece model).
-    """
-    folder = Path(cfg.data.train) / "tokenizer"
-    try:
-        tokens = Tokenizer.load(folder).vocab_size
-    except DataError as e:
-        raise ConfigError(f"data.train={cfg.data.train}: cannot read its tokenizer: {e}") from None
-    if cfg.init_from is not None:
-        model, shape = init_from_config(cfg.init_from), f"init_from={cfg.init_from}"
-    else:
-        model, shape = model_config(cfg, tokens), f"model.preset={cfg.model.preset}"
-        if cfg.model.overrides:
-            shape += f" with model.overrides={json.dumps(cfg.model.overrides)}"
-    if model.vocab_size < tokens:
-        raise ConfigError(
-            f"{shape}: vocab_size={model.vocab_size} is smaller than the {tokens} pieces of the tokenizer "
-            f"of data.train={cfg.data.train}"
-        )
-    if cfg.data.seq_len > model.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} is longer than the model's max_seq_len={model.max_seq_len} ({shape})"
-        )
-
-
-def init_from_config(folder: str) -> ModelConfig:
-    """The ModelConfig of a Hugging Face export, with its weights checked against it from the
-    safetensors headers (names and shapes; no weights read), so that a folder that would not
-    load fails here, before any worker starts."""
-    try:
-        return check_hf(folder)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"init_from={folder}: {e}") from None
-
-
 def model_config(cfg: RunConfig, vocab_size: int | None) -> ModelConfig:
     """The model shape: the preset with model.overrides, vocab_size from the tokenizer unless given.
 
@@ -500,107 +400,6 @@ def model_config(cfg: RunConfig, vocab_size: int | None) -> ModelConfig:
         raise ConfigError(f"model.overrides: {e.args[0]}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.overrides: {e}") from None
-
-
-# --- DeepSpeed --------------------------------------------------------------------------------
-
-
-def deepspeed_config(cfg: RunConfig, world_size: int | None) -> dict:
-    """The DeepSpeed JSON with its batch, precision and clipping fields filled from the run config.
-
-    A field the JSON already sets (other than "auto") must agree with the run config: the run
-    config is the one source of truth and the JSON may only repeat it.
-
-    Args:
-        cfg: the run config (cfg.deepspeed holds the JSON as read).
-        world_size: data-parallel size; None checks only what does not depend on it.
-    Returns:
-        a new dict for `deepspeed.initialize(config=...)`.
-    Raises:
-        ConfigError: a disagreeing field (both numbers named), or a section this loop owns.
-    """
-    ds = check_deepspeed_keys(json.loads(json.dumps(cfg.deepspeed or {})), source="run config")
-    for owned in ("optimizer", "scheduler"):
-        if owned in ds:
-            raise ConfigError(
-                f"deepspeed.{owned}: the loop builds the optimizer and learning-rate schedule from train.*; "
-                f"remove the {owned!r} section from the DeepSpeed JSON"
-            )
-    _check_deepspeed_values(ds)
-    t = cfg.train
-    wanted = {
-        "train_micro_batch_size_per_gpu": ("train.micro_batch", t.micro_batch),
-        "gradient_accumulation_steps": ("train.grad_accum", t.grad_accum),
-        "gradient_clipping": ("train.grad_clip", t.grad_clip),
-    }
-    if world_size is not None:
-        rows = cfg.batch_arithmetic(world_size)["global_batch"]
-        wanted["train_batch_size"] = (f"train.micro_batch × train.grad_accum × world size {world_size}", rows)
-    for key, (source, value) in wanted.items():
-        _agree(ds, key, value, source)
-    for section, precision in (("bf16", "bf16"), ("fp16", "fp16")):
-        block = ds.setdefault(section, {})
-        if cfg.train.precision == "auto":  # decided on the worker's device, where this runs again
-            if block.get("enabled", "auto") != "auto":
-                raise ConfigError(
-                    f"deepspeed.{section}.enabled={block['enabled']} with train.precision=auto: the run config sets "
-                    f"the precision; give train.precision={precision} (or fp32), and 'auto' in the JSON"
-                )
-            continue
-        enabled = cfg.train.precision == precision
-        if block.get("enabled", "auto") not in ("auto", enabled):
-            raise ConfigError(
-                f"deepspeed.{section}.enabled={block['enabled']} disagrees with train.precision={cfg.train.precision}"
-            )
-        block["enabled"] = enabled
-    if cfg.train.precision == "fp16":
-        ds["fp16"].setdefault("loss_scale", 0)  # 0: dynamic loss scaling
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.zero_optimization.stage={stage!r}; choose 1, 2 or 3")
-    if stage == 0:
-        # fp32: DeepSpeed steps the client optimizer directly, without the non-finite check every
-        # other setting has; fp16: its FP16_Optimizer unscales a loss that backward never scaled;
-        # bf16: the same FP16_Optimizer takes a zero-gradient AdamW step at start (weight decay at
-        # train.lr, Adam's step count one ahead) and accumulates and all-reduces in bf16.
-        raise ConfigError(
-            f"deepspeed.zero_optimization.stage=0 with train.precision={cfg.train.precision}: use stage >= 1 or fsdp"
-        )
-    ds.setdefault("steps_per_print", 1 << 30)  # the loop reports; keep DeepSpeed's own log quiet
-    return ds
-
-
-# DeepSpeed fields whose other values would silently undo what the loop relies on: the value it
-# needs, and why (each checked only when the JSON sets it).
-_DEEPSPEED_FIXED = {
-    "gradient_allreduce_op": ("mean", "the loop's loss scaling (× world size) undoes a mean over ranks, not a sum"),
-    "bf16.check_grad_overflow": (True, "a non-finite gradient norm must skip the step on every rank"),
-    "zero_optimization.compute_grad_norm": (True, "the loop reports the gradient norm and skips non-finite steps"),
-    "torch_autocast.enabled": (False, "train.precision sets the precision (bf16 or fp16 sections, filled by the loop)"),
-}
-_DEEPSPEED_SECTIONS = ("bf16", "fp16", "zero_optimization", "torch_autocast")
-
-
-def _check_deepspeed_values(ds: dict) -> None:
-    """Refuse a section that is not a mapping, and a field of `_DEEPSPEED_FIXED` set otherwise."""
-    for section in _DEEPSPEED_SECTIONS:
-        if not isinstance(ds.get(section, {}), dict):
-            raise ConfigError(f"deepspeed.{section}={ds[section]!r} must be a mapping of its keys to values")
-    for dotted, (needed, why) in _DEEPSPEED_FIXED.items():
-        *section, key = dotted.split(".")
-        block = ds.get(section[0], {}) if section else ds
-        if key not in block:
-            continue
-        given = block[key].lower() if isinstance(block[key], str) else block[key]
-        if given != needed:
-            raise ConfigError(f"deepspeed.{dotted}={block[key]!r} is not supported: {why}; remove it")
-
-
-def _agree(ds: dict, key: str, value, source: str) -> None:
-    given = ds.get(key, "auto")
-    if given != "auto" and given != value:
-        raise ConfigError(f"deepspeed.{key}={given} disagrees with {source}={value}; make them equal or use 'auto'")
-    ds[key] = value
 
 
 def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> None:

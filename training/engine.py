@@ -28,7 +28,8 @@ from torch import nn
 
 from data_pipeline.records import DataError
 from model.decoder import Block, Decoder
-from training.config import ConfigError, RunConfig, deepspeed_config
+from training.config import ConfigError, RunConfig
+from training.deepspeed_config import deepspeed_config
 from training.optim import build_optimizer, set_lr
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.chat import encode_document, encode_prompt, fit_prompt
+from data_pipeline.chat import encode_document, fit_prompt
 from data_pipeline.clean import CleanOptions, clean_conversations
 from data_pipeline.formats import read_conversations
 from data_pipeline.records import DataError, DropReport
@@ -135,9 +135,9 @@ def perplexity(model: Decoder, tok: Tokenizer, texts: Iterable[str], seq_len: in
 def answer(model: Decoder, tok: Tokenizer, messages: list[dict], max_new_tokens: int = 64) -> str:
     """The model's greedy answer to a conversation that ends with a user turn (the oldest
     exchanges dropped, the card kept, where the conversation and the answer overflow the context)."""
-    prompt, _ = fit_prompt(messages, tok, model.cfg.max_seq_len, max_new_tokens)
-    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - len(prompt))
-    ids = list(generate(model, prompt, max_new_tokens=max_new_tokens, stop_ids=(tok.im_end_id, tok.eos_id)))
+    prompt, _ = fit_prompt(messages, tok, model.cfg.context_len, max_new_tokens)
+    max_new_tokens = min(max_new_tokens, model.cfg.context_len - len(prompt))
+    ids = list(generate(model, prompt, max_new_tokens=max_new_tokens, stop_ids=tok.stop_ids))
     return tok.decode(ids).strip()
 
 
@@ -239,11 +239,14 @@ def model_judge(path: str | Path, device: str | torch.device = "cpu", trust_chec
 
     @torch.no_grad()
     def scored(item: dict, reply: str) -> float:
-        prompt = encode_prompt(item["messages"], tok)
-        target = tok.encode(reply) + [tok.im_end_id]
-        ids = torch.tensor([prompt + target], device=device)
-        logprobs = torch.log_softmax(judge(ids[:, :-1]).float(), dim=-1)[0, len(prompt) - 1 :]
-        return float(logprobs.gather(-1, ids[0, len(prompt) :, None]).mean())
+        # The answer's tokens as the judge's template renders and trains them (its content and
+        # the token that closes the turn), scored where they stand in the whole rendering.
+        chat = tok.encode_chat([*item["messages"], {"role": "assistant", "content": reply}])
+        answer_at = [t for t, trained in enumerate(chat.trained) if trained][-chat.turn_tokens[-1] :]
+        ids = torch.tensor(chat.ids, device=device)
+        at = torch.tensor(answer_at, device=device)
+        logprobs = torch.log_softmax(judge(ids[None, :-1]).float(), dim=-1)[0]
+        return float(logprobs[at - 1].gather(-1, ids[at, None]).mean())
 
     return scored
 
@@ -376,7 +379,7 @@ def evaluate_checkpoint(
     model, model_cfg, tok = _load(path, device, trust_checkpoint)
     row: dict = {"checkpoint": str(path)}
     if heldout:
-        row["perplexity"] = perplexity(model, tok, heldout, model_cfg.max_seq_len)
+        row["perplexity"] = perplexity(model, tok, heldout, model_cfg.context_len)
     answers = {}
     for name, items in splits.items():
         answers[name] = [answer(model, tok, item["messages"], max_new_tokens) for item in items]

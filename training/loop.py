@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.shards import sha256_file
 from data_pipeline.stream import PackedStream
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 from model.config import ModelConfig
 from model.decoder import Decoder
 from model.hf import load_hf
@@ -59,6 +58,7 @@ from training.engine import (
 from training.metrics import Reporter, peak_flops, peak_memory_bytes, throughput
 from training.optim import lr_at
 from training.prefetch import StepPrefetcher
+from training.preflight import check_init_from_tokenizer, check_model_fits
 
 
 class TrainingError(RuntimeError):
@@ -96,7 +96,7 @@ def train(
     asked, cfg = cfg.train.precision, resolve_precision(cfg, where.device)  # recorded as chosen
     # Each rank-local part that can fail ends in an agreement, so no rank waits for a failed one.
     with together("loading the tokenizer and the model"):
-        tokenizer = Tokenizer.load(Path(cfg.data.train) / "tokenizer")
+        tokenizer = load_tokenizer(Path(cfg.data.train) / "tokenizer")
         model, model_cfg = build_model(cfg, tokenizer)
         if model_hook is not None:
             model_hook(model)
@@ -272,32 +272,23 @@ def _evaluate_if_due(engine, cfg, where, tokenizer, state: TrainState, record: d
 def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> tuple[Decoder, ModelConfig]:
     """The initial fp32 Decoder on CPU: from init_from, or the preset initialised with train.seed.
 
-    Every rank builds the same weights (same seed), so FSDP and ZeRO shard identical copies.
+    Every rank builds the same weights (same seed), so FSDP and ZeRO shard identical copies. The
+    preflight's checks run again on what was loaded (a file may have changed since).
     """
     if cfg.init_from is not None:
         try:
             model, model_cfg = load_hf(cfg.init_from, dtype=torch.float32)
         except (OSError, ValueError) as e:  # a missing tensor, a wrong shape, a damaged file
             raise ConfigError(f"init_from={cfg.init_from}: {e}") from None
-        source = Path(cfg.init_from) / "tokenizer.model"
-        if source.is_file() and sha256_file(source) != tokenizer.sha256:
-            raise ConfigError(
-                f"init_from={cfg.init_from} was trained with another tokenizer than the one of "
-                f"data.train={cfg.data.train}: prepare the data with --tokenizer {source}"
-            )
+        check_init_from_tokenizer(cfg, tokenizer)
+        shape = f"init_from={cfg.init_from}"
     else:
         model_cfg = model_config(cfg, tokenizer.vocab_size)
         torch.manual_seed(cfg.train.seed)
         model = Decoder(model_cfg)
         model.init_weights()
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"the model's vocab_size {model_cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}"
-        )
-    if cfg.data.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len={cfg.data.seq_len} is longer than the model's max_seq_len={model_cfg.max_seq_len}"
-        )
+        shape = f"model.preset={cfg.model.preset}"
+    check_model_fits(cfg, tokenizer, model_cfg, shape)
     return model, model_cfg
 
 
@@ -371,7 +362,7 @@ def _resume(cfg: RunConfig, engine, stream, where: Dist, model_cfg: ModelConfig,
     if folder is None:
         return TrainState()
     meta = read_meta(folder)
-    if meta["model"] != asdict(model_cfg) or meta["tokenizer_sha256"] != tokenizer.sha256:
+    if ModelConfig(**meta["model"]) != model_cfg or meta["tokenizer_sha256"] != tokenizer.sha256:
         raise ConfigError(
             f"resume={folder}: its model shape or tokenizer differs from this run's (model.*, data.train); "
             "resume with the same model and data, or use another run_dir"

@@ -22,8 +22,10 @@ from pathlib import Path
 from data_pipeline.files import write_atomically
 from data_pipeline.records import DataError
 from training.checkpoint import find_latest, read_meta
-from training.config import ConfigError, RunConfig, deepspeed_config, merge
+from training.config import ConfigError, RunConfig, merge
+from training.deepspeed_config import deepspeed_config
 from training.loop import TrainingError, resume_folder, train
+from training.ray_cluster import init_ray
 
 FATAL = "fatal_error.json"
 FATAL_ERRORS = {cls.__name__: cls for cls in (ConfigError, DataError, TrainingError)}
@@ -32,8 +34,6 @@ FATAL_ERRORS = {cls.__name__: cls for cls in (ConfigError, DataError, TrainingEr
 def run(cfg: RunConfig) -> dict:
     """Run the job on the cluster (cfg.ray.address, $RAY_ADDRESS under `ray job submit`) or on a
     local Ray started here; returns the counters of the final checkpoint (step, tokens, ...)."""
-    from launch.ray_cluster import init_ray
-
     if cfg.deepspeed is not None:
         deepspeed_config(cfg, world_size=cfg.ray.num_workers)  # batch fields checked before any worker starts
     if cfg.engine == "single" and cfg.ray.num_workers > 1:
