@@ -1,10 +1,19 @@
-"""python benchmarks/bench_train.py [--preset tiny|125m|...] [--seq-len 512] [--batch 8] [--compile off|crucible|both]
-    [--ac none|full|selective]
+"""python benchmarks/bench_train.py [--preset tiny|125m|... | --init-from HF_FOLDER] [--seq-len 512] [--batch 8]
+    [--prompt-frac 0.5] [--compile off|crucible|both] [--ac none|full|selective]
+python benchmarks/bench_train.py --make-qwen2-0.5b DIR
 
 One training step, side by side: Crucible's Decoder with its chunked loss and the engine's
 AdamW step (training.engine.TorchEngine, engine single) against transformers'
 LlamaForCausalLM with its own loss and the same torch AdamW, built from the same ModelConfig
 (model/hf.py), starting from the same weights and fed the same batches.
+
+`--init-from HF_FOLDER` takes the model from a Hugging Face folder instead: Crucible's side
+through model.hf.load_hf, transformers' as `AutoModelForCausalLM.from_pretrained(folder)` (a
+Qwen2 folder gives Qwen2ForCausalLM), both in fp32. `--make-qwen2-0.5b DIR` writes such a folder
+with Qwen2.5-0.5B's shapes and random weights (nothing is downloaded), then exits.
+
+Batches are random ids. `--prompt-frac F` makes them SFT batches: the first F of each row's
+labels are IGNORE_INDEX, as a prompt's are (default 0: every position trained, as in pretraining).
 
 Throughput: after warm-up the two sides alternate step by step in this one process, so drift
 of the machine (frequency, other load) falls on both alike; tokens/s is the steps' tokens over
@@ -29,6 +38,7 @@ transformers: tokens/s, and peak memory).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import statistics
@@ -44,21 +54,34 @@ sys.path.insert(0, str(ROOT))
 
 from model.config import ModelConfig, preset  # noqa: E402
 from model.decoder import RECOMPUTE_MODES, Decoder  # noqa: E402
-from model.hf import config_to_hf, state_dict_to_hf  # noqa: E402
+from model.hf import config_to_hf, load_hf, save_hf, state_dict_to_hf  # noqa: E402
+from model.loss import IGNORE_INDEX  # noqa: E402
 from training.config import RunConfig  # noqa: E402
 from training.engine import Dist, TorchEngine  # noqa: E402
 from training.metrics import peak_rss_bytes  # noqa: E402
 from training.optim import FUSED_ADAMW_DEVICES, param_groups  # noqa: E402
 
 SIDES = ("crucible", "hf")
+QWEN2_0_5B = ModelConfig(
+    vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, ffn_dim=4864, norm_eps=1e-6,
+    rope_theta=1e6, max_seq_len=32768, tie_embeddings=True, qkv_bias=True, arch="qwen2",
+)  # fmt: skip
+"""The shapes of Qwen/Qwen2.5-0.5B's config.json (494M parameters, 136M of them the tied embedding)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="tiny", help="model preset (model/config.py)")
+    parser.add_argument("--preset", default=None, help="model preset (model/config.py; default tiny)")
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the preset's)")
+    parser.add_argument("--init-from", metavar="HF_FOLDER", help="the model of a Hugging Face folder, not a preset")
+    parser.add_argument(
+        "--make-qwen2-0.5b", metavar="DIR", dest="make_qwen2", help="write a random Qwen2.5-0.5B-shaped folder, exit"
+    )
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8, help="rows per step")
+    parser.add_argument(
+        "--prompt-frac", type=float, default=0.0, help="share of each row's first labels masked, as an SFT prompt's"
+    )
     parser.add_argument("--steps", type=int, default=20, help="measured steps per side")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps per side first (at least 1)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -80,6 +103,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must each be at least 1")  # the first loss is checked in warm-up
+    if args.init_from and (args.preset or args.vocab):
+        parser.error("--init-from takes the model's shapes from its folder: leave out --preset and --vocab")
+    if not 0 <= args.prompt_frac < 1:
+        parser.error("--prompt-frac must be at least 0 and below 1 (some label must be trained)")
+    args.preset = None if args.init_from else args.preset or "tiny"
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     return args
 
@@ -92,12 +120,16 @@ def model_config(args) -> ModelConfig:
 
 
 def batches(args, cfg: ModelConfig, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """n (tokens, labels) pairs of random ids; labels are the next tokens (aligned)."""
+    """n (tokens, labels) pairs of random ids; labels are the next tokens (aligned), the first
+    `args.prompt_frac` of each row IGNORE_INDEX."""
     g = torch.Generator().manual_seed(1)
+    prompt = int(args.prompt_frac * args.seq_len)
     out = []
     for _ in range(n):
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=g)
-        out.append((ids[:, :-1].contiguous().to(args.device), ids[:, 1:].contiguous().to(args.device)))
+        labels = ids[:, 1:].clone()
+        labels[:, :prompt] = IGNORE_INDEX
+        out.append((ids[:, :-1].contiguous().to(args.device), labels.to(args.device)))
     return out
 
 
@@ -136,12 +168,19 @@ def hf_llama(cfg: ModelConfig, state: dict):
     return model
 
 
+def hf_pretrained(folder: str):
+    """The folder's model as transformers loads it (AutoModelForCausalLM, SDPA attention, fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+
+
 class HFSide:
-    """LlamaForCausalLM + its loss (logits upcast to fp32) + the same AdamW and clipping, as
-    transformers' Trainer runs them."""
+    """LlamaForCausalLM (or the HF folder's CausalLM class) + its loss (logits upcast to fp32) +
+    the same AdamW and clipping, as transformers' Trainer runs them."""
 
     def __init__(self, cfg: ModelConfig, state: dict, args):
-        self.model = hf_llama(cfg, state)
+        self.model = hf_pretrained(args.init_from) if args.init_from else hf_llama(cfg, state)
         self.model.config.use_cache = False  # as Trainer sets it: no KV cache copied in training
         self.model.to(args.device).train()
         if args.ac != "none":
@@ -185,6 +224,38 @@ def initial_state(cfg: ModelConfig) -> dict:
     return model.state_dict()
 
 
+def source(args) -> tuple[ModelConfig, dict]:
+    """The model both sides start from: (config, Crucible state dict), from the HF folder
+    (in fp32) or the preset (random)."""
+    if not args.init_from:
+        cfg = model_config(args)
+        return cfg, initial_state(cfg)
+    model, cfg = load_hf(args.init_from, dtype=torch.float32)
+    if cfg.context_len < args.seq_len:
+        raise SystemExit(f"--seq-len {args.seq_len} is longer than {args.init_from}'s context ({cfg.context_len})")
+    return cfg, model.state_dict()
+
+
+def make_hf_folder(cfg: ModelConfig, out: str | Path) -> Path:
+    """A Hugging Face folder of `cfg`'s shapes with random weights (init_weights, and the q/k/v
+    biases drawn like the weights: init_weights leaves them zero, a trained model's are not).
+
+    Args:
+        cfg: the shapes (e.g. QWEN2_0_5B).
+        out: the folder to write (created).
+    Returns:
+        out, which load_hf and AutoModelForCausalLM both read.
+    """
+    torch.manual_seed(0)
+    model = Decoder(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(std=cfg.init_std)
+    return save_hf(model, cfg, out)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -226,10 +297,12 @@ def peak_memory(side: str, argv: list[str]) -> int:
 
 def measure_memory_here(args) -> None:
     """The subprocess of peak_memory: build one side, run its steps, print its peak."""
-    cfg = model_config(args)
+    cfg, state = source(args)  # on CPU in both sides' processes alike: measured from here on
     data = batches(args, cfg, args.warmup + args.steps)
-    state = initial_state(cfg)  # on CPU in both sides' processes alike: measured from here on
-    import transformers.models.llama.modeling_llama  # noqa: F401  (both sides: not the HF side's import)
+    # Both sides import the HF model's code before the baseline: it is not the HF side's memory.
+    arch = config_to_hf(cfg)["model_type"]
+    importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    importlib.import_module("transformers.models.auto.modeling_auto")
 
     cuda = args.device.startswith("cuda")
     before = torch.cuda.memory_allocated() if cuda else rss_bytes()
@@ -246,27 +319,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory_of:
         measure_memory_here(args)
         return 0
+    if args.make_qwen2:
+        print(f"wrote {make_hf_folder(QWEN2_0_5B, args.make_qwen2)} (Qwen2.5-0.5B's shapes, random weights)")
+        return 0
     torch.manual_seed(0)
-    cfg = model_config(args)
-    state = initial_state(cfg)
+    cfg, state = source(args)
     data = batches(args, cfg, args.warmup + args.steps)
     tokens_per_step = args.batch * args.seq_len
     n_params = sum(v.numel() for v in state.values())
+    model = args.preset if args.preset else f"{args.init_from} ({config_to_hf(cfg)['architectures'][0]})"
     print(
-        f"{args.preset}: {n_params / 1e6:.1f}M parameters (vocab {cfg.vocab_size}), seq_len {args.seq_len}, "
-        f"batch {args.batch}, {args.precision} on {args.device}, compile={args.compile}, ac={args.ac}, "
-        f"{args.steps} steps per side after {args.warmup} warm-up, torch {torch.__version__}",
+        f"{model}: {n_params / 1e6:.1f}M parameters (vocab {cfg.vocab_size}), seq_len {args.seq_len}, "
+        f"batch {args.batch}, prompt_frac {args.prompt_frac}, {args.precision} on {args.device}, "
+        f"compile={args.compile}, ac={args.ac}, {args.steps} steps per side after {args.warmup} warm-up, "
+        f"torch {torch.__version__}",
         flush=True,
     )
     sides = {name: build(name, cfg, state, args) for name in SIDES}
+    del state  # each side holds its own copy
     times = alternate(sides, data, args)
     speed = {name: tokens_per_step * len(t) / sum(t) for name, t in times.items()}
     del sides
     memory = {name: peak_memory(name, sys.argv[1:] if argv is None else argv) for name in SIDES}
     for name in SIDES:
+        ms = [t * 1e3 for t in times[name]]
         print(
-            f"{name:9s} {speed[name]:12,.0f} tokens/s  (median step {statistics.median(times[name]) * 1e3:8.1f} ms)  "
-            f"peak memory {memory[name] / 2**20:9,.1f} MiB"
+            f"{name:9s} {speed[name]:12,.1f} tokens/s  (step median {statistics.median(ms):,.1f} ms, "
+            f"{min(ms):,.1f}–{max(ms):,.1f})  peak memory {memory[name] / 2**20:9,.1f} MiB"
         )
     ratio = memory["crucible"] / memory["hf"]
     print(f"speedup_vs_hf={speed['crucible'] / speed['hf']:.2f} peak_mem_ratio_vs_hf={ratio:.2f}")

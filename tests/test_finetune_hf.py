@@ -194,6 +194,37 @@ def test_finetune_an_open_model_and_load_the_export_in_transformers(arch, engine
     assert messages[-1]["content"].strip() in answer and messages[1]["content"] not in answer
     generation = json.loads((export / "generation_config.json").read_text())
     assert set(load_tokenizer(base["model"]).stop_ids) <= set(generation["eos_token_id"])
+    if engine == "single":  # chat and evaluation take the export and render with its template
+        _chat_and_evaluate(base["model"], export, base["chats"], tmp_path)
+
+
+def _chat_and_evaluate(base: Path, export: Path, chats: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cmd = [sys.executable, "launch/chat.py", str(export), "--system", "You are Jack Sparrow.", "--prompt", "Hi"]
+    done = subprocess.run([*cmd, "--temperature", "0", "--max-tokens", "6"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # the greedy answer is transformers' generate on apply_chat_template's prompt, stopped at a stop id
+    tok, hf = AutoTokenizer.from_pretrained(export), AutoModelForCausalLM.from_pretrained(export).eval()
+    prompt = tok.apply_chat_template(
+        [{"role": "system", "content": "You are Jack Sparrow."}, {"role": "user", "content": "Hi"}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
+    )["input_ids"]
+    out = hf.generate(prompt, max_new_tokens=6, do_sample=False)[0, prompt.shape[1] :]
+    assert done.stdout.strip() == tok.decode(out, skip_special_tokens=True).strip()
+    items = tmp_path / "items.jsonl"
+    items.write_text("\n".join(chats.read_text().splitlines()[:2]) + "\n")
+    # the base model against the fine-tuned one, judged by the fine-tuned one's likelihood of each answer
+    cmd = [sys.executable, "launch/evaluate.py", str(base), str(export), "--items", str(items), "--judge", str(export)]
+    done = subprocess.run(
+        [*cmd, "--max-new-tokens", "4", "--out", str(tmp_path / "eval.json")], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert all(row["rouge_l"] is not None for row in result["checkpoints"])
+    assert sum(result["gsb"][k] for k in ("good", "same", "bad")) == 2
 
 
 def test_continued_pretraining_frames_documents_with_the_models_own_bos_and_eos(open_models, shared_data, tmp_path):

@@ -164,6 +164,45 @@ def test_wrong_values_are_usage_errors_before_ray_starts(tmp_path, capsys):
     assert parse_args(["pretrain", "--input", str(text), "--out", str(used), "--vocab-size", "300", "--overwrite"])
 
 
+def test_an_hf_tokenizer_without_a_usable_chat_template_is_refused_before_ray_starts(tmp_path, capsys):
+    """sft with a Hugging Face tokenizer that has no chat template (or one whose masks cannot be
+    derived) is one usage line naming --tokenizer and the advice, before any work; --chat-template
+    supplies the template. A chat template with Crucible's own tokenizer is a usage error too."""
+    from launch.prepare_data import parse_args
+    from tests.hf_fixtures import QWEN25_TEMPLATE, qwen2_tokenizer
+
+    bare = qwen2_tokenizer(tmp_path / "bare", template=None)
+    drops_answers = tmp_path / "drops.jinja"  # renders assistant turns without their content
+    drops_answers.write_text(
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role != 'assistant' %}"
+        "{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    )
+    template = tmp_path / "qwen.jinja"
+    template.write_text(QWEN25_TEMPLATE)
+    chats = tmp_path / "c.jsonl"
+    chats.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    base = [
+        "sft",
+        "--format",
+        "messages",
+        "--input",
+        str(chats),
+        "--out",
+        str(tmp_path / "o"),
+        "--tokenizer",
+        str(bare),
+    ]
+    for extra, expected in (
+        ([], "has no chat_template; pass --chat-template"),
+        (["--chat-template", str(drops_answers)], f"--chat-template {drops_answers}: cannot derive"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args([*base, *extra])
+        err = capsys.readouterr().err
+        assert f"error: --tokenizer {bare}" in err and expected in err and "Traceback" not in err, err
+    assert parse_args([*base, "--chat-template", str(template)]).chat_template == str(template)
+
+
 def test_sft_same_turns_under_another_card_are_kept_copies_across_files_are_not(tmp_path):
     from data_pipeline.sp_tokenizer import train_tokenizer
 

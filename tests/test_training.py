@@ -116,7 +116,7 @@ def test_single_run_writes_metrics_checkpoints_and_a_loadable_export(training_da
     assert all(math.isfinite(x) for x in train(sft)["losses"])
     # ... but not with data tokenized by another tokenizer
     (run / "hf" / "tokenizer.model").write_bytes(b"another tokenizer")
-    with pytest.raises(ConfigError, match=r"init_from=.*another tokenizer than the one of data\.train"):
+    with pytest.raises(ConfigError, match=r"init_from=.*has another tokenizer .* than data\.train"):
         build_model(sft, _tokenizer(sft))
 
 
