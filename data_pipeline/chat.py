@@ -26,6 +26,9 @@ from model.loss import IGNORE_INDEX
 CUT_EARLIER_TURNS = "cut_earlier_turns"
 TOO_LONG = "too_long"
 NO_ASSISTANT_TURN = "no_assistant_turn"
+CONTROL_TOKEN_IN_TEXT = "control_token_in_text"
+"""A message quoting a special token (`<|im_end|>`) that the template would read as a control
+token: an answer would be trained to end mid-sentence, a user turn could forge a turn."""
 UNTRAINED_TURN = "assistant_turn_without_loss"
 """A kept assistant turn to which the template gave no token to learn; the sample is kept when
 another turn has some (a note in the report), dropped when none has."""
@@ -45,7 +48,9 @@ def encode_conversation(
     answer would teach the model to stop mid-sentence, or never to stop. A conversation without
     an assistant message has nothing to learn and is dropped as "no_assistant_turn". A kept
     assistant turn that the template leaves without a trained token is "assistant_turn_without_loss":
-    a note on the kept sample, or the drop reason when no turn has any.
+    a note on the kept sample, or the drop reason when no turn has any. A conversation whose
+    text holds a string the template would read as a control token is dropped as
+    "control_token_in_text".
 
     Args:
         messages: `{"role": "system"|"user"|"assistant", "content": str}` in order.
@@ -61,6 +66,8 @@ def encode_conversation(
     _check_messages(messages)
     if not any(m["role"] == "assistant" for m in messages):
         return None, NO_ASSISTANT_TURN
+    if any(s in m["content"] for m in messages for s in tok.control_strings):
+        return None, CONTROL_TOKEN_IN_TEXT
     head = 1 if messages[0]["role"] == "system" else 0
     for start in _exchange_starts(messages, head):
         chat = tok.encode_chat([*messages[:head], *messages[start:]])

@@ -29,9 +29,6 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from transformers import AutoTokenizer
-from transformers.utils.chat_template_utils import render_jinja_template
-
 from data_pipeline.files import write_files_atomically
 from data_pipeline.records import DataError, RenderedChat
 
@@ -69,7 +66,11 @@ class HFTokenizer:
         self._template_kwargs = dict(tok.special_tokens_map)
         self._marked = template is not None and _GENERATION_MARK.search(template) is not None
         self._close = self._closing_token() if template is not None else None
-        self._openers = [t for t in tok.all_special_tokens if t != self._close]
+        self.control_strings = tuple(t.content for t in tok.added_tokens_decoder.values() if t.special)
+        """Strings the template's rendering turns into control tokens wherever they stand, a
+        message's content included (apply_chat_template tokenizes the rendered text)."""
+        self._openers = [t for t in self.control_strings if t != self._close]
+        self._gen_prompt = self._generation_prompt() if template is not None else ""
         self.stop_ids = self._stop_ids()
 
     @classmethod
@@ -94,6 +95,10 @@ class HFTokenizer:
                 f"Convert it once where transformers can (sentencepiece or tiktoken installed): "
                 f"AutoTokenizer.from_pretrained('{path}').save_pretrained('{path}') writes tokenizer.json"
             )
+        from transformers import (
+            AutoTokenizer,
+        )  # here: importing it takes seconds, and Crucible's own tokenizer needs none
+
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a bad folder
@@ -150,7 +155,10 @@ class HFTokenizer:
                 masks cannot be derived (naming the template and the turn).
         """
         if self.chat_template is None:
-            raise DataError(f"{self.path} has no chat_template; pass --chat-template FILE")
+            raise DataError(
+                f"{self.path} has no chat_template: prepare the data with --chat-template FILE (which the dataset's "
+                "tokenizer/, its checkpoints and exports then carry)"
+            )
         if not messages:
             raise DataError(f"{self.chat_template_name}: an empty conversation has nothing to render")
         # As apply_chat_template does: plain dicts, keys whose value is None dropped.
@@ -221,6 +229,8 @@ class HFTokenizer:
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, marks: bool = False):
         """(text, generation spans or None) of the template applied as apply_chat_template applies it."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
         try:
             texts, spans = render_jinja_template(
                 conversations=[messages],
@@ -235,15 +245,12 @@ class HFTokenizer:
 
     def _turn_span(self, messages: list[dict], k: int, i: int, chat: str) -> tuple[int, int]:
         """Characters of chat that assistant turn k (messages[i]) is trained on."""
+        start = self._prompt_end(messages, k, i, chat)
         try:
-            prompt, _ = self._render(messages[:i], add_generation_prompt=True)
             turn, _ = self._render(messages[: i + 1], add_generation_prompt=False)
-        except DataError as e:
-            raise self._refusal(k, i, f"rendering the conversation up to it failed ({e})") from e
-        if not chat.startswith(prompt):
-            raise self._refusal(k, i, "the conversation before it renders differently inside the whole chat")
-        start = len(prompt)
-        in_place = turn.startswith(prompt) and chat.startswith(turn)
+        except DataError:
+            turn = ""  # not renderable on its own (an opening turn, say): located in the chat instead
+        in_place = bool(turn) and turn.startswith(chat[:start]) and chat.startswith(turn)
         # In place, the turn's own rendering bounds it; else (history rewritten) it is found in the chat.
         body = turn[start:] if in_place else chat[start:]
         anchor = _find_content(body, messages[i].get("content"))
@@ -256,10 +263,38 @@ class HFTokenizer:
         close = body.rfind(self._close) if in_place else body.find(self._close, anchor[1])
         if close < anchor[1]:
             raise self._refusal(k, i, f"no {self._close} closes it")
-        # Located, the next closing token might be a later message's: no other turn may start before it.
-        if not in_place and any(t in body[anchor[1] : close] for t in self._openers):
-            raise self._refusal(k, i, f"another turn begins between its content and the {self._close} after it")
+        # Located, the content found or the closing token might be a later message's: no other
+        # turn may begin before that token.
+        if not in_place and any(t in body[:close] for t in self._openers):
+            raise self._refusal(k, i, f"another turn begins between its header and the {self._close} after it")
         return start, start + close + len(self._close)
+
+    def _prompt_end(self, messages: list[dict], k: int, i: int, chat: str) -> int:
+        """Where the generation prompt before assistant turn k (messages[i]) ends in chat."""
+        if i == 0:
+            # Nothing before an opening turn to render (templates read messages[0]): its prompt
+            # ends where the template's generation prompt first appears.
+            at = chat.find(self._gen_prompt) if self._gen_prompt else -1
+            if at < 0:
+                raise self._refusal(k, i, "the template's generation prompt is not found before it")
+            return at + len(self._gen_prompt)
+        try:
+            prompt, _ = self._render(messages[:i], add_generation_prompt=True)
+        except DataError as e:
+            raise self._refusal(k, i, f"rendering the conversation up to it failed ({e})") from e
+        if not chat.startswith(prompt):
+            raise self._refusal(k, i, "the conversation before it renders differently inside the whole chat")
+        return len(prompt)
+
+    def _generation_prompt(self) -> str:
+        """The text add_generation_prompt appends (Llama 3's assistant header), "" if none is found."""
+        probe = [{"role": "user", "content": "Crucible probe question"}]
+        try:
+            plain, _ = self._render(probe, False)
+            asking, _ = self._render(probe, True)
+        except DataError:
+            return ""
+        return asking[len(plain) :] if asking.startswith(plain) else ""
 
     def _refusal(self, k: int, i: int, why: str) -> DataError:
         turn = f"assistant turn {k + 1} (message {i})" if i >= 0 else "the conversation"
@@ -357,16 +392,18 @@ def _read_json(path: Path) -> dict:
 
 def _digest(folder: Path) -> str:
     """sha256 over the files that define the ids; tokenizer_config.json without chat_template, since the
-    template defines no ids (a run with --chat-template still matches the base model's tokenizer)."""
+    template defines no ids (a run with --chat-template still matches the base model's tokenizer), and
+    a missing one as the empty config that `save` writes for it, so a copy hashes as its original."""
     h = hashlib.sha256()
     for name in ID_FILES:
         path = folder / name
-        if not path.is_file():
-            continue
-        data = path.read_bytes()
         if name == "tokenizer_config.json":
-            config = _read_json(path)
+            config = _read_json(path) if path.is_file() else {}
             config.pop("chat_template", None)
             data = json.dumps(config, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        elif path.is_file():
+            data = path.read_bytes()
+        else:
+            continue
         h.update(f"{name}\0{len(data)}\0".encode() + data)
     return h.hexdigest()

@@ -84,7 +84,10 @@ class PrepareResult:
 
 
 ERROR = "error"
-"""The `drop` value of a row that carries a fatal DataError (its message in `payload`)."""
+"""The `drop` value of a row that carries a fatal DataError (its message in `payload`, or after
+tokenizing in `note`)."""
+TEMPLATE_ERROR = "chat_template_error"
+"""A conversation the chat template cannot render or mask, skipped under on_error "skip"."""
 
 
 # --- stage 1: read and clean one input file ---------------------------------------------
@@ -186,19 +189,18 @@ def add_dedup_keys(batch: dict[str, np.ndarray], kind: str, num_perm: int = 128)
 
 def encode_rows(batch: dict[str, np.ndarray], tokenizer_path: str, opts: PrepareOptions) -> dict[str, np.ndarray]:
     """Tokenize a batch of kept rows into aligned input_ids/labels; over-long SFT rows are cut or
-    dropped by the policy of `encode_conversation` (the reason lands in `drop` / `note`)."""
+    dropped by the policy of `encode_conversation` (the reason lands in `drop` / `note`). A chat
+    the template cannot render or mask is, under on_error "raise", an ERROR row whose note names
+    the record (raised by the driver), under "skip" dropped as "chat_template_error"."""
     tok = _tokenizer(tokenizer_path)
     ids, labels, drops, notes = [], [], [], []
-    for payload in batch["payload"]:
-        if opts.kind == "pretrain":
-            sample, note = encode_document(payload, tok), None
-        else:
-            sample, note = encode_conversation(json.loads(payload), tok, max_len=opts.max_len)
-        empty = np.zeros(0, dtype=np.int32)
+    empty = np.zeros(0, dtype=np.int32)
+    for source, payload in zip(batch["source"], batch["payload"], strict=True):
+        sample, drop, note = _encode_one(source, payload, tok, opts)
         ids.append(sample.input_ids if sample is not None else empty)
         labels.append(sample.labels if sample is not None else empty)
-        drops.append(note if sample is None else "")
-        notes.append(note if sample is not None and note else "")
+        drops.append(drop)
+        notes.append(note)
     return {
         "source": batch["source"],
         "input_ids": _object_array(ids),
@@ -206,6 +208,20 @@ def encode_rows(batch: dict[str, np.ndarray], tokenizer_path: str, opts: Prepare
         "drop": np.array(drops, dtype=object),
         "note": np.array(notes, dtype=object),
     }
+
+
+def _encode_one(source: str, payload: str, tok: Tokenizer, opts: PrepareOptions) -> tuple[Sample | None, str, str]:
+    """(sample or None, drop reason or "", note): the note is a kept sample's change, or an ERROR
+    row's message naming the record."""
+    try:
+        if opts.kind == "pretrain":
+            return encode_document(payload, tok), "", ""
+        sample, reason = encode_conversation(json.loads(payload), tok, max_len=opts.max_len)
+    except DataError as error:  # exceptions lose their type crossing Ray's process boundary; rows do not
+        if opts.on_error == "raise":
+            return None, ERROR, f"{source}: {error}"
+        return None, TEMPLATE_ERROR, ""
+    return (sample, "", reason or "") if sample is not None else (None, reason, "")
 
 
 _TOKENIZERS: dict[str, Tokenizer] = {}

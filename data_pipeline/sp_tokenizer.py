@@ -214,6 +214,7 @@ class SentencePieceTokenizer:
     """
 
     chat_template_name = "ChatML (the template of Crucible's tokenizers)"
+    control_strings = ()  # encode_chat encodes a message's content as text, special strings included
 
     def __init__(self, path: Path, model_bytes: bytes, sp: spm.SentencePieceProcessor):
         self.path = path

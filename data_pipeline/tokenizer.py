@@ -53,6 +53,9 @@ class Tokenizer(Protocol):
     """Ids that end an assistant turn in generation (end of turn, end of text)."""
     chat_template_name: str
     """What messages name when a chat cannot be rendered (the template's source)."""
+    control_strings: tuple[str, ...]
+    """Strings that would become control tokens inside a rendered message (a Hugging Face
+    template's text is tokenized whole); empty where a message's content is always text."""
 
     def encode(self, text: str) -> list[int]:
         """Ids of plain text: no bos/eos added, and a special-token string in it stays text."""
@@ -71,6 +74,12 @@ class Tokenizer(Protocol):
     def save(self, out_dir: str | os.PathLike) -> Path:
         """Write a Hugging Face tokenizer folder (template included) that `load_tokenizer` and
         `AutoTokenizer.from_pretrained` both read; files are replaced whole, others left alone."""
+
+
+def has_tokenizer(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a tokenizer for `load_tokenizer` to read (a model folder whose
+    tokenizer is kept elsewhere may still hold a generation_config.json: that is not one)."""
+    return any((Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", MODEL_FILE))
 
 
 def load_tokenizer(path: str | os.PathLike, chat_template: str | os.PathLike | None = None) -> Tokenizer:

@@ -139,20 +139,27 @@ def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         try:
             tok = load_tokenizer(args.tokenizer, args.chat_template)
             if args.kind == "sft":  # a template that cannot render or mask a chat fails now, not in a worker
-                tok.encode_chat(PROBE_CHAT)
+                _probe(tok)
         except DataError as error:
             parser.error(f"--tokenizer {args.tokenizer}: {error}")
     _check_out(parser, args)
 
 
 PROBE_CHAT = [
-    {"role": "system", "content": "You are a guard."},
     {"role": "user", "content": "Who goes there?"},
     {"role": "assistant", "content": "A friend."},
     {"role": "user", "content": "Pass."},
     {"role": "assistant", "content": "Thanks."},
 ]
-"""A conversation every supported template must render and mask, checked before the job starts."""
+"""A conversation a chat template must render and mask before the job starts, with a character
+card (system message) or, for templates that refuse one (Mistral's), without."""
+
+
+def _probe(tok: Tokenizer) -> None:
+    try:
+        tok.encode_chat([{"role": "system", "content": "You are a guard."}, *PROBE_CHAT])
+    except DataError:
+        tok.encode_chat(PROBE_CHAT)
 
 
 def _check_out(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -286,6 +293,8 @@ def _tokenizer_in(folder: Path, unique, tokenizer: str | None, vocab_size: int |
 
 def _samples(encoded, report: DropReport):
     for row in tqdm(encoded.iter_rows(), desc="write shards", unit=" rec", disable=not sys.stderr.isatty()):
+        if row["drop"] == ERROR:
+            raise DataError(row["note"])
         if row["drop"]:
             report.drop(row["drop"], row["source"])
             continue

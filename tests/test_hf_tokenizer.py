@@ -210,7 +210,7 @@ CHATML_UNCLOSED_HISTORY = (
     [
         (CHATML_WITHOUT_ANSWERS, "assistant turn 1 (message 2)", "content is not in the rendering"),
         (CHATML_ANSWERS_LAST, "assistant turn 1 (message 2)", "renders differently inside the whole chat"),
-        (CHATML_UNCLOSED_HISTORY, "assistant turn 1 (message 2)", "another turn begins between its content"),
+        (CHATML_UNCLOSED_HISTORY, "assistant turn 1 (message 2)", "another turn begins between its header"),
     ],
 )
 def test_underivable_masks_are_refused(folders, tmp_path, template, turn, why):
@@ -368,7 +368,7 @@ def test_no_template_is_refused_until_one_is_given(tmp_path, refs):
     tok = HFTokenizer.load(folder)
     assert tok.chat_template is None and tok.stop_ids == (tok.eos_id,)
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Ho"}]
-    with pytest.raises(DataError, match=f"{folder} has no chat_template; pass --chat-template FILE"):
+    with pytest.raises(DataError, match=f"{folder} has no chat_template: prepare the data with --chat-template FILE"):
         tok.encode_chat(messages)
     assert tok.encode("plain text") == refs["qwen25"].encode("plain text", add_special_tokens=False)
     file = tmp_path / "chatml.jinja"
@@ -402,3 +402,29 @@ def test_bad_inputs_are_refused(folders, toks, tmp_path):
     (no_eos / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(DataError, match=r"tokenizer_config.json: no eos_token"):
         HFTokenizer.load(no_eos)
+
+
+@pytest.mark.parametrize("name", ["llama3", "qwen25", "qwen3"])
+def test_a_character_who_speaks_first(toks, refs, name):
+    """An NPC opens the conversation: an opening assistant turn (nothing before it to render)
+    is masked as transformers' marked template masks it."""
+    messages = [
+        {"role": "assistant", "content": "Halt! Who approaches the gate?"},
+        {"role": "user", "content": "A friend."},
+        {"role": "assistant", "content": "Then pass, friend."},
+    ]
+    tok, ref = toks[name], refs[name]
+    rendered = tok.encode_chat(messages)
+    assert rendered.ids == template_ids(ref, messages)
+    assert rendered.trained == reference_mask(ref, messages, with_generation_marks(TEMPLATES[name]))
+
+
+def test_a_folder_without_tokenizer_config_hashes_as_its_copy(folders, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(folders["qwen25"] / "tokenizer.json", bare / "tokenizer.json")
+    (bare / "special_tokens_map.json").write_text('{"eos_token": "<|endoftext|>"}')
+    tok = HFTokenizer.load(bare)
+    assert HFTokenizer.load(tok.save(tmp_path / "copy")).sha256 == tok.sha256

@@ -193,7 +193,7 @@ def test_an_hf_tokenizer_without_a_usable_chat_template_is_refused_before_ray_st
         str(bare),
     ]
     for extra, expected in (
-        ([], "has no chat_template; pass --chat-template"),
+        ([], "has no chat_template: prepare the data with --chat-template"),
         (["--chat-template", str(drops_answers)], f"--chat-template {drops_answers}: cannot derive"),
     ):
         with pytest.raises(SystemExit):

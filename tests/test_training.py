@@ -144,7 +144,7 @@ def test_export_refuses_a_tokenizer_the_weights_did_not_train_with(training_data
 
     assert "is not the tokenizer" in refused("--tokenizer", str(tmp_path / "other"))
     message = refused("--tokenizer", str(tmp_path / "bigger"), "--force")  # --force does not cover this
-    assert "has 1100 pieces, more than the vocab_size=1024" in message
+    assert "has 1100 ids, more than the vocab_size=1024" in message
     # the run's own tokenizer folder, re-prepared since training: the checkpoint carries its own copy
     trained = (data / "tokenizer" / "tokenizer.model").read_bytes()
     shutil.copyfile(tmp_path / "other" / "tokenizer.model", data / "tokenizer" / "tokenizer.model")

@@ -183,7 +183,9 @@ def load_config(config_files: list[str], overrides: list[str]) -> RunConfig:
     for name in config_files:
         path = find_config_file(name)
         if path.suffix == ".json":
-            cfg.deepspeed = _read_json(path)
+            from training.deepspeed_config import check_deepspeed_keys  # it imports this module
+
+            cfg.deepspeed = check_deepspeed_keys(_read_json(path), source=str(path))
             cfg.engine = "deepspeed"
         elif path.suffix in (".yaml", ".yml"):
             merge(cfg, _read_yaml(path), source=str(path))

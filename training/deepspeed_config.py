@@ -84,22 +84,30 @@ def deepspeed_config(cfg: RunConfig, world_size: int | None) -> dict:
     return ds
 
 
-def check_deepspeed_keys(ds: dict) -> dict:
+def check_deepspeed_keys(ds: dict, source: str = "the DeepSpeed JSON") -> dict:
     """The DeepSpeed JSON, refused when a top-level key is not one DeepSpeed reads.
 
     DeepSpeed itself ignores an unknown top-level key (it forbids extra keys only inside its
     sections), so "zero_optimisation": {"stage": 3} would silently train with ZeRO-0.
+
+    Args:
+        ds: the JSON as read.
+        source: its file, for the message (load_config checks each file as it reads it).
+    Returns:
+        ds.
+    Raises:
+        ConfigError: naming the file and the key.
     """
     for key in ds:
         if key in _DEEPSPEED_RENAMED:
             raise ConfigError(
-                f"deepspeed.{key} is DeepSpeed's old spelling, which the {_DEEPSPEED_RENAMED[key]!r} section this "
-                f"loop fills in overrides; write it as {_DEEPSPEED_RENAMED[key]!r}"
+                f"{source}: deepspeed.{key} is DeepSpeed's old spelling, which the {_DEEPSPEED_RENAMED[key]!r} "
+                f"section this loop fills in overrides; write it as {_DEEPSPEED_RENAMED[key]!r}"
             )
         if key not in DEEPSPEED_KEYS:
             close = difflib.get_close_matches(str(key), DEEPSPEED_KEYS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else " (DeepSpeed would ignore it)"
-            raise ConfigError(f"unknown DeepSpeed key 'deepspeed.{key}'{hint}")
+            raise ConfigError(f"{source}: unknown DeepSpeed key 'deepspeed.{key}'{hint}")
     return ds
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from data_pipeline.records import DataError
 from data_pipeline.shards import MANIFEST_NAME, load_manifest
-from data_pipeline.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
+from data_pipeline.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 from model.config import ModelConfig
 from model.hf import check_hf
 from training.config import ConfigError, RunConfig, model_config
@@ -108,7 +108,7 @@ def check_init_from_tokenizer(cfg: RunConfig, tokenizer: Tokenizer) -> None:
     if cfg.init_from is None:
         return
     folder = Path(cfg.init_from)
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if not has_tokenizer(folder):
         return
     try:
         own = load_tokenizer(folder)
