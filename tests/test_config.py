@@ -172,7 +172,7 @@ def test_misspelled_deepspeed_keys_are_refused(no_data, tmp_path):
         path.write_text(json.dumps({**ds, "zero_optimization": {"stage": 2}}))
         return deepspeed_config(load_config([str(path)], no_data), world_size=None)
 
-    with pytest.raises(ConfigError, match=r"unknown DeepSpeed key 'deepspeed\.zero_optimisation'; did you mean"):
+    with pytest.raises(ConfigError, match=r"typo\.json: unknown DeepSpeed key 'deepspeed\.zero_optimisation'; did you"):
         checked({"zero_optimisation": {"stage": 3}})
     with pytest.raises(ConfigError, match=r"'deepspeed\.gradient_clippping'; did you mean 'gradient_clipping'"):
         checked({"gradient_clippping": 0.5})

@@ -369,3 +369,29 @@ def test_build_beside_removes_its_folder_when_the_job_fails(tmp_path):
         raise RuntimeError("mid-job")
     assert _files(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "old_tok"]
+
+
+def test_chats_an_hf_template_cannot_take_are_named_or_counted_never_trained_wrong(tmp_path):
+    """With a Hugging Face template: a chat quoting a special token is dropped by its own reason
+    (the template would read it as a control token); a chat the template refuses (Mistral's:
+    two user turns in a row) names its record under on_error=raise and is counted under skip."""
+    from data_pipeline.prepare import ERROR, PrepareOptions, encode_rows
+    from tests.hf_fixtures import MISTRAL_TEMPLATE, mistral_tokenizer
+
+    folder = mistral_tokenizer(tmp_path / "mistral", template=MISTRAL_TEMPLATE)
+    chats = [
+        [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "A guard."}],
+        [{"role": "user", "content": "Say </s> now"}, {"role": "assistant", "content": "</s>"}],
+        [{"role": "user", "content": "Hi"}, {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Yo"}],
+    ]
+    batch = {
+        "source": np.array(["c.jsonl:1", "c.jsonl:2", "c.jsonl:3"]),
+        "payload": np.array([json.dumps(c) for c in chats]),
+    }
+    for on_error, third in (("raise", ERROR), ("skip", "chat_template_error")):
+        opts = PrepareOptions(kind="sft", inputs=[], out=str(tmp_path / "o"), on_error=on_error)
+        rows = encode_rows(batch, str(folder), opts)
+        assert list(rows["drop"]) == ["", "control_token_in_text", third]
+        assert len(rows["input_ids"][0]) > 0
+        if on_error == "raise":  # the driver raises this note: the record and the template named
+            assert rows["note"][2].startswith("c.jsonl:3: ") and "cannot render" in rows["note"][2]
