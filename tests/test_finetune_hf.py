@@ -167,6 +167,9 @@ def test_finetune_an_open_model_and_load_the_export_in_transformers(arch, engine
     base = open_models[arch]
     _sft(engine, base["model"], base["data"], tmp_path / "run")
     export = tmp_path / "run" / "hf"
+    # the checkpoint carries the tokenizer too, so re-preparing data/ can never orphan it
+    copy = tmp_path / "run" / "checkpoints" / "step_00000003" / "tokenizer"
+    assert load_tokenizer(copy).sha256 == load_tokenizer(base["model"]).sha256
 
     # transformers loads the export and computes Crucible's logits
     hf = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
