@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
     args = parser.parse_args(argv)
     if args.kind == "pretrain" and not (args.tokenizer or args.vocab_size):
-        parser.error("pretrain needs --tokenizer MODEL or --vocab-size N")
+        parser.error("pretrain needs --tokenizer DIR or --vocab-size N")
     if args.kind == "sft" and not args.tokenizer:
         parser.error(
             "sft needs --tokenizer DIR: the model's (its folder, or the tokenizer/ of the data it was pretrained on)"

@@ -127,7 +127,7 @@ def test_bad_arguments_exit_nonzero_with_one_line(tmp_path):
     assert result.returncode == 2 and "missing.txt: no such file or folder" in result.stderr
     assert "Traceback" not in result.stderr
     result = prepare("pretrain", "--input", SCRIPT, "--out", str(tmp_path))
-    assert result.returncode == 2 and "--tokenizer MODEL or --vocab-size N" in result.stderr
+    assert result.returncode == 2 and "--tokenizer DIR or --vocab-size N" in result.stderr
     assert "usage:" in prepare("--help").stdout
 
 
