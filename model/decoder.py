@@ -265,7 +265,14 @@ class FeedForward(nn.Module):
     def forward(self, x):
         # w2's weight is used inside _SwiGLUDown, not through w2's forward, so ZeRO-3 gathers a
         # whole Block at once (training/engine.py makes Block a ZeRO-3 leaf module).
-        return _SwiGLUDown.apply(self.w13(x), self.w2.weight)
+        gate_up = self.w13(x)
+        out = _SwiGLUDown.apply(gate_up, self.w2.weight)
+        lora_delta = getattr(self.w2, "lora_delta", None)  # set when w2 is a model.lora.LoRALinear
+        if lora_delta is None:
+            return out
+        # down_proj's adapter needs its input, which _SwiGLUDown recomputes rather than keeps.
+        gate, up = gate_up.chunk(2, dim=-1)
+        return out + lora_delta(F.silu(gate) * up)
 
 
 class _SwiGLUDown(torch.autograd.Function):

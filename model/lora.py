@@ -1,0 +1,300 @@
+"""LoRA (Hu et al. 2021) on the Decoder's projections, saved and loaded in PEFT's adapter format.
+
+    apply_lora(model, cfg)            freeze the base; wrap the targeted projections in LoRALinear
+    lora_parameters(model)            the adapters, the only parameters that train
+    merge_lora(model)                 the base state dict with every adapter added in (for save_hf)
+    save_adapter / load_adapter       a folder that `peft.PeftModel.from_pretrained` loads, and back
+
+Crucible's own small layer rather than peft itself: peft wraps one nn.Linear per Hugging Face
+projection, so using it would mean unfusing q/k/v and gate/up into seven Linears per block and
+giving up the fused matmuls (and `model/` stays pure torch). LoRALinear keeps the fused base
+weight under its old name and holds one A and one B per targeted projection, named as peft names
+them, so a saved adapter is per projection and loads in peft unchanged. The parts' A products run
+as one matmul; the B products as one more, against a block-diagonal B whose untargeted rows are
+zero. With dropout > 0 the parts of one fused projection share a dropout mask (peft draws one per
+projection): each adapter sees the same distribution, only the masks are correlated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig
+from model.decoder import Decoder
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The Hugging Face projection names that LoRA can target."""
+_MODULE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}  # fmt: skip
+"""The HF submodule holding each projection (model.layers.{i}.<this>.<projection>)."""
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model.model.layers."
+"""peft's key prefix for a CausalLM's layers (PeftModel → LoraModel → *ForCausalLM → model)."""
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8
+    """r: the inner width of each adapter."""
+    alpha: float = 16.0
+    """The delta is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (not on the base projection's), as peft's lora_dropout."""
+    targets: tuple[str, ...] = field(default=TARGETS)
+    """The projections that get adapters, by Hugging Face name (a subset of TARGETS)."""
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"train.lora.rank={self.rank!r}: must be an integer >= 1")
+        if not self.alpha > 0:
+            raise ValueError(f"train.lora.alpha={self.alpha!r}: must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"train.lora.dropout={self.dropout!r}: must be in [0, 1)")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if not self.targets or unknown or len(set(self.targets)) != len(self.targets):
+            raise ValueError(
+                f"train.lora.targets={list(self.targets)}: must be distinct names from {', '.join(TARGETS)}"
+                + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+            )
+
+
+def _fused_parts(cfg: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Each Linear of a Block (by path in the Block) → its HF projections and their row counts,
+    in the order their rows are stacked in the fused weight."""
+    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    return {
+        "attn.wqkv": (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)),
+        "attn.wo": (("o_proj", cfg.dim),),
+        "ffn.w13": (("gate_proj", cfg.ffn_dim), ("up_proj", cfg.ffn_dim)),
+        "ffn.w2": (("down_proj", cfg.dim),),
+    }
+
+
+class LoRALinear(nn.Module):
+    """A frozen (possibly fused) Linear plus one adapter per targeted part of its output rows.
+
+    The base weight and bias stay parameters of this module under the names `weight` and
+    `bias`, so the model's state dict keeps its base keys; adapters are `lora_A.<part>` (rank, in)
+    and `lora_B.<part>` (part rows, rank), in fp32 whatever the base's dtype.
+    """
+
+    def __init__(self, base: nn.Linear, parts: tuple[tuple[str, int], ...], cfg: LoRAConfig):
+        super().__init__()
+        self.weight, self.bias = base.weight, base.bias
+        self.parts = parts
+        self.targets = tuple(name for name, _ in parts if name in cfg.targets)
+        self.rank, self.alpha, self.scale = cfg.rank, cfg.alpha, cfg.alpha / cfg.rank
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        kw = dict(device=base.weight.device, dtype=torch.float32)
+        in_features = base.weight.shape[1]
+        self.lora_A = nn.ParameterDict(
+            {n: nn.Parameter(torch.empty(cfg.rank, in_features, **kw)) for n in self.targets}
+        )
+        rows = dict(parts)
+        self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.empty(rows[n], cfg.rank, **kw)) for n in self.targets})
+        self.reset_adapters()
+
+    @torch.no_grad()
+    def reset_adapters(self) -> None:
+        """peft's init: A kaiming-uniform (a = √5, nn.Linear's), B zero, so the delta starts at 0."""
+        for a in self.lora_A.values():
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        for b in self.lora_B.values():
+            nn.init.zeros_(b)
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B): every targeted part's A stacked (P·rank, in) and a block-diagonal B (out, P·rank)
+        whose rows of an untargeted part are zero, so the delta is one matmul after another."""
+        a = torch.cat([self.lora_A[n] for n in self.targets])
+        empty = self.lora_A[self.targets[0]].new_zeros  # an untargeted part: rows, no columns
+        b = torch.block_diag(*[self.lora_B[n] if n in self.lora_B else empty(rows, 0) for n, rows in self.parts])
+        return a, b
+
+    def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapters' output (..., out) for input x (..., in), in x's dtype; computed in fp32
+        (peft casts the input to the adapter's dtype too)."""
+        a, b = self._stacked()
+        return (F.linear(F.linear(self.dropout(x.to(a.dtype)), a), b) * self.scale).to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The (out, in) fp32 weight the adapters add: scale · B @ A, per part in its rows."""
+        a, b = self._stacked()
+        return (b @ a) * self.scale
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.lora_delta(x)
+
+
+def apply_lora(model: Decoder, cfg: LoRAConfig) -> Decoder:
+    """Freeze every base parameter and wrap the targeted projections, in place.
+
+    Args:
+        model: a Decoder with its base weights (adapters go on each base weight's device).
+        cfg: rank, alpha, dropout and targets.
+    Returns:
+        the same model; only `lora_parameters(model)` require grad.
+    """
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        raise ValueError("the model already carries LoRA adapters")
+    model.requires_grad_(False)
+    for block in model.layers:
+        for path, parts in _fused_parts(model.cfg).items():
+            if not any(name in cfg.targets for name, _ in parts):
+                continue
+            parent_name, attr = path.split(".")
+            parent = getattr(block, parent_name)
+            setattr(parent, attr, LoRALinear(getattr(parent, attr), parts, cfg))
+    return model
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every adapter parameter (what the optimizer gets)."""
+    return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (*m.lora_A.values(), *m.lora_B.values())]
+
+
+def named_adapters(model: Decoder):
+    """Yield (peft key, parameter) for every adapter tensor, e.g.
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`: the keys `PeftModel.save_pretrained`
+    writes for a *ForCausalLM (without the adapter name "default", which peft strips)."""
+    for i, block in enumerate(model.layers):
+        for path in _fused_parts(model.cfg):
+            module = block.get_submodule(path)
+            if not isinstance(module, LoRALinear):
+                continue
+            for name in module.targets:
+                prefix = f"{_PEFT_PREFIX}{i}.{_MODULE[name]}.{name}."
+                yield prefix + "lora_A.weight", module.lora_A[name]
+                yield prefix + "lora_B.weight", module.lora_B[name]
+
+
+def adapter_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
+    """The adapters under peft's keys (see `named_adapters`), detached."""
+    return {key: p.detach() for key, p in named_adapters(model)}
+
+
+@torch.no_grad()
+def merge_lora(model: Decoder) -> dict[str, torch.Tensor]:
+    """The base state dict with each adapter's delta added to its rows, under the base names, so
+    that `model.hf.save_hf(model, cfg, path, state_dict=merge_lora(model))` writes a merged folder.
+
+    Returns:
+        {Crucible name: tensor} in each base weight's dtype (the sum is taken in fp32).
+    """
+    merged = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            w = module.weight
+            merged[f"{name}.weight"] = (w.float() + module.delta_weight().to(w.device)).to(w.dtype)
+    sd = model.state_dict()
+    return {k: merged.get(k, v) for k, v in sd.items() if ".lora_A." not in k and ".lora_B." not in k}
+
+
+def _lora_modules(model: Decoder) -> list[LoRALinear]:
+    modules = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if not modules:
+        raise ValueError("the model carries no LoRA adapters: call apply_lora first")
+    return modules
+
+
+def save_adapter(model: Decoder, cfg: LoRAConfig, out_dir: str | Path, base_model_path: str | None = None) -> Path:
+    """Write a peft LoRA adapter folder: adapter_config.json and adapter_model.safetensors.
+
+    Args:
+        model: a Decoder after `apply_lora(model, cfg)` (unsharded).
+        cfg: the LoRAConfig it was applied with.
+        out_dir: the folder (created).
+        base_model_path: written as base_model_name_or_path (the base's HF folder or hub id).
+    Returns:
+        the folder.
+    """
+    _lora_modules(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": sorted(cfg.targets),
+        "bias": "none",
+        "base_model_name_or_path": None if base_model_path is None else str(base_model_path),
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {k: v.cpu().contiguous() for k, v in adapter_state_dict(model).items()}
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return out
+
+
+def _check_adapter_config(config: dict, modules: list[LoRALinear], source: Path) -> None:
+    """Refuse an adapter whose kind, rank, alpha or targets differ from the applied ones."""
+    want_targets = sorted({n for m in modules for n in m.targets})
+    checks = {
+        "peft_type": ("LORA", config.get("peft_type")),
+        "r": (modules[0].rank, config.get("r")),
+        "lora_alpha": (modules[0].alpha, config.get("lora_alpha")),
+        "target_modules": (want_targets, sorted(config.get("target_modules") or [])),
+        "bias": ("none", config.get("bias", "none")),
+        "use_rslora": (False, config.get("use_rslora", False)),
+        "use_dora": (False, config.get("use_dora", False)),
+        "rank_pattern": ({}, config.get("rank_pattern") or {}),
+        "alpha_pattern": ({}, config.get("alpha_pattern") or {}),
+    }
+    for key, (want, got) in checks.items():
+        if want != got:
+            raise ValueError(f"{source}: {key}={got!r}, but the model's LoRA has {want!r}")
+
+
+@torch.no_grad()
+def load_adapter(model: Decoder, folder: str | Path) -> Decoder:
+    """Read a peft LoRA adapter folder into a model that `apply_lora` prepared with the same
+    rank, alpha and targets.
+
+    Args:
+        model: the Decoder with adapters applied.
+        folder: holds adapter_config.json and adapter_model.safetensors.
+    Returns:
+        the model, its adapters overwritten.
+    Raises:
+        ValueError: the config or a tensor does not fit (a different rank, alpha or targets, a
+            missing, unexpected or misshapen key); the message names the file and the key.
+    """
+    folder = Path(folder)
+    modules = _lora_modules(model)
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    _check_adapter_config(json.loads(config_path.read_text()), modules, config_path)
+    tensors = load_file(str(weights_path))
+    params = dict(named_adapters(model))
+    missing = [k for k in params if k not in tensors]
+    unexpected = [k for k in tensors if k not in params]
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        what = "missing" if missing else "unexpected"
+        raise ValueError(
+            f"{weights_path}: tensor {key!r} {what} ({len(missing)} missing, {len(unexpected)} unexpected)"
+        )
+    for key, p in params.items():
+        if tensors[key].shape != p.shape:
+            raise ValueError(
+                f"{weights_path}: {key!r} has shape {tuple(tensors[key].shape)}, expected {tuple(p.shape)}"
+            )
+        p.copy_(tensors[key])
+    return model
