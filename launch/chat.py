@@ -87,7 +87,10 @@ def check_card(system: str | None, tok: Tokenizer, max_seq_len: int) -> None:
     """ChatError when the card alone leaves no room for a question and an answer: every turn
     would be refused otherwise, as if the user's line were too long."""
     if system:
-        size = len(encode_prompt([{"role": "system", "content": system}], tok))
+        try:
+            size = len(encode_prompt([{"role": "system", "content": system}], tok))
+        except DataError as e:  # a template that takes no system message (Mistral's) says so here
+            raise ChatError(str(e)) from e
         if size + 8 > max_seq_len:  # room for a short question and the first tokens of an answer
             raise ChatError(f"the character card is {size} tokens; the model's context is {max_seq_len}: shorten it")
 

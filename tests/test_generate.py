@@ -276,3 +276,20 @@ def test_streamed_text_waits_for_whole_characters(exported, monkeypatch, capsys)
     assert chat.stream_answer(exported["model"], tok, [1, 2], args, None) == text
     assert "".join(writes) == text + "\n" and not any("\ufffd" in w for w in writes)
     assert len(writes) > 3  # streamed in pieces, not printed once at the end
+
+
+def test_a_card_the_models_template_refuses_is_one_chat_error(tmp_path):
+    """A template that takes no system message (as Mistral v0.1's and Gemma's): a --card is one
+    ChatError line naming the template, no traceback."""
+    from data_pipeline.tokenizer import load_tokenizer
+    from launch.chat import ChatError, check_card
+    from tests.hf_fixtures import MISTRAL_TEMPLATE, mistral_tokenizer
+
+    no_system = tmp_path / "no_system.jinja"
+    no_system.write_text(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + MISTRAL_TEMPLATE
+    )
+    tok = load_tokenizer(mistral_tokenizer(tmp_path / "mistral"), chat_template=no_system)
+    with pytest.raises(ChatError, match=f"--chat-template {no_system} cannot render.*System role not supported"):
+        check_card("You are a guard.", tok, 512)

@@ -242,7 +242,10 @@ def model_judge(path: str | Path, device: str | torch.device = "cpu", trust_chec
         # The answer's tokens as the judge's template renders and trains them (its content and
         # the token that closes the turn), scored where they stand in the whole rendering.
         chat = tok.encode_chat([*item["messages"], {"role": "assistant", "content": reply}])
-        answer_at = [t for t, trained in enumerate(chat.trained) if trained][-chat.turn_tokens[-1] :]
+        trained_at = [t for t, trained in enumerate(chat.trained) if trained]
+        answer_at = trained_at[len(trained_at) - chat.turn_tokens[-1] :]  # the last turn's (never [-0:], all)
+        if not answer_at:
+            return -math.inf
         ids = torch.tensor(chat.ids, device=device)
         at = torch.tensor(answer_at, device=device)
         logprobs = torch.log_softmax(judge(ids[None, :-1]).float(), dim=-1)[0]
