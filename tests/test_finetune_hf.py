@@ -29,37 +29,34 @@ pytestmark = pytest.mark.slow
 SEQ = 256
 
 
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
+"""The small shape both test models share."""
+
+
 def _llama3_config(vocab_size: int):
     from transformers import LlamaConfig
 
     scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
     return LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
         rope_theta=500000.0,
         rope_scaling={**scaling, "original_max_position_embeddings": 32},  # scaling shows at T=128
-        tie_word_embeddings=True,
+        **SHAPE,
     )
 
 
 def _qwen2_config(vocab_size: int):
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
+    return Qwen2Config(vocab_size=vocab_size, **SHAPE)
 
 
 MODELS = {"llama3": (llama3_tokenizer, _llama3_config), "qwen2": (qwen2_tokenizer, _qwen2_config)}
