@@ -411,17 +411,14 @@ class Decoder(nn.Module):
         kw = dict(device=device or weight.device, dtype=dtype or weight.dtype)
         return KVCache([LayerCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in range(cfg.n_layers)])
 
-    def forward(
+    def hidden_states(
         self,
         tokens: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
-        return_hidden: bool = False,
-        labels: torch.Tensor | None = None,
-        z_loss: float = 0.0,
         cache: KVCache | None = None,
-    ):
-        """Run the decoder.
+    ) -> torch.Tensor:
+        """The final normed hidden states (B, T, dim): what the output projection reads.
 
         Args:
             tokens: (B, T) token ids.
@@ -429,16 +426,9 @@ class Decoder(nn.Module):
                 document when `doc_ids` is given.
             doc_ids: (B, T) document index of each token in a packed row; a token then attends
                 only to earlier tokens of its own document.
-            return_hidden: return the final normed hidden states (B, T, dim) instead of logits.
-            labels: (B, T) aligned targets (labels[t] is the target of position t). When given,
-                returns `(loss_sum, n_target_tokens)` from the chunked loss, computed here so
-                that a sharded output weight (ZeRO-3, FSDP) is gathered when it is used.
-            z_loss: weight of the z-loss term, with `labels` only.
             cache: for generation: `tokens` are only the new tokens, which attend to every
                 cached key and causally to each other; their keys and values are appended.
                 Positions then default to continue from the cache's length. Not with doc_ids.
-        Returns:
-            logits (B, T, vocab_size), hidden states, or (loss_sum, n_target_tokens).
         """
         past = 0 if cache is None else cache.length
         _check_window(self.cfg, past + tokens.shape[1])
@@ -465,12 +455,51 @@ class Decoder(nn.Module):
         layer_caches = [None] * len(self.layers) if cache is None else cache.layers
         for layer, layer_cache in zip(self.layers, layer_caches, strict=True):
             h = layer(h, cos, sin, mask, layer_cache)
-        h = self.norm(h)
+        return self.norm(h)
+
+    def loss(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        z_loss: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training loss of pretraining and SFT alike: the chunked cross-entropy summed over
+        the target tokens (model/loss.py), never materialising the (B, T, vocab) logits.
+
+        Args:
+            tokens, position_ids, doc_ids: as `hidden_states`.
+            labels: (B, T) aligned targets (labels[t] is the target of position t; IGNORE_INDEX
+                where there is none).
+            z_loss: weight of the z-loss term on log Z.
+        Returns:
+            (loss_sum, n_target_tokens): 0-d tensors; divide by a global count for the mean.
+        """
+        h = self.hidden_states(tokens, position_ids, doc_ids)
+        return chunked_causal_lm_loss(h, self.output_weight, labels, z_loss=z_loss)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        labels: torch.Tensor | None = None,
+        z_loss: float = 0.0,
+    ):
+        """Logits (B, T, vocab_size) for the arguments of `hidden_states`.
+
+        With `labels`, `loss(...)` instead: the route through the module call, for wrappers
+        that gather a sharded module's own parameters only in its forward hooks (DeepSpeed
+        ZeRO-3 gathers the output projection there). Call `loss` directly otherwise; the
+        engines' `loss(batch)` picks the right call.
+        """
         if labels is not None:
-            return chunked_causal_lm_loss(h, self.output_weight, labels, z_loss=z_loss)
-        if return_hidden:
-            return h
-        return F.linear(h, self.output_weight)
+            if cache is not None:
+                raise ValueError("a loss is computed over whole rows, not with a KV cache")
+            return self.loss(tokens, labels, position_ids, doc_ids, z_loss)
+        return F.linear(self.hidden_states(tokens, position_ids, doc_ids, cache), self.output_weight)
 
     def set_recompute(self, mode: str) -> None:
         """Activation checkpointing of every block: one of RECOMPUTE_MODES."""
@@ -481,7 +510,7 @@ class Decoder(nn.Module):
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
-        if exclude_embedding and self.output is not None:
+        if exclude_embedding and self.output is not None:  # (tied, it is the output projection too)
             n -= self.tok_embeddings.weight.numel()  # a lookup, not a matmul
         return n
 
@@ -491,4 +520,9 @@ class Decoder(nn.Module):
         input embedding lookup but counts the output projection, tied or not; d is the attention
         width n_heads · head_dim."""
         cfg = self.cfg
-        return 6 * self.num_params(exclude_embedding=True) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+        # A frozen weight (a LoRA base) costs 4 FLOPs per token, not 6: it gets no weight gradient.
+        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        if self.output is not None and not self.tok_embeddings.weight.requires_grad:
+            frozen -= self.tok_embeddings.weight.numel()  # the lookup, left out of N above
+        matmuls = 6 * self.num_params(exclude_embedding=True) - 2 * frozen
+        return matmuls + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

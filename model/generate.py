@@ -77,7 +77,7 @@ def generate(
     for _ in range(max_new_tokens):
         # Hidden states, then logits for the last position only: the prompt's (T, V) logits
         # would be large and unused.
-        h = model(tokens, cache=cache, return_hidden=True)[0, -1]  # (dim,)
+        h = model.hidden_states(tokens, cache=cache)[0, -1]  # (dim,)
         next_id = sample_next(F.linear(h, model.output_weight), temperature, top_p, generator)
         if next_id in stop:
             return

@@ -1,13 +1,16 @@
 """Import from and export to the Hugging Face checkpoint format of Llama (3.x included), Mistral,
 Qwen2 and Qwen3 (transformers' model_type llama, mistral, qwen2, qwen3).
 
-Weights travel through safetensors only: nothing here unpickles a file.
+Weights travel through safetensors only: nothing here unpickles a file. `HFSlices` reads one
+rank's part of each tensor and `save_hf_sharded` writes a folder one tensor at a time, so that
+neither holds the whole model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -225,30 +228,60 @@ def _rope_fields(hf: dict, source: str, max_len: int) -> dict:
     return fields
 
 
+_TOP_LEVEL = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}  # fmt: skip
+_PER_LAYER = {
+    "attn_norm.weight": ("input_layernorm.weight",),
+    "attn.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "attn.wqkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "attn.wo.weight": ("self_attn.o_proj.weight",),
+    "attn.q_norm.weight": ("self_attn.q_norm.weight",),
+    "attn.k_norm.weight": ("self_attn.k_norm.weight",),
+    "ffn_norm.weight": ("post_attention_layernorm.weight",),
+    "ffn.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "ffn.w2.weight": ("mlp.down_proj.weight",),
+}
+"""The HF tensors of each Crucible tensor of block i (under model.layers.{i}.), stacked along dim 0."""
+
+
+def hf_sources(cfg: ModelConfig) -> dict[str, list[tuple[str, int]]]:
+    """The one table of names between Crucible and HF: what the converters, `HFSlices` and
+    `save_hf_sharded` all go by.
+
+    Args:
+        cfg: the model.
+    Returns:
+        each Crucible state-dict name, in the Decoder's order (no output.weight when tied) →
+        the HF tensors that stacked along dim 0 make it, with each one's rows (elements of a
+        1-D tensor): q, k, v for wqkv (weight and bias), gate then up for w13, one for the rest.
+    """
+    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    fused = {"attn.wqkv.weight": (q_out, kv_out, kv_out), "attn.wqkv.bias": (q_out, kv_out, kv_out),
+             "ffn.w13.weight": (cfg.ffn_dim, cfg.ffn_dim)}  # fmt: skip
+    table = {}
+    for name, shape in _shapes(cfg).items():
+        if name in _TOP_LEVEL:
+            table[name] = [(_TOP_LEVEL[name], shape[0])]
+            continue
+        _, i, suffix = name.split(".", 2)  # layers.{i}.{suffix}
+        theirs = [f"model.layers.{i}.{n}" for n in _PER_LAYER[suffix]]
+        table[name] = list(zip(theirs, fused.get(suffix, (shape[0],)), strict=True))
+    return table
+
+
+def _shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """The Decoder's state-dict shapes, in its order (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        return {name: t.shape for name, t in Decoder(cfg).state_dict().items()}
+
+
 def state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Crucible parameter names → HF names, splitting the fused qkv and gate/up projections."""
-    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["output.weight"]
-    for i in range(cfg.n_layers):
-        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        out[theirs + "input_layernorm.weight"] = sd[ours + "attn_norm.weight"]
-        out[theirs + "post_attention_layernorm.weight"] = sd[ours + "ffn_norm.weight"]
-        q, k, v = sd[ours + "attn.wqkv.weight"].split((q_out, kv_out, kv_out))
-        out.update({theirs + f"self_attn.{n}_proj.weight": w for n, w in zip("qkv", (q, k, v), strict=True)})
-        if cfg.qkv_bias:
-            qb, kb, vb = sd[ours + "attn.wqkv.bias"].split((q_out, kv_out, kv_out))
-            out.update({theirs + f"self_attn.{n}_proj.bias": b for n, b in zip("qkv", (qb, kb, vb), strict=True)})
-        out[theirs + "self_attn.o_proj.weight"] = sd[ours + "attn.wo.weight"]
-        if cfg.qk_norm:
-            out[theirs + "self_attn.q_norm.weight"] = sd[ours + "attn.q_norm.weight"]
-            out[theirs + "self_attn.k_norm.weight"] = sd[ours + "attn.k_norm.weight"]
-        gate, up = sd[ours + "ffn.w13.weight"].chunk(2)
-        out[theirs + "mlp.gate_proj.weight"] = gate
-        out[theirs + "mlp.up_proj.weight"] = up
-        out[theirs + "mlp.down_proj.weight"] = sd[ours + "ffn.w2.weight"]
-    return {name: t.contiguous() for name, t in out.items()}
+    out = {}
+    for name, parts in hf_sources(cfg).items():
+        pieces = sd[name].split([rows for _, rows in parts])
+        out.update({hf_name: t.contiguous() for (hf_name, _), t in zip(parts, pieces, strict=True)})
+    return out
 
 
 def state_dict_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: str = "") -> dict[str, torch.Tensor]:
@@ -259,26 +292,12 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: st
             raise KeyError(f"{source}: tensor {name!r} is missing from the checkpoint")
         return hf.pop(name)
 
-    sd = {"tok_embeddings.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    sd = {}
+    for name, parts in hf_sources(cfg).items():
+        tensors = [take(hf_name) for hf_name, _ in parts]
+        sd[name] = tensors[0] if len(tensors) == 1 else torch.cat(tensors)
     if cfg.tie_embeddings:
         hf.pop("lm_head.weight", None)  # some exporters write the tied copy anyway
-    else:
-        sd["output.weight"] = take("lm_head.weight")
-    for i in range(cfg.n_layers):
-        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        sd[ours + "attn_norm.weight"] = take(theirs + "input_layernorm.weight")
-        sd[ours + "ffn_norm.weight"] = take(theirs + "post_attention_layernorm.weight")
-        sd[ours + "attn.wqkv.weight"] = torch.cat([take(theirs + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        if cfg.qkv_bias:
-            sd[ours + "attn.wqkv.bias"] = torch.cat([take(theirs + f"self_attn.{n}_proj.bias") for n in "qkv"])
-        sd[ours + "attn.wo.weight"] = take(theirs + "self_attn.o_proj.weight")
-        if cfg.qk_norm:
-            sd[ours + "attn.q_norm.weight"] = take(theirs + "self_attn.q_norm.weight")
-            sd[ours + "attn.k_norm.weight"] = take(theirs + "self_attn.k_norm.weight")
-        sd[ours + "ffn.w13.weight"] = torch.cat(
-            [take(theirs + "mlp.gate_proj.weight"), take(theirs + "mlp.up_proj.weight")]
-        )
-        sd[ours + "ffn.w2.weight"] = take(theirs + "mlp.down_proj.weight")
     leftover = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
     if leftover:
         raise KeyError(f"{source}: unexpected tensors {leftover[:5]} ({len(leftover)} in all)")
@@ -304,6 +323,70 @@ def save_hf(model: Decoder, cfg: ModelConfig, path: str | Path, state_dict: dict
     dtype = sd["tok_embeddings.weight"].dtype
     (path / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
     save_file(state_dict_to_hf(sd, cfg), str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def save_hf_sharded(
+    cfg: ModelConfig,
+    path: str | Path,
+    tensor_fn: Callable[[str, torch.Size], torch.Tensor],
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = 2**31,
+) -> Path:
+    """Write a sharded HF folder one tensor at a time, never holding more than one shard: for a
+    model that does not fit in memory twice (a random-weight 8B for a benchmark, issue 19).
+
+    The shards are planned from the shapes first, so each file gets its final name
+    `model-0000K-of-0000N.safetensors` as it is written; a shard closes before the Crucible
+    tensor that would take it past max_shard_bytes (the parts of a fused tensor stay together;
+    a tensor larger than that is a shard of its own). The index is written even for one shard.
+
+    Args:
+        cfg: the model.
+        path: output folder (created); it must not hold a model.safetensors, which transformers
+            would read instead of the index.
+        tensor_fn: (Crucible name, shape) → that tensor, on any device and of any float dtype;
+            called once per name, in the Decoder's order.
+        dtype: the stored dtype.
+        max_shard_bytes: the size at which a shard closes.
+    Returns:
+        the folder, with config.json, model.safetensors.index.json and the shards.
+    Raises:
+        FileExistsError: path holds a model.safetensors.
+        ValueError: tensor_fn gave a tensor of another shape (named).
+    """
+    path = Path(path)
+    if (path / "model.safetensors").exists():
+        raise FileExistsError(f"{path / 'model.safetensors'}: exists, and transformers would read it, not the shards")
+    path.mkdir(parents=True, exist_ok=True)
+    shapes = _shapes(cfg)
+    plan: list[list[str]] = [[]]
+    size = 0
+    for name, shape in shapes.items():
+        nbytes = shape.numel() * dtype.itemsize
+        if plan[-1] and size + nbytes > max_shard_bytes:
+            plan.append([])
+            size = 0
+        plan[-1].append(name)
+        size += nbytes
+    sources = hf_sources(cfg)
+    weight_map = {}
+    for k, names in enumerate(plan):
+        file = f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
+        shard = {}
+        for name in names:
+            t = tensor_fn(name, shapes[name])
+            if t.shape != shapes[name]:
+                raise ValueError(f"tensor_fn({name!r}) gave shape {tuple(t.shape)}, not {tuple(shapes[name])}")
+            pieces = t.detach().to("cpu", dtype).split([rows for _, rows in sources[name]])
+            shard.update({hf_name: p.contiguous() for (hf_name, _), p in zip(sources[name], pieces, strict=True)})
+        save_file(shard, str(path / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+        del shard  # before tensor_fn makes the next shard's tensors
+    total = sum(shape.numel() for shape in shapes.values()) * dtype.itemsize
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2) + "\n")
     return path
 
 
@@ -346,15 +429,116 @@ def check_hf(path: str | Path) -> ModelConfig:
     Raises:
         FileNotFoundError, ValueError: as `load_hf`.
     """
-    path = Path(path)
-    cfg = read_hf_config(path)
-    tensors = {}
-    for file in _weight_files(path):
-        with _named(file), safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                tensors[name] = torch.empty(f.get_slice(name).get_shape(), device="meta")
-    _fitted(tensors, cfg, path)
-    return cfg
+    with HFSlices(path) as slices:
+        return slices.cfg
+
+
+class HFSlices:
+    """A rank's part of an HF folder's tensors, under Crucible names, without reading the rest.
+
+    For sharded start-up (issue 19): an engine builds the Decoder on the meta device, shards it,
+    then fills only its own part, so no rank reads the whole model. `rows` serves FSDP2's
+    Shard(0) (rank r: rows [r·c, (r+1)·c) with c = ceil(rows / world)), `flat` ZeRO-3's
+    partitions (rank r: elements [r·p, (r+1)·p) of the flattened tensor). Both read through
+    safetensors' `get_slice` only the source rows they return (a wqkv range may span q, k, v).
+
+    Opening checks the whole folder as `load_hf` would, from the headers (see `check_hf`), and
+    keeps each weight file open (memory-mapped) until `close()` or the end of a `with` block.
+
+    Raises (opening):
+        FileNotFoundError, ValueError: as `load_hf`, naming the file and the tensor.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.cfg = read_hf_config(self.path)
+        self._sources = hf_sources(self.cfg)
+        self._files = contextlib.ExitStack()
+        self._slices = {}  # HF name → (file, its safetensors slice: a view, nothing read)
+        try:
+            headers = {}
+            for file in _weight_files(self.path):
+                with _named(file):
+                    f = self._files.enter_context(safe_open(str(file), framework="pt"))
+                    for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                        self._slices[name] = (file, f.get_slice(name))
+                        headers[name] = torch.empty(self._slices[name][1].get_shape(), device="meta")
+            _fitted(headers, self.cfg, self.path)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> HFSlices:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._files.close()
+
+    def names(self) -> list[str]:
+        """The Decoder's state-dict names, in its order."""
+        return list(self._sources)
+
+    def shape(self, name: str) -> torch.Size:
+        """The shape of Crucible tensor `name` (read from the headers)."""
+        first = self._slices[self._parts(name)[0][0]][1].get_shape()
+        return torch.Size([sum(rows for _, rows in self._parts(name)), *first[1:]])
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of `name` (of an empty read: no weights)."""
+        return self.rows(name, 0, 0).dtype
+
+    def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows [start, stop) of Crucible tensor `name` (elements of a 1-D one), as a slice
+        `t[start:stop]` of the full tensor: a range past the end is empty, not an error.
+
+        Args:
+            name: a Crucible state-dict name (one of `names()`).
+            start, stop: row indices, at least 0.
+            dtype: cast to this (default: the stored dtype).
+        Returns:
+            a (rows, *shape[1:]) CPU tensor.
+        Raises:
+            ValueError: an unknown name or a negative index.
+        """
+        if start < 0 or stop < 0:
+            raise ValueError(f"{self.path}: rows({name!r}, {start}, {stop}): indices must be at least 0")
+        pieces, offset = [], 0
+        for hf_name, n in self._parts(name):
+            lo, hi = max(start, offset), min(stop, offset + n)
+            if lo < hi:
+                pieces.append(self._read(hf_name, lo - offset, hi - offset))
+            offset += n
+        if not pieces:  # an empty range still has the tensor's trailing shape and dtype
+            pieces.append(self._read(self._parts(name)[0][0], 0, 0))
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return out if dtype is None else out.to(dtype)
+
+    def flat(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Elements [start, stop) of Crucible tensor `name` flattened, as `t.flatten()[start:stop]`;
+        reads the rows that cover the range. Arguments and errors as `rows`.
+
+        Returns:
+            a 1-D CPU tensor.
+        """
+        if start < 0 or stop < 0:
+            raise ValueError(f"{self.path}: flat({name!r}, {start}, {stop}): indices must be at least 0")
+        width = self.shape(name)[1:].numel()
+        first = start // width
+        covering = self.rows(name, first, -(-stop // width), dtype).flatten()
+        return covering[start - first * width : stop - first * width]
+
+    def _parts(self, name: str) -> list[tuple[str, int]]:
+        if name not in self._sources:
+            raise ValueError(f"{self.path}: {name!r} is not a tensor of this model (see names())")
+        return self._sources[name]
+
+    def _read(self, hf_name: str, start: int, stop: int) -> torch.Tensor:
+        file, rows = self._slices[hf_name]
+        with _named(file):
+            return rows[start:stop]
 
 
 def read_hf_config(path: str | Path) -> ModelConfig:
@@ -374,16 +558,22 @@ def read_hf_config(path: str | Path) -> ModelConfig:
 
 def _fitted(tensors: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
     """HF tensors → the Decoder's state dict, checked name by name and shape by shape."""
+    hf_shapes = {name: tuple(t.shape) for name, t in tensors.items()}  # state_dict_from_hf takes them
     try:
         sd = state_dict_from_hf(tensors, cfg, source=str(path))
     except KeyError as e:  # a missing or unexpected tensor (the message names it)
         raise ValueError(e.args[0]) from None
     except RuntimeError as e:  # q/k/v or gate/up of shapes that do not concatenate
         raise ValueError(f"{path}: the weights do not fit config.json ({str(e).splitlines()[0]})") from None
-    with torch.device("meta"):
-        expected = Decoder(cfg).state_dict()
-    wrong = [
-        f"{k} {tuple(v.shape)}, not {tuple(expected[k].shape)}" for k, v in sd.items() if v.shape != expected[k].shape
+    expected = _shapes(cfg)
+    wrong = [f"{k} {tuple(v.shape)}, not {tuple(expected[k])}" for k, v in sd.items() if v.shape != expected[k]]
+    # q/k/v or gate/up that fit only together would be split (and sliced) at the wrong rows
+    wrong = wrong or [
+        f"{hf_name} {hf_shapes[hf_name]}, not {rows} rows"
+        for parts in hf_sources(cfg).values()
+        if len(parts) > 1
+        for hf_name, rows in parts
+        if hf_shapes[hf_name][0] != rows
     ]
     if wrong:
         raise ValueError(f"{path}: the weights do not fit config.json: {'; '.join(wrong[:3])}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,23 +162,31 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (*m.lora_A.values(), *m.lora_B.values())]
 
 
+def peft_key(name: str) -> str:
+    """A Crucible adapter name → peft's key: `layers.0.attn.wqkv.lora_A.q_proj` →
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`, the key
+    `PeftModel.save_pretrained` writes for a *ForCausalLM (without the adapter name "default",
+    which peft strips)."""
+    layers, i, _, _, kind, part = name.split(".")
+    if layers != "layers" or kind not in ("lora_A", "lora_B") or part not in _MODULE:
+        raise ValueError(f"{name!r} is not a LoRA adapter's name")
+    return f"{_PEFT_PREFIX}{i}.{_MODULE[part]}.{part}.{kind}.weight"
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a state-dict name is an adapter's (lora_A / lora_B of a LoRALinear)."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
 def named_adapters(model: Decoder):
-    """Yield (peft key, parameter) for every adapter tensor, e.g.
-    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`: the keys `PeftModel.save_pretrained`
-    writes for a *ForCausalLM (without the adapter name "default", which peft strips)."""
-    for i, block in enumerate(model.layers):
-        for path in _fused_parts(model.cfg):
-            module = block.get_submodule(path)
-            if not isinstance(module, LoRALinear):
-                continue
-            for name in module.targets:
-                prefix = f"{_PEFT_PREFIX}{i}.{_MODULE[name]}.{name}."
-                yield prefix + "lora_A.weight", module.lora_A[name]
-                yield prefix + "lora_B.weight", module.lora_B[name]
+    """Yield (peft key, parameter) for every adapter tensor (see `peft_key`)."""
+    for name, p in model.named_parameters():
+        if is_adapter(name):
+            yield peft_key(name), p
 
 
 def adapter_state_dict(model: Decoder) -> dict[str, torch.Tensor]:
-    """The adapters under peft's keys (see `named_adapters`), detached."""
+    """The adapters under peft's keys (see `peft_key`), detached."""
     return {key: p.detach() for key, p in named_adapters(model)}
 
 
@@ -189,13 +198,31 @@ def merge_lora(model: Decoder) -> dict[str, torch.Tensor]:
     Returns:
         {Crucible name: tensor} in each base weight's dtype (the sum is taken in fp32).
     """
-    merged = {}
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            w = module.weight
-            merged[f"{name}.weight"] = (w.float() + module.delta_weight().to(w.device)).to(w.dtype)
-    sd = model.state_dict()
-    return {k: merged.get(k, v) for k, v in sd.items() if ".lora_A." not in k and ".lora_B." not in k}
+    modules = _lora_modules(model)
+    return merge_state_dict(model.state_dict(), model.cfg, LoRAConfig(modules[0].rank, modules[0].alpha))
+
+
+@torch.no_grad()
+def merge_state_dict(
+    state: dict[str, torch.Tensor], model_cfg: ModelConfig, cfg: LoRAConfig
+) -> dict[str, torch.Tensor]:
+    """A LoRA model's full state dict (base weights and adapters, Crucible names, as an engine
+    gathers it) → the base names with every delta added to its weight's rows (scale · B @ A,
+    summed in fp32, stored in the base weight's dtype). Only rank and alpha of `cfg` are used:
+    the targets are the adapters present."""
+    merged = {k: v for k, v in state.items() if not is_adapter(k)}
+    scale = cfg.alpha / cfg.rank
+    for i in range(model_cfg.n_layers):
+        for path, parts in _fused_parts(model_cfg).items():
+            prefix, start = f"layers.{i}.{path}.", 0
+            for part, rows in parts:
+                a = state.get(f"{prefix}lora_A.{part}")
+                if a is not None:
+                    w = merged[prefix + "weight"] = merged[prefix + "weight"].clone()
+                    delta = (state[f"{prefix}lora_B.{part}"].float() @ a.float()) * scale
+                    w[start : start + rows] = (w[start : start + rows].float() + delta.to(w.device)).to(w.dtype)
+                start += rows
+    return merged
 
 
 def _lora_modules(model: Decoder) -> list[LoRALinear]:
@@ -206,20 +233,41 @@ def _lora_modules(model: Decoder) -> list[LoRALinear]:
 
 
 def save_adapter(model: Decoder, cfg: LoRAConfig, out_dir: str | Path, base_model_path: str | None = None) -> Path:
+    """Write a peft LoRA adapter folder (see `write_adapter`) from a model after
+    `apply_lora(model, cfg)` (unsharded)."""
+    _lora_modules(model)
+    return write_adapter(adapter_state_dict(model), cfg, out_dir, base_model_path)
+
+
+def write_adapter(
+    adapters: dict[str, torch.Tensor], cfg: LoRAConfig, out_dir: str | Path, base_model_path: str | None = None
+) -> Path:
     """Write a peft LoRA adapter folder: adapter_config.json and adapter_model.safetensors.
 
     Args:
-        model: a Decoder after `apply_lora(model, cfg)` (unsharded).
-        cfg: the LoRAConfig it was applied with.
+        adapters: every adapter tensor under its Crucible name (`layers.0.attn.wqkv.lora_A.q_proj`)
+            or peft key; other tensors are refused.
+        cfg: the LoRAConfig the adapters were trained with.
         out_dir: the folder (created).
         base_model_path: written as base_model_name_or_path (the base's HF folder or hub id).
     Returns:
         the folder.
     """
-    _lora_modules(model)
+    tensors = {}
+    for name, t in adapters.items():
+        if t.numel() == 0:  # a ZeRO-3 partition placeholder saved in place of the tensor
+            raise ValueError(f"adapter {name!r} is an empty tensor: gather the adapters before writing them")
+        tensors[name if name.startswith(_PEFT_PREFIX) else peft_key(name)] = t.detach().cpu().contiguous()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = {
+    (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config(cfg, base_model_path), indent=2) + "\n")
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return out
+
+
+def peft_config(cfg: LoRAConfig, base_model_path: str | os.PathLike | None = None) -> dict:
+    """The adapter_config.json of a peft LoRA adapter for causal language modelling."""
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": cfg.rank,
@@ -238,10 +286,46 @@ def save_adapter(model: Decoder, cfg: LoRAConfig, out_dir: str | Path, base_mode
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    tensors = {k: v.cpu().contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    return out
+
+
+def read_adapter_config(folder: str | Path) -> tuple[LoRAConfig, str | None]:
+    """(LoRAConfig, base_model_name_or_path) of a peft LoRA adapter folder.
+
+    Raises:
+        FileNotFoundError: no adapter_config.json there.
+        ValueError: not JSON, not LoRA, or a feature Crucible's LoRALinear does not compute
+            (rsLoRA, DoRA, per-module ranks, bias training); the message names the file and key.
+    """
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; is {folder} a LoRA adapter folder?")
+    try:
+        config = json.loads(path.read_text())
+        cfg = LoRAConfig(
+            rank=config["r"],
+            alpha=float(config["lora_alpha"]),
+            dropout=float(config.get("lora_dropout") or 0.0),
+            targets=_targets(config.get("target_modules")),
+        )
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a LoRA adapter config Crucible reads ({type(e).__name__}: {e})") from None
+    unsupported = {"peft_type": "LORA", "bias": "none", "use_rslora": False, "use_dora": False}
+    for key, want in unsupported.items():
+        if config.get(key, want) != want:
+            raise ValueError(f"{path}: {key}={config[key]!r} is not supported (only {want!r})")
+    for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "layers_to_transform"):
+        if config.get(key):
+            raise ValueError(f"{path}: {key}={config[key]!r} is not supported")
+    return cfg, config.get("base_model_name_or_path")
+
+
+def _targets(modules) -> tuple[str, ...]:
+    """peft's target_modules (a list of names, or "all-linear") as LoRAConfig targets."""
+    if modules == "all-linear":
+        return TARGETS
+    if isinstance(modules, str) or not isinstance(modules, list):
+        raise ValueError(f"target_modules={modules!r}: expected a list of projection names")
+    return tuple(modules)
 
 
 def _check_adapter_config(config: dict, modules: list[LoRALinear], source: Path) -> None:

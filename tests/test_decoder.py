@@ -65,7 +65,7 @@ def test_hidden_and_labels_paths_agree_with_logits():
     labels[1, :4] = -100
     with torch.no_grad():
         logits = model(tokens)
-        hidden = model(tokens, return_hidden=True)
+        hidden = model.hidden_states(tokens)
         loss_sum, n = model(tokens, labels=labels)
     assert hidden.shape == (3, 10, 64) and logits.shape == (3, 10, 101)
     torch.testing.assert_close(hidden @ model.output_weight.t(), logits, rtol=1e-6, atol=1e-6)

@@ -376,9 +376,8 @@ def write_export(state_dict: dict[str, torch.Tensor], model_cfg, out: str | os.P
     (its chat template included) and generation_config.json, whose eos ids are the tokenizer's
     stop ids, so that transformers' `generate` ends a turn where launch/chat.py does.
 
-    It is written into a folder beside `out` and renamed into place when complete: a crash
-    leaves `out` as it was, and nothing an earlier export left in `out` survives (a stale
-    model.safetensors.index.json would win over the new model.safetensors).
+    Written by `write_folder`: all or nothing, and nothing of an earlier export survives (a
+    stale model.safetensors.index.json would win over the new model.safetensors).
 
     Args:
         state_dict: the full model weights.
@@ -389,8 +388,33 @@ def write_export(state_dict: dict[str, torch.Tensor], model_cfg, out: str | os.P
     Returns:
         out.
     """
-    from data_pipeline.tokenizer import load_tokenizer
     from model.hf import save_hf
+
+    return write_folder(out, tokenizer, lambda folder: save_hf(None, model_cfg, folder, state_dict=state_dict))
+
+
+def write_adapter_folder(adapters: dict[str, torch.Tensor], lora, out: str | os.PathLike, tokenizer, base: str) -> Path:
+    """A peft LoRA adapter folder (adapter_config.json, adapter_model.safetensors) with the
+    tokenizer's files beside it, written as `write_export` writes (see `write_folder`).
+
+    Args:
+        adapters: the adapter tensors under Crucible or peft names (model/lora.py).
+        lora: the LoRAConfig they were trained with.
+        out: the folder; an existing adapter folder or export is replaced.
+        tokenizer: as `write_export`'s.
+        base: the base model's folder, written as base_model_name_or_path.
+    """
+    from model.lora import write_adapter
+
+    return write_folder(out, tokenizer, lambda folder: write_adapter(adapters, lora, folder, base_model_path=base))
+
+
+def write_folder(out: str | os.PathLike, tokenizer, fill) -> Path:
+    """Write a model folder all or nothing: `fill(folder)` writes the weights into a folder
+    beside `out`, the tokenizer's files and generation_config.json (eos ids: the tokenizer's
+    stop ids) join them, and the folder is renamed into place when complete, so a crash leaves
+    `out` as it was. A folder holding files that no export writes is never replaced."""
+    from data_pipeline.tokenizer import load_tokenizer
 
     out = Path(out).resolve()  # a symlinked out: replace the folder it points to, keep the link
     foreign = not_export_files(out)
@@ -404,7 +428,8 @@ def write_export(state_dict: dict[str, torch.Tensor], model_cfg, out: str | os.P
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        save_hf(None, model_cfg, staging, state_dict=state_dict)
+        staging.mkdir(parents=True)
+        fill(staging)
         tok.save(staging)
         (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         _fsync_tree(staging)
@@ -415,8 +440,25 @@ def write_export(state_dict: dict[str, torch.Tensor], model_cfg, out: str | os.P
     return out
 
 
+def weights_sha256(folder: str | os.PathLike) -> str:
+    """sha256 over an HF folder's config.json and weight files (in name order): what a LoRA
+    checkpoint records of the base it was trained on, and checks again on resume and export."""
+    import hashlib
+
+    folder = Path(folder)
+    files = [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
+    h = hashlib.sha256()
+    for path in files:
+        h.update(f"{path.name}\0".encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 _EXPORT_FILE = re.compile(
     r"config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+    r"|adapter_config\.json|adapter_model\.safetensors"
 )
 
 

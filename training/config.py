@@ -29,6 +29,7 @@ import yaml
 
 from model.config import ModelConfig, preset, preset_names
 from model.decoder import RECOMPUTE_MODES
+from model.lora import TARGETS, LoRAConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 ENGINES = ("single", "fsdp", "deepspeed")
@@ -60,6 +61,26 @@ class DataSection:
     """Samples held for shuffling within a rank's stream."""
     on_error: str = "skip"
     """A corrupt shard: "skip" it (counted and reported) or "raise"."""
+
+
+@dataclass
+class LoRASection:
+    rank: int = 0
+    """Inner width r of each adapter (0: no LoRA, every weight trains). LoRA needs init_from:
+    the base it adapts is frozen."""
+    alpha: float = 16.0
+    """Each adapter's output is scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    targets: tuple[str, ...] = TARGETS
+    """The projections that get adapters, by Hugging Face name: q_proj, k_proj, v_proj, o_proj,
+    gate_proj, up_proj, down_proj (default: all)."""
+
+    def lora_config(self) -> LoRAConfig | None:
+        """model/lora.py's config, or None when LoRA is off (rank 0)."""
+        if not self.rank:
+            return None
+        return LoRAConfig(rank=self.rank, alpha=self.alpha, dropout=self.dropout, targets=self.targets)
 
 
 @dataclass
@@ -116,6 +137,8 @@ class TrainSection:
     """Micro-batches per rank in an evaluation (0: the whole split)."""
     patience: int = 0
     """Stop early after this many evaluations without a better validation loss (0: never)."""
+    lora: LoRASection = field(default_factory=LoRASection)
+    """LoRA (Hu et al. 2021): train low-rank adapters on a frozen init_from base."""
 
 
 @dataclass
@@ -293,6 +316,11 @@ def _coerce(value, hint, key: str, source: str):
             return str(value)
         if kind is dict and isinstance(value, dict):
             return value
+        if typing.get_args(kind)[1:] == (Ellipsis,) and isinstance(value, (str, list, tuple)):
+            items = value.split(",") if isinstance(value, str) else value  # `a,b` on a command line
+            return tuple(
+                _coerce(v.strip() if isinstance(v, str) else v, typing.get_args(kind)[0], key, source) for v in items
+            )
         if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
             items = typing.get_args(kind)
             if len(value) == len(items):
@@ -348,6 +376,11 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError(f"model.preset={cfg.model.preset!r}; choose one of {', '.join(preset_names())}")
     if cfg.init_from is None:  # init_from brings its own shape, which the preflight reads
         model_config(cfg, vocab_size=None)
+    if cfg.train.lora.rank and cfg.init_from is None:
+        raise ConfigError(
+            f"train.lora.rank={cfg.train.lora.rank} trains adapters on a frozen pretrained base: set "
+            "init_from=MODEL_DIR (a Hugging Face folder), or train.lora.rank=0 to train every weight"
+        )
 
 
 def _check_train(t: TrainSection) -> None:
@@ -379,6 +412,12 @@ def _check_train(t: TrainSection) -> None:
         raise ConfigError(f"train.betas={list(t.betas)}: each must be in [0, 1)")
     if t.eps <= 0:
         raise ConfigError(f"train.eps={t.eps} must be positive")
+    if t.lora.rank < 0:
+        raise ConfigError(f"train.lora.rank={t.lora.rank} must not be negative (0: no LoRA)")
+    try:
+        t.lora.lora_config()
+    except ValueError as e:  # the message names the train.lora key
+        raise ConfigError(str(e)) from None
 
 
 def _choice(key: str, value: str, options: tuple) -> None:
@@ -408,6 +447,7 @@ def save_resolved(cfg: RunConfig, path: str | os.PathLike) -> None:
     """Write the resolved config (what the run actually used) as YAML."""
     data = asdict(cfg)
     data["train"]["betas"] = list(cfg.train.betas)
+    data["train"]["lora"]["targets"] = list(cfg.train.lora.targets)
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
 
 

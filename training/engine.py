@@ -1,9 +1,12 @@
 """The parallelism engines the loop runs over: one process, FSDP2, or DeepSpeed ZeRO.
 
 Each engine owns the model wrapper, the optimizer and mixed precision, and offers the loop the
-same few calls: `forward_context()`, `backward(loss, last)`, `step(lr)`, `save(dir)`,
-`load(dir)`, `full_state_dict()`. Parallelism is applied to the plain Decoder from outside,
-in `parallelize`, in this order: activation checkpointing → compile → FSDP (or ZeRO).
+same few calls: `loss(batch)`, `backward(loss, last)`, `step(lr)`, `save(dir)`, `load(dir)`,
+`full_state_dict()`. Parallelism is applied to the plain Decoder from outside, in
+`parallelize`, in this order: activation checkpointing → compile → FSDP (or ZeRO).
+
+Frozen parameters (a LoRA base) are in no optimizer and no checkpoint: a checkpoint holds what
+trains, and its meta.json names the base it was trained on (training/loop.py).
 
 Loss scaling. The loop divides each micro-batch's loss sum by the global target-token count of
 the whole optimizer step. Backends that average gradients over data-parallel ranks (FSDP's
@@ -258,14 +261,19 @@ def parallelize(model: Decoder, cfg: RunConfig, where: Dist) -> nn.Module:
             layer.compile()  # per block: small graphs, compiled once, shared by every layer
     if cfg.engine != "fsdp":
         return model.to(where.device)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = dist.device_mesh.init_device_mesh(where.device.type, (where.world_size,))
+    # Every parameter is gathered in the run's precision, so a unit may mix dtypes: a LoRA
+    # block holds a frozen base in that precision and fp32 adapters (their fp32 copy is what
+    # the optimizer steps; gradients are reduced in fp32).
     mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.train.precision], reduce_dtype=torch.float32)
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.fsdp.reshard_after_forward)
-    # the root holds the embedding, final norm and output projection (used inside forward)
-    return fully_shard(model.to(where.device), mesh=mesh, mp_policy=mp)
+    # the root holds the embedding, final norm and output projection (used inside `loss`)
+    model = fully_shard(model.to(where.device), mesh=mesh, mp_policy=mp)
+    register_fsdp_forward_method(model, "loss")  # gathers the root's parameters as forward does
+    return model
 
 
 class LossScaler:
@@ -317,6 +325,12 @@ class TorchEngine:
         self.scaler = LossScaler(t.precision == "fp16")
         self.grad_divisor = where.world_size if cfg.engine == "fsdp" else 1
         self.autocast = cfg.engine == "single" and t.precision != "fp32"
+        self.frozen = any(not p.requires_grad for p in model.parameters())
+
+    def loss(self, batch: dict[str, torch.Tensor], z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss_sum, n_target_tokens) of one micro-batch: `Decoder.loss` in the run's precision."""
+        with self.forward_context():
+            return self.model.loss(batch["tokens"], batch["labels"], batch["position_ids"], batch["doc_ids"], z_loss)
 
     def overflow_was_expected(self) -> bool:
         """Whether the last skipped step was an fp16 overflow that the loss scaler answered by
@@ -367,7 +381,7 @@ class TorchEngine:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
         with single_process_dcp():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
 
@@ -375,17 +389,29 @@ class TorchEngine:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
         state = {"model": model_sd, "optim": optim_sd}
         with single_process_dcp():
             dcp.load(state, checkpoint_id=str(folder))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=self._options(strict=not self.frozen),  # the frozen base stays as it was built
+        )
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's fp32 weights on CPU, on rank 0 (None elsewhere); collective under FSDP."""
+    def _options(self, **kw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=self.frozen, **kw)  # a frozen base is not saved
+
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights (fp32 where they train) on CPU, on rank 0 (None elsewhere);
+        a collective under FSDP. `trainable_only`: only the parameters that train (LoRA's adapters)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
         state = get_model_state_dict(self.model, options=options)
         return state if self.where.is_main else None
 
@@ -429,11 +455,19 @@ class DeepSpeedEngine:
             # weight without calling its module (FeedForward's w2), and one hook per block is
             # cheaper than one per Linear.
             deepspeed.utils.set_z3_leaf_modules(model, [Block])
+            if not model.tok_embeddings.weight.requires_grad:
+                # ZeRO-3 gathers a block's weights again for its backward in a hook on its
+                # inputs' gradients; a frozen embedding (LoRA) gives the first block an input
+                # without one, and its backward would find its weights released.
+                model.tok_embeddings.register_forward_hook(_require_grad)
         t = cfg.train
         optimizer = build_optimizer(model, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
         # DeepSpeed casts the module to bf16/fp16 and copies its fp32 master weights from that
         # cast; the original fp32 values (held, not copied) are put back into the masters below.
-        fp32 = {n: p.data for n, p in model.named_parameters()} if t.precision != "fp32" else {}
+        # Frozen parameters (a LoRA base) have no master: they stay in the run's precision.
+        trained = {n: p.data for n, p in model.named_parameters() if p.requires_grad}
+        fp32 = trained if t.precision != "fp32" else {}
+        self.frozen = len(trained) < len(list(model.parameters()))
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         for name, param in self.model.module.named_parameters():
             if name in fp32:
@@ -450,8 +484,11 @@ class DeepSpeedEngine:
         once the scale is at its minimum."""
         return self.fp16
 
-    def forward_context(self):
-        return contextlib.nullcontext()
+    def loss(self, batch: dict[str, torch.Tensor], z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss_sum, n_target_tokens) of one micro-batch, through the module call: ZeRO-3
+        gathers the root's own parameters (the output projection) in its forward hooks."""
+        b = batch
+        return self.model(b["tokens"], b["position_ids"], b["doc_ids"], labels=b["labels"], z_loss=z_loss)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.model.set_gradient_accumulation_boundary(last)
@@ -468,24 +505,38 @@ class DeepSpeedEngine:
         return applied.bool(), norm
 
     def save(self, folder: Path) -> None:
-        self.model.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+        self.model.save_checkpoint(
+            str(folder.parent), tag=folder.name, save_latest=False, exclude_frozen_parameters=self.frozen
+        )
 
     def load(self, folder: Path) -> None:
         path, _ = self.model.load_checkpoint(
-            str(folder.parent), tag=folder.name, load_optimizer_states=True, load_lr_scheduler_states=False
+            str(folder.parent),
+            tag=folder.name,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=not self.frozen,  # without the frozen base, which stays as loaded
         )
         if path is None:
             raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint to load")
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The fp32 master weights on rank 0 (gathered from the ZeRO partitions; collective)."""
+    def full_state_dict(self, trainable_only: bool = False) -> dict[str, torch.Tensor] | None:
+        """The weights on rank 0 (None elsewhere; a collective): the fp32 masters of those that
+        train, gathered from the ZeRO partitions, and the frozen ones (a LoRA base) gathered in
+        their own dtype unless `trainable_only`. Never a ZeRO-3 partition's empty placeholder."""
+        import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
         state = {}
         for name, param in self.model.module.named_parameters():
-            full = safe_get_full_fp32_param(param)  # ZeRO 1-3 keep fp32 masters (stage 0 is refused)
-            if self.where.is_main:
-                state[name] = full.detach().cpu().clone()
+            if param.requires_grad:
+                full = safe_get_full_fp32_param(param)  # ZeRO 1-3 keep fp32 masters (stage 0 is refused)
+                if self.where.is_main:
+                    state[name] = full.detach().cpu().clone()
+            elif not trainable_only:
+                with deepspeed.zero.GatheredParameters([param]):  # a no-op below stage 3
+                    if self.where.is_main:
+                        state[name] = param.data.detach().cpu().clone()
         return state if self.where.is_main else None
 
     def extra_state(self) -> dict:
@@ -493,6 +544,10 @@ class DeepSpeedEngine:
 
     def load_extra_state(self, state: dict) -> None:
         pass
+
+
+def _require_grad(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+    return output.requires_grad_() if torch.is_grad_enabled() else output
 
 
 def build_engine(model: Decoder, cfg: RunConfig, where: Dist) -> TorchEngine | DeepSpeedEngine:

@@ -127,7 +127,7 @@ def perplexity(model: Decoder, tok: Tokenizer, texts: Iterable[str], seq_len: in
         for start in range(0, len(sample.input_ids), seq_len):
             ids = torch.as_tensor(sample.input_ids[start : start + seq_len], dtype=torch.long, device=device)
             labels = torch.as_tensor(sample.labels[start : start + seq_len], dtype=torch.long, device=device)
-            s, n = model(ids[None], labels=labels[None])
+            s, n = model.loss(ids[None], labels[None])
             loss_sum, count = loss_sum + float(s), count + int(n)
     return math.exp(loss_sum / count) if count else math.nan
 

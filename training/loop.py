@@ -31,6 +31,7 @@ from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 from model.config import ModelConfig
 from model.decoder import Decoder
 from model.hf import load_hf
+from model.lora import apply_lora, merge_state_dict
 from model.loss import IGNORE_INDEX
 from training.checkpoint import (
     TrainState,
@@ -40,10 +41,13 @@ from training.checkpoint import (
     load_checkpoint,
     read_meta,
     save_checkpoint,
+    weights_sha256,
+    write_adapter_folder,
     write_export,
 )
 from training.config import ConfigError, RunConfig, model_config, save_resolved
 from training.engine import (
+    DTYPES,
     Dist,
     all_reduce_sum,
     all_reduce_sum_,
@@ -89,7 +93,8 @@ def train(
             add hooks, ...).
         on_checkpoint: called on every rank after each checkpoint with (folder, last record).
     Returns:
-        a summary: losses and skipped steps of this attempt, final step, tokens, run_dir, export.
+        a summary: losses and skipped steps of this attempt, final step, tokens, run_dir, export
+        (the Hugging Face folder; merged with the adapters under LoRA), adapter (LoRA's folder).
     """
     where = init_distributed(needs_group=cfg.engine != "single", timeout_s=cfg.collective_timeout_s)
     check_shared_run_dir(cfg.run_dir, where)
@@ -101,20 +106,20 @@ def train(
         if model_hook is not None:
             model_hook(model)
     flops_per_token = model.num_flops_per_token(cfg.data.seq_len)
-    n_params = model.num_params()
+    n_params = model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad)
     engine = build_engine(model, cfg, where)
     with together("opening the data"):
         stream = data if data is not None else make_stream(cfg, where, cfg.data.train, tokenizer)
         if cfg.data.val is not None:  # a bad validation split fails now, not after hours of training
             make_stream(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1).close()
-    state = _resume(cfg, engine, stream, where, model_cfg, tokenizer)
+    meta = _checkpoint_meta(cfg, engine, model_cfg, tokenizer, where)
+    state = _resume(cfg, engine, stream, where, meta, tokenizer)
     with together("writing config.yaml and metrics.jsonl"):
         report = Reporter(cfg.run_dir, where.rank, cfg.train.max_steps, start_step=state.step)
         if where.is_main:
             save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
             report.truncate_after(state.step)
     report.print(_announce(cfg, where, n_params, state, asked))
-    meta = _checkpoint_meta(cfg, engine, model_cfg, tokenizer)
     tokens_per_step = cfg.batch_arithmetic(where.world_size)["tokens_per_step"]
     peak, losses, skipped, record = peak_flops(where.device), [], [], {}
     checkpoints, keep = checkpoint_dir(cfg.run_dir), cfg.train.keep_checkpoints
@@ -172,8 +177,11 @@ def train(
                 break
 
     finished = state.step == cfg.train.max_steps or state.stopped_early
+    adapter = export_adapter(engine, cfg, Path(cfg.run_dir) / "adapter", tokenizer, where) if finished else None
     export = (
-        export_hf(engine, model_cfg, Path(cfg.run_dir) / "hf", tokenizer, where) if cfg.export_hf and finished else None
+        export_hf(engine, cfg, model_cfg, Path(cfg.run_dir) / "hf", tokenizer, where)
+        if cfg.export_hf and finished
+        else None
     )
     barrier_last()
     report.print(f"done: step {state.step}, {state.tokens:,} tokens, {state.skipped_steps} skipped step(s)")
@@ -186,6 +194,7 @@ def train(
         "resumes": state.resumes,
         "run_dir": cfg.run_dir,
         "export": str(export) if export else None,
+        "adapter": str(adapter) if adapter else None,
         "last_record": record,
     }
 
@@ -217,10 +226,7 @@ def train_step(engine, micro: list[dict] | Exception, cfg: RunConfig, where: Dis
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=where.device)
     for i, m in enumerate(micro):
-        with engine.forward_context():
-            s, _ = engine.model(
-                m["tokens"], m["position_ids"], m["doc_ids"], labels=m["labels"], z_loss=cfg.train.z_loss
-            )
+        s, _ = engine.loss(m, z_loss=cfg.train.z_loss)
         engine.backward(s * scale, last=i == len(micro) - 1)
         loss_sum += s.detach()
     applied, grad_norm = engine.step(lr)
@@ -243,9 +249,7 @@ def evaluate(engine, cfg: RunConfig, where: Dist, tokenizer: Tokenizer) -> dict:
             batch = next(batches, None)
         if batch is None:  # every rank has the same number of batches
             break
-        m = _to_device(batch, where.device)
-        with engine.forward_context():
-            s, n = engine.model(m["tokens"], m["position_ids"], m["doc_ids"], labels=m["labels"])
+        s, n = engine.loss(_to_device(batch, where.device))
         loss_sum += s.double()
         count += int(n)
     engine.model.train()
@@ -270,14 +274,17 @@ def _evaluate_if_due(engine, cfg, where, tokenizer, state: TrainState, record: d
 
 
 def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> tuple[Decoder, ModelConfig]:
-    """The initial fp32 Decoder on CPU: from init_from, or the preset initialised with train.seed.
+    """The initial Decoder on CPU: from init_from, or the preset initialised with train.seed.
 
-    Every rank builds the same weights (same seed), so FSDP and ZeRO shard identical copies. The
-    preflight's checks run again on what was loaded (a file may have changed since).
+    Every rank builds the same weights (same seed), so FSDP and ZeRO shard identical copies.
+    What trains is fp32; under LoRA (train.lora.rank > 0) the base is frozen in the run's
+    precision and only the adapters, fp32, train. The preflight's checks run again on what was
+    loaded (a file may have changed since).
     """
+    lora = cfg.train.lora.lora_config()
     if cfg.init_from is not None:
         try:
-            model, model_cfg = load_hf(cfg.init_from, dtype=torch.float32)
+            model, model_cfg = load_hf(cfg.init_from)
         except (OSError, ValueError) as e:  # a missing tensor, a wrong shape, a damaged file
             raise ConfigError(f"init_from={cfg.init_from}: {e}") from None
         check_init_from_tokenizer(cfg, tokenizer)
@@ -289,7 +296,11 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> tuple[Decoder, ModelCon
         model.init_weights()
         shape = f"model.preset={cfg.model.preset}"
     check_model_fits(cfg, tokenizer, model_cfg, shape)
-    return model, model_cfg
+    if lora is None:
+        return model.float(), model_cfg
+    model.to(DTYPES[cfg.train.precision])  # the frozen base, in the run's precision
+    torch.manual_seed(cfg.train.seed)  # the same adapters on every rank, and at every world size
+    return apply_lora(model, lora), model_cfg
 
 
 def make_stream(
@@ -312,17 +323,33 @@ def make_stream(
     )
 
 
-def export_hf(engine, model_cfg: ModelConfig, out: Path, tokenizer: Tokenizer, where: Dist) -> Path:
-    """A consolidated Hugging Face export with the run's tokenizer beside it (a collective)."""
+def export_hf(engine, cfg: RunConfig, model_cfg: ModelConfig, out: Path, tokenizer: Tokenizer, where: Dist) -> Path:
+    """A consolidated Hugging Face export with the run's tokenizer beside it (a collective);
+    under LoRA the base with the adapters merged in."""
     state = engine.full_state_dict()
+    lora = cfg.train.lora.lora_config()
     with together(f"writing the export {out}"):
         if where.is_main:
-            write_export(state, model_cfg, out, tokenizer)
+            write_export(state if lora is None else merge_state_dict(state, model_cfg, lora), model_cfg, out, tokenizer)
     return out
 
 
-def _checkpoint_meta(cfg: RunConfig, engine, model_cfg: ModelConfig, tokenizer: Tokenizer) -> dict:
+def export_adapter(engine, cfg: RunConfig, out: Path, tokenizer: Tokenizer, where: Dist) -> Path | None:
+    """Under LoRA, the trained adapters as a peft adapter folder with the run's tokenizer (a
+    collective); None without LoRA."""
+    lora = cfg.train.lora.lora_config()
+    if lora is None:
+        return None
+    adapters = engine.full_state_dict(trainable_only=True)
+    with together(f"writing the adapter {out}"):
+        if where.is_main:
+            write_adapter_folder(adapters, lora, out, tokenizer, base=str(Path(cfg.init_from).resolve()))
+    return out
+
+
+def _checkpoint_meta(cfg: RunConfig, engine, model_cfg: ModelConfig, tokenizer: Tokenizer, where: Dist) -> dict:
     """What a checkpoint records beside the counters: enough for launch/export_hf.py to read it."""
+    lora = cfg.train.lora.rank > 0
     return {
         "engine": cfg.engine,
         "zero_stage": getattr(engine, "stage", None),
@@ -330,7 +357,34 @@ def _checkpoint_meta(cfg: RunConfig, engine, model_cfg: ModelConfig, tokenizer: 
         "tokenizer_dir": str((Path(cfg.data.train) / "tokenizer").resolve()),
         "tokenizer_sha256": tokenizer.sha256,
         "train": _plain(asdict(cfg.train)),
+        # A LoRA checkpoint holds the adapters only: the base is named, and checked on resume.
+        "lora": _plain(asdict(cfg.train.lora)) if lora else None,
+        "base": _base_record(cfg, where) if lora else None,
     }
+
+
+def _base_record(cfg: RunConfig, where: Dist) -> dict:
+    """The frozen base of a LoRA run: its folder and its weights' sha256 (hashed on rank 0)."""
+    with together(f"hashing init_from={cfg.init_from}"):
+        digest = weights_sha256(cfg.init_from) if where.is_main else None
+    return {"path": str(Path(cfg.init_from).resolve()), "sha256": broadcast_from_main(digest)}
+
+
+def _check_same_base(folder: Path, saved: dict, run: dict) -> None:
+    """A LoRA checkpoint resumes only with the same LoRA on the same base weights, and a full
+    checkpoint only without LoRA (ConfigError naming what differs)."""
+    was, now = saved.get("lora"), run["lora"]
+    if was != now:
+        raise ConfigError(
+            f"resume={folder}: trained with train.lora={was}, this run has train.lora={now}; resume with the same "
+            "train.lora.*, or use another run_dir"
+        )
+    if now and saved["base"]["sha256"] != run["base"]["sha256"]:
+        raise ConfigError(
+            f"resume={folder}: its adapters were trained on the base at {saved['base']['path']} (sha256 "
+            f"{saved['base']['sha256'][:12]}…), but init_from={run['base']['path']} holds other weights (sha256 "
+            f"{run['base']['sha256'][:12]}…); resume on the same base, or use another run_dir"
+        )
 
 
 def _plain(value):
@@ -351,9 +405,10 @@ def resume_folder(cfg: RunConfig) -> Path | None:
     return folder
 
 
-def _resume(cfg: RunConfig, engine, stream, where: Dist, model_cfg: ModelConfig, tokenizer: Tokenizer) -> TrainState:
+def _resume(cfg: RunConfig, engine, stream, where: Dist, run_meta: dict, tokenizer: Tokenizer) -> TrainState:
     """Load the checkpoint that `resume` names (none for a fresh start), after checking that it
-    fits this run (see resume_folder for the run_dir check)."""
+    fits this run, whose checkpoint meta is `run_meta` (see resume_folder for the run_dir check)."""
+    model_cfg = ModelConfig(**run_meta["model"])
     folder = None
     with together("choosing the checkpoint to resume from"):
         if where.is_main:
@@ -367,6 +422,7 @@ def _resume(cfg: RunConfig, engine, stream, where: Dist, model_cfg: ModelConfig,
             f"resume={folder}: its model shape or tokenizer differs from this run's (model.*, data.train); "
             "resume with the same model and data, or use another run_dir"
         )
+    _check_same_base(folder, meta, run_meta)
     state, stream_state = load_checkpoint(engine, folder, where, cfg.engine)
     with together(f"restoring the data stream from {folder}"):
         stream.load_state_dict(stream_state)
@@ -407,13 +463,15 @@ def _lr(cfg: RunConfig, step: int) -> float:
     )
 
 
-def _announce(cfg: RunConfig, where: Dist, n_params: int, state: TrainState, asked_precision: str) -> str:
+def _announce(cfg: RunConfig, where: Dist, n_params: tuple[int, int], state: TrainState, asked_precision: str) -> str:
+    n_params, n_trained = n_params
     t, arithmetic = cfg.train, cfg.batch_arithmetic(where.world_size)
     precision = f"{t.precision} (train.precision=auto)" if asked_precision == "auto" else t.precision
+    lora = f" (LoRA rank {t.lora.rank} trains {n_trained / 1e6:.2f}M)" if t.lora.rank else ""
     return (
         f"{cfg.engine} engine on {where.world_size} × {where.device.type}, {precision}, {n_params / 1e6:.2f}M "
-        f"parameters\nglobal batch {arithmetic['global_batch']} rows = micro batch {t.micro_batch} × accumulation "
-        f"{t.grad_accum} × {where.world_size} rank(s); {arithmetic['tokens_per_step']:,} tokens per step; "
+        f"parameters{lora}\nglobal batch {arithmetic['global_batch']} rows = micro batch {t.micro_batch} × "
+        f"accumulation {t.grad_accum} × {where.world_size} rank(s); {arithmetic['tokens_per_step']:,} tokens per step; "
         f"steps {state.step + 1}..{t.max_steps}"
     )
 
