@@ -1,9 +1,13 @@
-"""python launch/chat.py MODEL [--character NAME --world FILE | --card FILE | --system TEXT] [--prompt TEXT] [--seed N]
-    [--trust-checkpoint]
+"""python launch/chat.py MODEL [--adapter DIR] [--character NAME --world FILE | --card FILE | --system TEXT]
+    [--prompt TEXT] [--seed N] [--trust-checkpoint]
 
 Talk to a model in the terminal, its answers streamed as they are generated. MODEL is a Hugging
 Face export folder (config.json, model.safetensors and the tokenizer files, as training and
-launch/export_hf.py write it), or a run directory with one (RUN/hf). A training checkpoint
+launch/export_hf.py write it), or a run directory with one (RUN/hf). With --adapter DIR, a peft
+LoRA adapter folder (a LoRA run's RUN/adapter, or launch/export_hf.py's export of its
+checkpoint) is applied to MODEL, its base; the adapter folder's tokenizer is used where it has
+one. MODEL may also be an adapter folder itself, whose base is the local folder its
+adapter_config.json names (base_model_name_or_path). A training checkpoint
 folder, or a run directory without an export (its newest checkpoint), needs --trust-checkpoint:
 a checkpoint is code (loading it unpickles files, which can run code), so load only your own
 runs' checkpoints. The character card becomes the system message: a character of a world file
@@ -68,12 +72,15 @@ def _read_text(path: Path, what: str) -> str:
         raise ChatError(f"{path}: cannot read the {what} file as UTF-8 text ({e})") from e
 
 
-def load_model(path: Path, device: torch.device, trust_checkpoint: bool = False) -> tuple[Decoder, Tokenizer]:
-    """The model (eval mode, bf16 on a GPU, fp32 on CPU) and its tokenizer from an HF export, or
-    with trust_checkpoint from a checkpoint folder or a run directory."""
+def load_model(
+    path: Path, device: torch.device, trust_checkpoint: bool = False, adapter: Path | None = None
+) -> tuple[Decoder, Tokenizer]:
+    """The model (eval mode, bf16 on a GPU, fp32 on CPU; LoRA adapters fp32) and its tokenizer
+    from an HF export (with `adapter` applied), an adapter folder on its base, or with
+    trust_checkpoint from a checkpoint folder or a run directory."""
     dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     try:
-        model, _, tok = load_for_inference(path, device, dtype, trust_checkpoint=trust_checkpoint)
+        model, _, tok = load_for_inference(path, device, dtype, trust_checkpoint=trust_checkpoint, adapter=adapter)
     except json.JSONDecodeError as e:  # from config.json or the weight index: it names neither
         raise ChatError(f"{path}: the export's config.json or weight index is not valid JSON ({e})") from e
     except (FileNotFoundError, KeyError, ValueError) as e:
@@ -141,7 +148,8 @@ def stream_answer(model: Decoder, tok: Tokenizer, prompt: list[int], args, gener
 def chat_loop(model: Decoder, tok: Tokenizer, system: str | None, args, generator) -> None:
     """Read user lines until end of input, answering each with the history kept."""
     name = args.character or "assistant"
-    print(f"chat: {args.model} on {model.output_weight.device}; Ctrl-D quits", file=sys.stderr)
+    adapter = f" + adapter {args.adapter}" if args.adapter else ""
+    print(f"chat: {args.model}{adapter} on {model.output_weight.device}; Ctrl-D quits", file=sys.stderr)
     history: list[tuple[str, str]] = []
     try:
         while True:
@@ -162,7 +170,10 @@ def chat_loop(model: Decoder, tok: Tokenizer, system: str | None, args, generato
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", type=Path, help="HF export folder (or, with --trust-checkpoint, a checkpoint)")
+    parser.add_argument(
+        "model", type=Path, help="HF export or LoRA adapter folder (or, with --trust-checkpoint, a checkpoint)"
+    )
+    parser.add_argument("--adapter", type=Path, help="a peft LoRA adapter folder to apply to MODEL, its base")
     card = parser.add_mutually_exclusive_group()
     card.add_argument("--character", help="a character's name in --world (any case)")
     card.add_argument("--card", type=Path, help="a text file holding the character card")
@@ -185,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         system = read_card(args)
-        model, tok = load_model(args.model, device, args.trust_checkpoint)
+        model, tok = load_model(args.model, device, args.trust_checkpoint, args.adapter)
         check_card(system, tok, model.cfg.context_len)
         if args.prompt is not None:
             prompt, _ = build_prompt(system, [], args.prompt, tok, model.cfg.context_len, args.max_tokens)

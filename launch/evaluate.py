@@ -1,5 +1,5 @@
 """python launch/evaluate.py MODEL [MODEL ...] --corpus DIR [--items F [--items-format FMT]]
-    [--judge rules|DIR] [--out eval.json] [--trust-checkpoint]
+    [--judge rules|DIR] [--out eval.json] [--trust-checkpoint] [--adapter DIR]
 
 Evaluate trained models (HF exports, or run directories with one): perplexity on held-out
 text, ROUGE-L against reference answers, persona-fact accuracy (split a) and lore accuracy
@@ -11,6 +11,10 @@ item files, messages-format chats, or with --items-format any format prepare_dat
 (RoleBench's test split: --items-format rolebench --profiles profiles.yaml). Prints a table
 and writes eval.json, and every item's question, reference and answers (with the GSB verdict)
 to eval_answers.jsonl beside it, for reading them side by side.
+
+A MODEL may be a peft LoRA adapter folder (a LoRA run's RUN/adapter, or launch/export_hf.py's
+export of its checkpoint): it is evaluated on its base, the local folder its adapter_config.json
+names, with the adapter's tokenizer. With one MODEL, --adapter DIR applies that adapter to it.
 
 A training checkpoint, or a run directory without an export, as a MODEL or the --judge needs
 --trust-checkpoint: a checkpoint is code (loading it unpickles files, which can run code), so
@@ -25,7 +29,7 @@ import sys
 from pathlib import Path
 
 from data_pipeline.formats import CONVERSATION_FORMATS, load_profiles
-from training.checkpoint import model_source
+from training.checkpoint import inference_sources
 from training.evaluation import (
     answer_rows,
     evaluate_checkpoint,
@@ -41,8 +45,12 @@ from training.evaluation import (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "checkpoints", nargs="+", type=Path, help="HF exports (or, with --trust-checkpoint, checkpoints)"
+        "checkpoints",
+        nargs="+",
+        type=Path,
+        help="HF exports or LoRA adapter folders (or, with --trust-checkpoint, checkpoints)",
     )
+    parser.add_argument("--adapter", type=Path, help="a peft LoRA adapter folder to apply to the one MODEL, its base")
     parser.add_argument("--corpus", type=Path, help="a synthetic corpus folder (eval/ splits and heldout.jsonl)")
     parser.add_argument("--items", type=Path, action="append", default=[], help="more evaluation items or chats")
     parser.add_argument(
@@ -68,14 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.profiles and args.items_format != "rolebench":
         parser.error(f"--profiles is for --items-format rolebench, not {args.items_format}")
+    if args.adapter and len(args.checkpoints) > 1:
+        parser.error("--adapter goes with one MODEL; to compare adapters, give their folders as MODELs")
     trust = args.trust_checkpoint
     judged = len(args.checkpoints) > 1 and args.judge != "rules"
     try:
-        for path in [*args.checkpoints, *([args.judge] if judged else [])]:
-            model_source(path, trust)  # every model refused now, not after evaluating the first ones
+        for path in args.checkpoints:  # every model refused now, not after evaluating the first ones
+            inference_sources(path, trust, args.adapter)
+        if judged:
+            inference_sources(args.judge, trust)
         splits, heldout = _splits(args)
         runs = [
-            evaluate_checkpoint(c, splits, heldout, args.max_new_tokens, args.device, trust_checkpoint=trust)
+            evaluate_checkpoint(c, splits, heldout, args.max_new_tokens, args.device, trust, args.adapter)
             for c in args.checkpoints
         ]
         judge = model_judge(args.judge, args.device, trust_checkpoint=trust) if judged else rule_judge
@@ -117,11 +129,12 @@ def _splits(args) -> tuple[dict[str, list[dict]], list[str]]:
 
 def table(result: dict) -> str:
     """The evaluation as a markdown table (also what the demo's report shows)."""
-    keys = [k for k in result["checkpoints"][0] if k != "checkpoint"]
+    keys = [k for k in result["checkpoints"][0] if k not in ("checkpoint", "adapter")]
     lines = ["| checkpoint | " + " | ".join(keys) + " |", "| --- |" + " --- |" * len(keys)]
     for row in result["checkpoints"]:
         cells = [f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in keys]
-        lines.append(f"| {row['checkpoint']} | " + " | ".join(cells) + " |")
+        name = row["checkpoint"] + (f" + adapter {row['adapter']}" if "adapter" in row else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if "gsb" in result:
         g = result["gsb"]
         lines.append(f"\nGSB ({g['judge']} judge), {g['candidate']} vs {g['baseline']}: ")

@@ -1,10 +1,18 @@
-"""python launch/export_hf.py CHECKPOINT --out DIR [--overwrite] [--tokenizer DIR [--force]]
+"""python launch/export_hf.py CHECKPOINT --out DIR [--merge] [--base DIR] [--overwrite] [--tokenizer DIR [--force]]
 
 Write a Hugging Face export (config.json, model.safetensors, tokenizer files) from a training
 checkpoint, in one process: run_dir/checkpoints/step_XXXXXXXX of any engine (FSDP/single through
 torch.distributed.checkpoint, DeepSpeed ZeRO through its own files). CHECKPOINT may also be a
 run directory, whose newest complete checkpoint is used. transformers' AutoModelForCausalLM and
 launch/sft.py (init_from=DIR) load the result.
+
+A LoRA checkpoint (train.lora.rank > 0) holds the adapters only: its export is a peft adapter
+folder (adapter_config.json, adapter_model.safetensors, tokenizer files) that
+`peft.PeftModel.from_pretrained` loads on the base, and launch/chat.py and launch/evaluate.py
+with --adapter. With --merge it is the whole model instead: the base with the adapters added to
+its weights. The base is the folder the run trained on (init_from, named in the checkpoint's
+meta.json with the sha256 of its weights), or --base DIR where it has moved; either must hold
+the same weights, or the export is refused naming both digests.
 
 A checkpoint is code: reading it unpickles files (DCP's metadata, DeepSpeed's files), which can
 run code. Export only your own runs' checkpoints, and share the export: safetensors and JSON,
@@ -28,15 +36,19 @@ import sys
 from pathlib import Path
 
 from model.config import ModelConfig
+from model.lora import LoRAConfig
 from training.checkpoint import (
     checkpoint_tokenizer,
     find_latest,
+    load_adapter_weights,
     load_model_weights,
+    lora_base,
+    lora_merged_weights,
     not_export_files,
     read_meta,
+    write_adapter_folder,
     write_export,
 )
-from training.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="pair the weights with a tokenizer other than the one they trained with"
     )
+    parser.add_argument(
+        "--merge", action="store_true", help="LoRA: the base with the adapters merged in (default: the adapter folder)"
+    )
+    parser.add_argument(
+        "--base", type=Path, help="LoRA: the base's folder where it has moved (checked by sha256; default: init_from)"
+    )
     args = parser.parse_args(argv)
     problem = out_problem(args.out, args.overwrite)
     if problem:
@@ -63,15 +81,33 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{args.checkpoint}: neither a complete checkpoint nor a run directory with one")
     try:
         meta = read_meta(folder)
+        if not meta.get("lora") and (args.merge or args.base):
+            flag = "--merge" if args.merge else "--base"
+            parser.error(f"{flag}: {folder} was trained without LoRA, so its export is the whole model already")
         tokenizer = args.tokenizer or checkpoint_tokenizer(folder, meta)
         problem = tokenizer_problem(tokenizer, meta, folder, args.force)
         if problem:
             parser.error(problem)
-        write_export(load_model_weights(folder), ModelConfig(**meta["model"]), args.out, tokenizer)
-    except ConfigError as e:  # a damaged checkpoint
+        what = export(folder, meta, args.out, tokenizer, args.merge, args.base)
+    except (OSError, ValueError) as e:  # a damaged checkpoint (ConfigError), a missing or changed base
         parser.error(str(e))
-    print(f"exported {folder} (step {meta['state']['step']}) → {args.out}")
+    print(f"exported {folder} (step {meta['state']['step']}) → {args.out}{what}")
     return 0
+
+
+def export(folder: Path, meta: dict, out: Path, tokenizer: Path, merge: bool, base: Path | None) -> str:
+    """Write the export of checkpoint `folder` to `out`; return what was written, for the log line
+    ("" for a whole model's export)."""
+    model_cfg = ModelConfig(**meta["model"])
+    if not meta.get("lora"):
+        write_export(load_model_weights(folder), model_cfg, out, tokenizer)
+        return ""
+    if merge:
+        write_export(lora_merged_weights(folder, base), model_cfg, out, tokenizer)
+        return " (LoRA adapters merged into the base)"
+    base_dir = lora_base(folder, meta, base).resolve() if base is not None else meta["base"]["path"]
+    write_adapter_folder(load_adapter_weights(folder), LoRAConfig(**meta["lora"]), out, tokenizer, str(base_dir))
+    return f" (LoRA adapter on {base_dir})"
 
 
 def out_problem(out: Path, overwrite: bool) -> str | None:

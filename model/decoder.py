@@ -10,6 +10,7 @@ from outside (training/engine.py).
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -358,6 +359,56 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+_INIT_BLOCK = 1 << 16
+"""Elements drawn from one seeded generator in `initial_rows` (whole rows of at least one)."""
+
+
+def initial_rows(cfg: ModelConfig, name: str, shape: tuple[int, ...], start: int, stop: int, seed: int) -> torch.Tensor:
+    """Rows [start, stop) of parameter `name`'s initial value, in fp32, computed without the rest.
+
+    Norm weights are ones and biases zeros. Every other weight is normal with std
+    `cfg.init_std`, scaled by 1/sqrt(2·n_layers) for the residual-branch outputs (wo, w2) as in
+    GPT-2, so that the residual stream's variance does not grow with depth. Its rows are drawn
+    in blocks of about `_INIT_BLOCK` elements, each from a generator seeded by (seed, name,
+    block), so any rank draws its own rows alone and every world size starts from the same
+    weights.
+
+    Args:
+        cfg: the model's config (init_std, n_layers).
+        name: the parameter's name in the Decoder's state dict.
+        shape: its full shape.
+        start, stop: the rows wanted (elements of a 1-D parameter).
+        seed: the init's seed.
+    """
+    part = (max(0, min(stop, shape[0]) - start), *shape[1:])
+    if len(shape) == 1:  # the norms' weights and the q/k/v biases
+        return torch.ones(part) if name.endswith("norm.weight") else torch.zeros(part)
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith((".wo.weight", ".w2.weight")) else cfg.init_std
+    return seeded_rows(name, shape, start, stop, seed, lambda t, g: t.normal_(0.0, std, generator=g))
+
+
+def seeded_rows(name: str, shape, start: int, stop: int, seed: int, draw) -> torch.Tensor:
+    """Rows [start, stop) of a tensor whose rows are drawn block by block by `draw(tensor,
+    generator)`, each block's generator seeded by (seed, name, block index)."""
+    row = math.prod(shape[1:])
+    per_block = max(1, _INIT_BLOCK // row)
+    stop = min(stop, shape[0])
+    out = torch.empty(max(0, stop - start), *shape[1:])
+    for block in range(start // per_block, -(-stop // per_block) if stop > start else 0):
+        first = block * per_block
+        rows = min(per_block, shape[0] - first)
+        digest = hashlib.sha256(f"{seed}/{name}/{block}".encode()).digest()
+        values = draw(torch.empty(rows, *shape[1:]), torch.Generator().manual_seed(int.from_bytes(digest[:8]) >> 1))
+        lo, hi = max(start, first), min(stop, first + rows)
+        out[lo - start : hi - start] = values[lo - first : hi - first]
+    return out
+
+
+def _numel(p: torch.Tensor) -> int:
+    """A parameter's full size; DeepSpeed ZeRO-3 keeps it in ds_numel once the data is partitioned."""
+    return getattr(p, "ds_numel", p.numel())
+
+
 class Decoder(nn.Module):
     """The language model. Build it anywhere (the meta device included), then `init_weights()`."""
 
@@ -375,25 +426,18 @@ class Decoder(nn.Module):
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Fill every parameter (after `to_empty` from the meta device, or to re-initialise).
+    def init_weights(self, seed: int | None = None) -> None:
+        """Fill every parameter (after `to_empty` from the meta device, or to re-initialise)
+        with `initial_rows`: the values a sharded start-up gives each rank's part.
 
-        Residual-branch outputs (wo, w2) are scaled by 1/sqrt(2·n_layers) as in GPT-2, so the
-        residual stream's variance does not grow with depth.
+        Args:
+            seed: the init's seed (default: drawn from torch's global RNG, so that
+                `torch.manual_seed` decides it).
         """
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
-        if self.output is not None:
-            nn.init.normal_(self.output.weight, std=std)
-        for name, module in self.named_modules():
-            if isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, nn.Linear):
-                is_residual = name.endswith((".wo", ".w2"))
-                nn.init.normal_(module.weight, std=residual_std if is_residual else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        if seed is None:
+            seed = int(torch.randint(2**62, ()))
+        for name, p in self.named_parameters():
+            p.copy_(initial_rows(self.cfg, name, p.shape, 0, p.shape[0], seed))
 
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
         """An empty KV cache for incremental decoding.
@@ -508,10 +552,12 @@ class Decoder(nn.Module):
         for layer in self.layers:
             layer.recompute = mode
 
-    def num_params(self, exclude_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embedding and self.output is not None:  # (tied, it is the output projection too)
-            n -= self.tok_embeddings.weight.numel()  # a lookup, not a matmul
+    def num_params(self, exclude_embedding: bool = False, trainable_only: bool = False) -> int:
+        """Parameters of the whole model (also when built on the meta device or partitioned)."""
+        n = sum(_numel(p) for p in self.parameters() if p.requires_grad or not trainable_only)
+        embedding = self.tok_embeddings.weight
+        if exclude_embedding and self.output is not None and (embedding.requires_grad or not trainable_only):
+            n -= _numel(embedding)  # a lookup, not a matmul (tied, it is the output projection too)
         return n
 
     def num_flops_per_token(self, seq_len: int) -> int:
@@ -521,8 +567,9 @@ class Decoder(nn.Module):
         width n_heads · head_dim."""
         cfg = self.cfg
         # A frozen weight (a LoRA base) costs 4 FLOPs per token, not 6: it gets no weight gradient.
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
-        if self.output is not None and not self.tok_embeddings.weight.requires_grad:
-            frozen -= self.tok_embeddings.weight.numel()  # the lookup, left out of N above
-        matmuls = 6 * self.num_params(exclude_embedding=True) - 2 * frozen
+        n, trained = (
+            self.num_params(exclude_embedding=True),
+            self.num_params(exclude_embedding=True, trainable_only=True),
+        )
+        matmuls = 6 * trained + 4 * (n - trained)
         return matmuls + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

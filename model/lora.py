@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
-from model.decoder import Decoder
+from model.decoder import Decoder, seeded_rows
+from model.decoder import initial_rows as decoder_initial_rows
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The Hugging Face projection names that LoRA can target."""
@@ -96,7 +97,7 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha, self.scale = cfg.rank, cfg.alpha, cfg.alpha / cfg.rank
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         kw = dict(device=base.weight.device, dtype=torch.float32)
-        in_features = base.weight.shape[1]
+        in_features = getattr(base.weight, "ds_shape", base.weight.shape)[1]  # ZeRO-3 partitioned: ds_shape
         self.lora_A = nn.ParameterDict(
             {n: nn.Parameter(torch.empty(cfg.rank, in_features, **kw)) for n in self.targets}
         )
@@ -133,6 +134,18 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias) + self.lora_delta(x)
+
+
+def initial_rows(model_cfg: ModelConfig, name: str, shape, start: int, stop: int, seed: int) -> torch.Tensor:
+    """Rows [start, stop) of a parameter's initial value (see model.decoder.initial_rows), the
+    adapters' as peft initialises them: A kaiming-uniform with a = √5 (uniform within
+    ±1/√in_features), B zero, so that every adapter starts as a no-op."""
+    if ".lora_B." in name:
+        return torch.zeros(max(0, min(stop, shape[0]) - start), *shape[1:])
+    if ".lora_A." in name:
+        bound = 1 / math.sqrt(shape[1])
+        return seeded_rows(name, shape, start, stop, seed, lambda t, g: t.uniform_(-bound, bound, generator=g))
+    return decoder_initial_rows(model_cfg, name, shape, start, stop, seed)
 
 
 def apply_lora(model: Decoder, cfg: LoRAConfig) -> Decoder:

@@ -21,8 +21,8 @@ own save and load do not: they are collectives with barriers of their own.
 
 Trust. A checkpoint is code: DCP's metadata and DeepSpeed's files are pickles, and unpickling can
 run code. Load only your own runs' checkpoints (resume, launch/export_hf.py, or
-`load_for_inference(..., trust_checkpoint=True)`); share a model as its Hugging Face export
-(safetensors and JSON: data), which `load_for_inference` always loads.
+`load_for_inference(..., trust_checkpoint=True)`); share a model as its Hugging Face export, or
+a LoRA run's adapter folder (safetensors and JSON: data), which `load_for_inference` always loads.
 """
 
 from __future__ import annotations
@@ -495,62 +495,172 @@ def load_model_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The full fp32 model weights of a checkpoint, read in one process without its engine.
 
     Args:
-        folder: a complete checkpoint folder (step_XXXXXXXX).
+        folder: a complete checkpoint folder (step_XXXXXXXX) of a run without LoRA.
     Returns:
         a state dict with the Decoder's parameter names.
+    Raises:
+        ValueError: a LoRA checkpoint, which holds the adapters only (see `load_adapter_weights`).
     """
     folder = Path(folder)
     meta = read_meta(folder)
+    if meta.get("lora"):
+        raise ValueError(
+            f"{folder} is a LoRA checkpoint: it holds the adapters only, not the base ({meta['base']['path']}); "
+            "read them with load_adapter_weights, or export them with launch/export_hf.py (--merge: the whole model)"
+        )
     with _named_if_damaged(folder, "its engine/ files do not load"):
         return _model_weights(folder, meta)
 
 
 def _model_weights(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
     if meta["engine"] != "deepspeed":
-        import torch.distributed.checkpoint as dcp
-
         from model.config import ModelConfig
         from model.decoder import Decoder
 
         with torch.device("meta"):
             shapes = Decoder(ModelConfig(**meta["model"])).state_dict()
-        state = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in shapes.items()}
-        with single_process_dcp():
-            dcp.load({"model": state}, checkpoint_id=str(folder / "engine"))
-        return state
+        return _dcp_model(folder, {k: v.shape for k, v in shapes.items()})
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # ZeRO stages 1-3 (the config refuses 0): the fp32 masters, merged from every rank's partition.
     return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="engine")
 
 
+def _dcp_model(folder: Path, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The tensors `shapes` names (fp32) from the model part of a DCP checkpoint's engine/ files."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {k: torch.empty(shape, dtype=torch.float32) for k, shape in shapes.items()}
+    with single_process_dcp():
+        dcp.load({"model": state}, checkpoint_id=str(folder / "engine"))
+    return state
+
+
+def load_adapter_weights(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The fp32 LoRA adapters of a LoRA checkpoint, read in one process without its engine (the
+    checkpoint holds no base weights: meta.json names the base, see `lora_base`).
+
+    Args:
+        folder: a complete checkpoint folder of a run with train.lora.rank > 0.
+    Returns:
+        every adapter under its Crucible name (`layers.0.attn.wqkv.lora_A.q_proj`; model/lora.py).
+    Raises:
+        ValueError: a checkpoint without LoRA (see `load_model_weights`).
+        ConfigError: engine files that do not load, or lack an adapter (naming the folder).
+    """
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if not meta.get("lora"):
+        raise ValueError(f"{folder} was trained without LoRA: it holds no adapters (load_model_weights reads it)")
+    with _named_if_damaged(folder, "its engine/ files do not load"):
+        return _adapter_weights(folder, meta)
+
+
+def _adapter_weights(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
+    from model.config import ModelConfig
+    from model.decoder import Decoder
+    from model.lora import LoRAConfig, apply_lora, is_adapter
+
+    with torch.device("meta"):
+        model = apply_lora(Decoder(ModelConfig(**meta["model"])), LoRAConfig(**meta["lora"]))
+    shapes = {k: p.shape for k, p in model.named_parameters() if is_adapter(k)}
+    if meta["engine"] != "deepspeed":
+        return _dcp_model(folder, shapes)
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # Saved with exclude_frozen_parameters: the files hold the adapters' fp32 masters and no base.
+    state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="engine", exclude_frozen_parameters=True)
+    for name, shape in shapes.items():
+        if name not in state or state[name].shape != shape:
+            got = "missing" if name not in state else f"of shape {tuple(state[name].shape)}"
+            raise ValueError(f"adapter {name} is {got}, expected {tuple(shape)}")
+    return {k: state[k] for k in shapes}
+
+
+def lora_merged_weights(folder: str | os.PathLike, base: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's base with its adapters merged in (model/lora.py `merge_state_dict`),
+    what `write_export` writes as a whole model.
+
+    Args:
+        folder: a complete LoRA checkpoint folder.
+        base: another copy of its base (see `lora_base`); default the path in meta.json.
+    Returns:
+        the Decoder's weights, each in the base's dtype.
+    Raises:
+        FileNotFoundError, ValueError: as `lora_base` and `load_adapter_weights`.
+    """
+    from model.config import ModelConfig
+    from model.hf import load_hf
+    from model.lora import LoRAConfig, merge_state_dict
+
+    meta = read_meta(folder)
+    adapters = load_adapter_weights(folder)
+    model, _ = load_hf(lora_base(folder, meta, base))
+    state = {**model.state_dict(), **adapters}
+    return merge_state_dict(state, ModelConfig(**meta["model"]), LoRAConfig(**meta["lora"]))
+
+
+def lora_base(folder: str | os.PathLike, meta: dict, base: str | os.PathLike | None = None) -> Path:
+    """The base model a LoRA checkpoint's adapters were trained on, checked by its weights' sha256.
+
+    Args:
+        folder: the checkpoint (named in errors).
+        meta: its meta.json (`base`: the base's path and weights_sha256).
+        base: another copy of the base (moved or copied since); default the path in meta.json.
+    Returns:
+        the base's Hugging Face folder.
+    Raises:
+        FileNotFoundError: no HF folder there.
+        ValueError: it holds other weights than the base the adapters trained on (both digests named).
+    """
+    path = Path(base if base is not None else meta["base"]["path"])
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path}: the base of LoRA checkpoint {folder} is not there (no config.json); give the folder of a "
+            "copy of it (launch/export_hf.py --base DIR)"
+        )
+    want, got = meta["base"]["sha256"], weights_sha256(path)
+    if got != want:
+        raise ValueError(
+            f"{path} holds other weights than the base LoRA checkpoint {folder} was trained on (sha256 {got}, "
+            f"the checkpoint's base: {want}); give a copy of that base (launch/export_hf.py --base DIR)"
+        )
+    return path
+
+
 def model_source(path: str | os.PathLike, trust_checkpoint: bool = False) -> Path:
     """The folder `load_for_inference` reads for `path`, checked without reading it.
 
     Args:
-        path: an HF folder (config.json + safetensors weights + tokenizer files), a
-            step_XXXXXXXX checkpoint, or a run directory (its hf/ export if finished, else its
-            newest checkpoint).
+        path: an HF folder (config.json + safetensors weights + tokenizer files), a peft LoRA
+            adapter folder (adapter_config.json), a step_XXXXXXXX checkpoint, or a run directory
+            (its hf/ export if finished, else a LoRA run's adapter/, else its newest checkpoint).
         trust_checkpoint: accept a checkpoint. A checkpoint is code: reading it unpickles
-            files, which can run code. An HF folder (safetensors and JSON) is data: always accepted.
+            files, which can run code. HF and adapter folders (safetensors and JSON) are data:
+            always accepted.
     Returns:
-        the HF folder (it holds config.json) or the checkpoint folder.
+        the HF folder (it holds config.json), the adapter folder or the checkpoint folder.
     Raises:
         FileNotFoundError: nothing loadable at `path` (the message names it).
         UntrustedCheckpoint: `path` is a checkpoint, or a run directory without an HF export,
             and trust_checkpoint is False.
     """
+    from model.lora import ADAPTER_CONFIG
+
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model folder")
     if (path / "hf" / "config.json").is_file():
         path = path / "hf"
-    if (path / "config.json").is_file():
+    elif (path / "adapter" / ADAPTER_CONFIG).is_file():
+        path = path / "adapter"
+    if (path / "config.json").is_file() or (path / ADAPTER_CONFIG).is_file():
         return path
     folder = path if (path / META).is_file() else find_latest(path)
     if folder is None:
         raise FileNotFoundError(
-            f"{path}: not a Hugging Face export (config.json), a checkpoint or a run directory with one"
+            f"{path}: not a Hugging Face export (config.json), a LoRA adapter (adapter_config.json), a checkpoint "
+            "or a run directory with one"
         )
     if not trust_checkpoint:
         raise UntrustedCheckpoint(
@@ -561,41 +671,129 @@ def model_source(path: str | os.PathLike, trust_checkpoint: bool = False) -> Pat
     return folder
 
 
+def inference_sources(
+    path: str | os.PathLike, trust_checkpoint: bool = False, adapter: str | os.PathLike | None = None
+) -> tuple[Path, Path | None]:
+    """What `load_for_inference` reads for `path` and `adapter`, checked without reading weights.
+
+    Args:
+        path: as `model_source`'s; an adapter folder brings its base (base_model_name_or_path).
+        trust_checkpoint: as `model_source`'s.
+        adapter: a peft LoRA adapter folder to apply to `path`, which must then be an HF folder.
+    Returns:
+        (the model folder: an HF folder or a checkpoint, the adapter folder or None).
+    Raises:
+        FileNotFoundError: no model, adapter or local base folder there (the message names it).
+        UntrustedCheckpoint: as `model_source`.
+        ValueError: an adapter given on an adapter folder or a checkpoint, or an adapter_config.json
+            Crucible does not read.
+    """
+    from model.lora import ADAPTER_CONFIG, read_adapter_config
+
+    folder = model_source(path, trust_checkpoint)
+    if (folder / ADAPTER_CONFIG).is_file():
+        if adapter is not None:
+            raise ValueError(f"{folder} is a LoRA adapter itself: give its base as the model and it as the adapter")
+        return adapter_base(folder), folder
+    if adapter is None:
+        return folder, None
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{folder} is a training checkpoint: an adapter goes on a Hugging Face folder (export the checkpoint "
+            "with launch/export_hf.py)"
+        )
+    read_adapter_config(adapter)  # FileNotFoundError naming a folder without adapter_config.json
+    return folder, Path(adapter)
+
+
+def adapter_base(adapter: str | os.PathLike) -> Path:
+    """The base model of a peft adapter folder: its base_model_name_or_path, a local HF folder.
+
+    Raises:
+        FileNotFoundError: the base is not a local folder with config.json (a hub id, a folder
+            moved since); the message names it and says to give the base with the adapter.
+    """
+    from model.lora import read_adapter_config
+
+    _, base = read_adapter_config(adapter)
+    if base is None or not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{adapter}: its base model {base!r} (base_model_name_or_path in adapter_config.json) is not a local "
+            f"Hugging Face folder; give the base's folder as the model and --adapter {adapter}"
+        )
+    return Path(base)
+
+
 def load_for_inference(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     trust_checkpoint: bool = False,
+    adapter: str | os.PathLike | None = None,
 ):
-    """A trained model and its tokenizer from a Hugging Face export, or a checkpoint or run dir.
+    """A trained model and its tokenizer from a Hugging Face export, a LoRA adapter on its base,
+    or a checkpoint or run dir.
 
     Args:
-        path: an HF folder, a checkpoint or a run directory (see `model_source`).
+        path: an HF folder, an adapter folder, a checkpoint or a run directory (see `model_source`).
         device: where the weights go.
-        dtype: their dtype.
+        dtype: the base weights' dtype (LoRA adapters stay fp32, as they trained).
         trust_checkpoint: load a checkpoint too (a checkpoint is code; see `model_source`).
+        adapter: a peft LoRA adapter folder applied to `path` (an HF folder).
     Returns:
-        (Decoder in eval mode, ModelConfig, tokenizer).
+        (Decoder in eval mode, ModelConfig, tokenizer). With an adapter, the tokenizer is the
+        adapter folder's when it holds one (a training run writes its own), else the base's.
     Raises:
-        FileNotFoundError, UntrustedCheckpoint: as `model_source`.
-        ValueError: the checkpoint's tokenizer folder holds another tokenizer than it trained with.
+        FileNotFoundError, UntrustedCheckpoint: as `inference_sources`.
+        ValueError: the checkpoint's tokenizer folder holds another tokenizer than it trained with,
+            an adapter that does not fit the base, or a LoRA checkpoint's base that changed.
     """
+    from data_pipeline.tokenizer import has_tokenizer, load_tokenizer
+    from model.hf import load_hf
+    from model.lora import apply_lora, load_adapter, read_adapter_config
+
+    folder, adapter = inference_sources(path, trust_checkpoint, adapter)
+    if not (folder / "config.json").is_file():
+        model, model_cfg, tok = _checkpoint_for_inference(folder, device, dtype)
+        return model.eval(), model_cfg, tok
+    model, model_cfg = load_hf(folder, device=device, dtype=dtype)
+    if adapter is None:
+        return model.eval(), model_cfg, load_tokenizer(folder)
+    lora, _ = read_adapter_config(adapter)
+    load_adapter(apply_lora(model, lora), adapter)
+    tok = load_tokenizer(adapter if has_tokenizer(adapter) else folder)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"{adapter}: its tokenizer has {tok.vocab_size} ids, more than the vocab_size={model_cfg.vocab_size} "
+            f"of its base {folder}"
+        )
+    return model.eval(), model_cfg, tok
+
+
+def _checkpoint_for_inference(folder: Path, device, dtype):
+    """(Decoder, ModelConfig, tokenizer) of a checkpoint: its weights, or for a LoRA checkpoint
+    its base (checked by sha256) with its adapters applied."""
     from data_pipeline.tokenizer import load_tokenizer
     from model.config import ModelConfig
     from model.decoder import Decoder
     from model.hf import load_hf
+    from model.lora import LoRAConfig, apply_lora, is_adapter
 
-    folder = model_source(path, trust_checkpoint)
-    if (folder / "config.json").is_file():
-        model, model_cfg = load_hf(folder, device=device, dtype=dtype)
-        return model.eval(), model_cfg, load_tokenizer(folder)
     meta = read_meta(folder)
     tok_dir = checkpoint_tokenizer(folder, meta)
     tok = load_tokenizer(tok_dir)
     if meta.get("tokenizer_sha256") not in (None, tok.sha256):
         raise ValueError(f"{tok_dir}: not the tokenizer checkpoint {folder} was trained with")
     model_cfg = ModelConfig(**meta["model"])
-    with torch.device("meta"):
-        model = Decoder(model_cfg)
-    model.load_state_dict(load_model_weights(folder), assign=True)
-    return model.to(device, dtype).eval(), model_cfg, tok
+    if not meta.get("lora"):
+        with torch.device("meta"):
+            model = Decoder(model_cfg)
+        model.load_state_dict(load_model_weights(folder), assign=True)
+        return model.to(device, dtype), model_cfg, tok
+    model, _ = load_hf(lora_base(folder, meta), device=device, dtype=dtype)
+    adapters = load_adapter_weights(folder)
+    with torch.no_grad():
+        for name, p in apply_lora(model, LoRAConfig(**meta["lora"])).named_parameters():
+            if is_adapter(name):
+                p.copy_(adapters[name])
+    return model, model_cfg, tok

@@ -251,7 +251,8 @@ def broadcast_from_main(value):
 
 
 def parallelize(model: Decoder, cfg: RunConfig, where: Dist) -> nn.Module:
-    """Apply activation checkpointing, compile and FSDP2 to a built, initialised Decoder.
+    """Apply activation checkpointing, compile and FSDP2 to a Decoder: a skeleton on the meta
+    device (training/startup.py materialises it after), or a built one (moved to the device).
 
     (DeepSpeed wraps the model itself, in `DeepSpeedEngine`.)
     """
@@ -259,8 +260,10 @@ def parallelize(model: Decoder, cfg: RunConfig, where: Dist) -> nn.Module:
     if cfg.train.compile:
         for layer in model.layers:
             layer.compile()  # per block: small graphs, compiled once, shared by every layer
+    if not model.tok_embeddings.weight.is_meta:
+        model.to(where.device)
     if cfg.engine != "fsdp":
-        return model.to(where.device)
+        return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = dist.device_mesh.init_device_mesh(where.device.type, (where.world_size,))
@@ -271,7 +274,7 @@ def parallelize(model: Decoder, cfg: RunConfig, where: Dist) -> nn.Module:
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.fsdp.reshard_after_forward)
     # the root holds the embedding, final norm and output projection (used inside `loss`)
-    model = fully_shard(model.to(where.device), mesh=mesh, mp_policy=mp)
+    model = fully_shard(model, mesh=mesh, mp_policy=mp)
     register_fsdp_forward_method(model, "loss")  # gathers the root's parameters as forward does
     return model
 
@@ -310,9 +313,15 @@ class LossScaler:
 
 class TorchEngine:
     """One process, or FSDP2: a torch AdamW over the (possibly sharded) parameters, bf16 through
-    autocast (single) or FSDP's MixedPrecisionPolicy, fp16 with `LossScaler`."""
+    autocast (single) or FSDP's MixedPrecisionPolicy, fp16 with `LossScaler`.
 
-    def __init__(self, model: Decoder, cfg: RunConfig, where: Dist):
+    Args:
+        model: a built Decoder, or a skeleton (training/startup.py) with `weights`.
+        cfg, where: the run and this process.
+        weights: a skeleton's values (StartWeights): each rank fills only its shard.
+    """
+
+    def __init__(self, model: Decoder, cfg: RunConfig, where: Dist, weights=None):
         if cfg.engine == "single" and where.world_size > 1:
             raise ConfigError(
                 f"engine=single runs one process, but {where.world_size} were started: add "
@@ -320,6 +329,10 @@ class TorchEngine:
             )
         self.cfg, self.where = cfg, where
         self.model = parallelize(model, cfg, where)
+        if weights is not None:
+            from training.startup import materialize
+
+            materialize(self.model, weights, where.device)
         t = cfg.train
         self.optimizer = build_optimizer(self.model, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
         self.scaler = LossScaler(t.precision == "fp16")
@@ -433,19 +446,18 @@ def single_process_dcp():
 
 class DeepSpeedEngine:
     """DeepSpeed ZeRO 0–3 from the run's DeepSpeed JSON (batch, precision and clipping filled
-    from the run config); DeepSpeed handles precision, clipping and its own non-finite check."""
+    from the run config); DeepSpeed handles precision, clipping and its own non-finite check.
 
-    def __init__(self, model: Decoder, cfg: RunConfig, where: Dist):
-        if where.device.type == "cpu":
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
-        import deepspeed
+    Args:
+        model: a built Decoder, or a skeleton with `weights`: on the meta device, or for ZeRO-3
+            built under `model_init_context` (already partitioned).
+        cfg, where: the run and this process.
+        weights: a skeleton's values (StartWeights): under ZeRO-3 each rank fills only its
+            partitions.
+    """
 
-        if where.device.type == "cpu":
-            # DeepSpeed JIT-compiles a shared-memory all-reduce op (45-65 s on 2 cores, again for
-            # every new environment) that only its inference all-reduce uses; training
-            # collectives go through torch.distributed. Marking it unbuildable skips the compile.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
+    def __init__(self, model: Decoder, cfg: RunConfig, where: Dist, weights=None):
+        deepspeed = _import_deepspeed(where)
         self.where = where
         ds_config = deepspeed_config(cfg, where.world_size)
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -460,18 +472,22 @@ class DeepSpeedEngine:
                 # inputs' gradients; a frozen embedding (LoRA) gives the first block an input
                 # without one, and its backward would find its weights released.
                 model.tok_embeddings.register_forward_hook(_require_grad)
+        from training.startup import StartWeights, fill_partitions, materialize, set_fp32_masters
+
+        if weights is None:
+            weights = StartWeights.of_model(model)
+        elif self.stage == 3:
+            fill_partitions(model, weights)
+        else:
+            materialize(model, weights, torch.device("cpu"))  # DeepSpeed moves it to the device
         t = cfg.train
         optimizer = build_optimizer(model, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
-        # DeepSpeed casts the module to bf16/fp16 and copies its fp32 master weights from that
-        # cast; the original fp32 values (held, not copied) are put back into the masters below.
-        # Frozen parameters (a LoRA base) have no master: they stay in the run's precision.
-        trained = {n: p.data for n, p in model.named_parameters() if p.requires_grad}
-        fp32 = trained if t.precision != "fp32" else {}
-        self.frozen = len(trained) < len(list(model.parameters()))
+        self.frozen = any(not p.requires_grad for p in model.parameters())
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-        for name, param in self.model.module.named_parameters():
-            if name in fp32:
-                deepspeed.utils.safe_set_full_fp32_param(param, fp32.pop(name).to(where.device))
+        if t.precision != "fp32":
+            # DeepSpeed copied its fp32 master weights from the module's bf16/fp16 cast; they get
+            # the unrounded values. Frozen parameters (a LoRA base) have none: they stay as cast.
+            set_fp32_masters(self.model.module, weights, zero3=self.stage == 3)
         if self.stage == 3:
             # The output projection is used inside Decoder.forward, not through its own module's
             # forward, so ZeRO-3 must be told to gather it with the root module.
@@ -550,9 +566,38 @@ def _require_grad(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tens
     return output.requires_grad_() if torch.is_grad_enabled() else output
 
 
-def build_engine(model: Decoder, cfg: RunConfig, where: Dist) -> TorchEngine | DeepSpeedEngine:
-    """The engine named by cfg.engine around an initialised Decoder."""
+def build_engine(model: Decoder, cfg: RunConfig, where: Dist, weights=None) -> TorchEngine | DeepSpeedEngine:
+    """The engine named by cfg.engine around a built Decoder, or a skeleton and its `weights`
+    (training/startup.py)."""
     cfg = resolve_precision(cfg, where.device)
     if cfg.engine == "deepspeed":
-        return DeepSpeedEngine(model, cfg, where)
-    return TorchEngine(model, cfg, where)
+        return DeepSpeedEngine(model, cfg, where, weights)
+    return TorchEngine(model, cfg, where, weights)
+
+
+def model_init_context(cfg: RunConfig, where: Dist):
+    """Where the engine wants a skeleton's parameters made: on the meta device, or under
+    DeepSpeed ZeRO-3 partitioned as each module is built (zero.Init, in the run's precision)."""
+    cfg = resolve_precision(cfg, where.device)
+    ds_config = deepspeed_config(cfg, where.world_size) if cfg.engine == "deepspeed" else {}
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return torch.device("meta")
+    deepspeed = _import_deepspeed(where)
+    deepspeed.init_distributed(dist_backend=dist.get_backend())  # joins the group made already
+    # The dtype comes from the config's bf16/fp16 sections (deepspeed 0.19 reads a `dtype`
+    # argument only on accelerators with fp16, and would make a CPU run's parameters bf16).
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def _import_deepspeed(where: Dist):
+    """deepspeed, imported for this device."""
+    if where.device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    import deepspeed
+
+    if where.device.type == "cpu":
+        # DeepSpeed JIT-compiles a shared-memory all-reduce op (45-65 s on 2 cores, again for
+        # every new environment) that only its inference all-reduce uses; training
+        # collectives go through torch.distributed. Marking it unbuildable skips the compile.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed

@@ -365,22 +365,24 @@ def evaluate_checkpoint(
     max_new_tokens: int = 64,
     device: str = "cpu",
     trust_checkpoint: bool = False,
+    adapter: str | Path | None = None,
 ) -> tuple[dict, dict[str, list[str]]]:
     """Perplexity and role-play scores of one checkpoint.
 
     Args:
-        path: an HF export, checkpoint or run directory.
+        path: an HF export, LoRA adapter folder, checkpoint or run directory.
         splits: evaluation items by split name; "facts" gives persona_accuracy, "lore"
             lore_accuracy, every split a ROUGE-L (rouge_l is the "facts" one when present).
         heldout: documents for perplexity (none: no perplexity).
         max_new_tokens: the longest answer.
         device: where to run.
         trust_checkpoint: `path` may be a checkpoint (a checkpoint is code: see load_for_inference).
+        adapter: a LoRA adapter folder applied to `path` (its base); named in the row's "adapter".
     Returns:
         (the eval.json row, the answers by split for GSB).
     """
-    model, model_cfg, tok = _load(path, device, trust_checkpoint)
-    row: dict = {"checkpoint": str(path)}
+    model, model_cfg, tok = _load(path, device, trust_checkpoint, adapter)
+    row: dict = {"checkpoint": str(path), **({"adapter": str(adapter)} if adapter is not None else {})}
     if heldout:
         row["perplexity"] = perplexity(model, tok, heldout, model_cfg.context_len)
     answers = {}
@@ -397,7 +399,7 @@ def evaluate_checkpoint(
     return row, answers
 
 
-def _load(path, device, trust_checkpoint: bool):
+def _load(path, device, trust_checkpoint: bool, adapter=None):
     from training.checkpoint import load_for_inference
 
-    return load_for_inference(path, device, trust_checkpoint=trust_checkpoint)
+    return load_for_inference(path, device, trust_checkpoint=trust_checkpoint, adapter=adapter)

@@ -30,8 +30,7 @@ from data_pipeline.stream import PackedStream
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 from model.config import ModelConfig
 from model.decoder import Decoder
-from model.hf import load_hf
-from model.lora import apply_lora, merge_state_dict
+from model.lora import merge_state_dict
 from model.loss import IGNORE_INDEX
 from training.checkpoint import (
     TrainState,
@@ -45,9 +44,8 @@ from training.checkpoint import (
     write_adapter_folder,
     write_export,
 )
-from training.config import ConfigError, RunConfig, model_config, save_resolved
+from training.config import ConfigError, RunConfig, save_resolved
 from training.engine import (
-    DTYPES,
     Dist,
     all_reduce_sum,
     all_reduce_sum_,
@@ -55,6 +53,7 @@ from training.engine import (
     broadcast_from_main,
     build_engine,
     init_distributed,
+    model_init_context,
     raise_together,
     resolve_precision,
     together,
@@ -62,7 +61,7 @@ from training.engine import (
 from training.metrics import Reporter, peak_flops, peak_memory_bytes, throughput
 from training.optim import lr_at
 from training.prefetch import StepPrefetcher
-from training.preflight import check_init_from_tokenizer, check_model_fits
+from training.startup import materialize, model_skeleton
 
 
 class TrainingError(RuntimeError):
@@ -89,8 +88,8 @@ def train(
         cfg: the checked run config.
         data: this rank's micro-batches instead of the packed stream over cfg.data.train (it
             must have state_dict/load_state_dict to be checkpointed).
-        model_hook: called with the built Decoder before the engine wraps it (freeze layers,
-            add hooks, ...).
+        model_hook: called with the Decoder once the engine has built it (its parameters
+            filled, sharded and wrapped in place) to add hooks.
         on_checkpoint: called on every rank after each checkpoint with (folder, last record).
     Returns:
         a summary: losses and skipped steps of this attempt, final step, tokens, run_dir, export
@@ -102,12 +101,15 @@ def train(
     # Each rank-local part that can fail ends in an agreement, so no rank waits for a failed one.
     with together("loading the tokenizer and the model"):
         tokenizer = load_tokenizer(Path(cfg.data.train) / "tokenizer")
-        model, model_cfg = build_model(cfg, tokenizer)
-        if model_hook is not None:
-            model_hook(model)
+        # A skeleton: each rank allocates and reads (or draws) only its own part in the engine.
+        model, model_cfg, weights = model_skeleton(cfg, tokenizer, model_init_context(cfg, where))
     flops_per_token = model.num_flops_per_token(cfg.data.seq_len)
-    n_params = model.num_params(), sum(p.numel() for p in model.parameters() if p.requires_grad)
-    engine = build_engine(model, cfg, where)
+    n_params = model.num_params(), model.num_params(trainable_only=True)
+    with contextlib.closing(weights):
+        engine = build_engine(model, cfg, where, weights)
+    if model_hook is not None:
+        with together("running the model hook"):
+            model_hook(model)
     with together("opening the data"):
         stream = data if data is not None else make_stream(cfg, where, cfg.data.train, tokenizer)
         if cfg.data.val is not None:  # a bad validation split fails now, not after hours of training
@@ -274,33 +276,13 @@ def _evaluate_if_due(engine, cfg, where, tokenizer, state: TrainState, record: d
 
 
 def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> tuple[Decoder, ModelConfig]:
-    """The initial Decoder on CPU: from init_from, or the preset initialised with train.seed.
-
-    Every rank builds the same weights (same seed), so FSDP and ZeRO shard identical copies.
-    What trains is fp32; under LoRA (train.lora.rank > 0) the base is frozen in the run's
-    precision and only the adapters, fp32, train. The preflight's checks run again on what was
-    loaded (a file may have changed since).
-    """
-    lora = cfg.train.lora.lora_config()
-    if cfg.init_from is not None:
-        try:
-            model, model_cfg = load_hf(cfg.init_from)
-        except (OSError, ValueError) as e:  # a missing tensor, a wrong shape, a damaged file
-            raise ConfigError(f"init_from={cfg.init_from}: {e}") from None
-        check_init_from_tokenizer(cfg, tokenizer)
-        shape = f"init_from={cfg.init_from}"
-    else:
-        model_cfg = model_config(cfg, tokenizer.vocab_size)
-        torch.manual_seed(cfg.train.seed)
-        model = Decoder(model_cfg)
-        model.init_weights()
-        shape = f"model.preset={cfg.model.preset}"
-    check_model_fits(cfg, tokenizer, model_cfg, shape)
-    if lora is None:
-        return model.float(), model_cfg
-    model.to(DTYPES[cfg.train.precision])  # the frozen base, in the run's precision
-    torch.manual_seed(cfg.train.seed)  # the same adapters on every rank, and at every world size
-    return apply_lora(model, lora), model_cfg
+    """The run's initial Decoder, whole, on the CPU: what every rank starts from (the loop
+    builds a skeleton and fills only each rank's part; see training/startup.py)."""
+    model, model_cfg, weights = model_skeleton(cfg, tokenizer)
+    try:
+        return materialize(model, weights, torch.device("cpu")), model_cfg
+    finally:
+        weights.close()
 
 
 def make_stream(
@@ -373,8 +355,9 @@ def _base_record(cfg: RunConfig, where: Dist) -> dict:
 def _check_same_base(folder: Path, saved: dict, run: dict) -> None:
     """A LoRA checkpoint resumes only with the same LoRA on the same base weights, and a full
     checkpoint only without LoRA (ConfigError naming what differs)."""
+    shape = ("rank", "alpha", "targets")  # dropout may change; these shape the adapters
     was, now = saved.get("lora"), run["lora"]
-    if was != now:
+    if (was and {k: was[k] for k in shape}) != (now and {k: now[k] for k in shape}):
         raise ConfigError(
             f"resume={folder}: trained with train.lora={was}, this run has train.lora={now}; resume with the same "
             "train.lora.*, or use another run_dir"
