@@ -377,6 +377,7 @@ def load_adapter(model: Decoder, folder: str | Path) -> Decoder:
     folder = Path(folder)
     modules = _lora_modules(model)
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    read_adapter_config(folder)  # a damaged or unsupported config is an error naming the file
     _check_adapter_config(json.loads(config_path.read_text()), modules, config_path)
     tensors = load_file(str(weights_path))
     params = dict(named_adapters(model))

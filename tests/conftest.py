@@ -27,3 +27,24 @@ def training_data(shared_data, tmp_path_factory) -> dict[str, Path]:
     from tests.training_data import build
 
     return build(shared_data, tmp_path_factory.mktemp("training_data"))
+
+
+@pytest.fixture(scope="session")
+def lora_base(training_data, tmp_path_factory) -> Path:
+    """A random "pretrained" base of TEST_MODEL's shape, exported with the SFT data's tokenizer:
+    the init_from of the LoRA tests. Its norms are away from 1, so a misplaced one would show."""
+    from model.config import preset
+    from model.decoder import Decoder
+    from tests.training_data import TEST_MODEL, VOCAB
+    from training.checkpoint import write_export
+
+    cfg = preset("tiny", **TEST_MODEL, vocab_size=VOCAB)
+    torch.manual_seed(7)
+    model = Decoder(cfg)
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    out = tmp_path_factory.mktemp("lora") / "base"
+    return write_export(model.state_dict(), cfg, out, training_data["sft"] / "tokenizer")

@@ -18,8 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from model.config import preset
-from model.decoder import Decoder
 from model.hf import load_hf
 from tests.dist_helpers import run_processes
 from tests.training_data import TEST_MODEL, VOCAB
@@ -36,18 +34,6 @@ from training.checkpoint import (
 from training.config import RunConfig, find_config_file
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def lora_base(training_data, tmp_path_factory) -> Path:
-    """A random "pretrained" base of TEST_MODEL's shape, exported with the data's tokenizer."""
-    cfg = preset("tiny", **TEST_MODEL, vocab_size=VOCAB)
-    torch.manual_seed(7)
-    model = Decoder(cfg)
-    model.init_weights()
-    return write_export(
-        model.state_dict(), cfg, tmp_path_factory.mktemp("lora") / "base", training_data["sft"] / "tokenizer"
-    )
 
 
 def lora_cfg(run_dir: Path, data: dict, base: Path, engine: str) -> RunConfig:

@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import load_file
 
 from data_pipeline.stream import PackedStream
-from model.config import preset
 from model.decoder import Decoder
 from model.hf import load_hf
 from model.lora import apply_lora, load_adapter, read_adapter_config
@@ -31,22 +30,6 @@ from training.config import ConfigError, RunConfig, find_config_file
 
 pytestmark = pytest.mark.slow
 SEQ = 256
-
-
-@pytest.fixture(scope="module")
-def lora_base(training_data, tmp_path_factory) -> Path:
-    """A random "pretrained" base of TEST_MODEL's shape, exported with the data's tokenizer."""
-    cfg = preset("tiny", **TEST_MODEL, vocab_size=VOCAB)
-    torch.manual_seed(7)
-    model = Decoder(cfg)
-    model.init_weights()
-    with torch.no_grad():  # norms away from 1, so a misplaced one would show
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return write_export(
-        model.state_dict(), cfg, tmp_path_factory.mktemp("lora") / "base", training_data["sft"] / "tokenizer"
-    )
 
 
 def make_cfg(run_dir: Path, data: dict, base: Path, engine: str, **train) -> RunConfig:
@@ -175,3 +158,24 @@ def test_lora_resume_is_exact(engine, training_data, lora_base, tmp_path):
     a, b = adapters(tmp_path / "whole"), adapters(tmp_path / "part")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_bf16_lora_keeps_a_bf16_base_and_trains_fp32_adapters(engine, training_data, lora_base, tmp_path):
+    """Mixed precision with a frozen bf16 base and fp32 adapters in the same FSDP2 unit or ZeRO-3
+    block: the run follows the fp32 run's losses to bf16's precision (2e-2)."""
+    batches = global_batches(PackedStream(training_data["sft"], seq_len=SEQ, batch_size=4, seed=0), 4)
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = make_cfg(tmp_path / precision, training_data, lora_base, engine, max_steps=4, micro_batch=2)
+        cfg.train.precision, cfg.export_hf = precision, False
+        runs[precision] = run_processes(cfg, 2, tmp_path / f"{precision}_out", batches)[0]
+    np.testing.assert_allclose(runs["bf16"]["losses"], runs["fp32"]["losses"], rtol=0, atol=2e-2)
+    a, b = adapters(tmp_path / "fp32"), adapters(tmp_path / "bf16")
+    assert all(b[name].dtype == torch.float32 for name in b)  # the fp32 masters, not a bf16 copy
+    # Adam moves every weight by about lr whatever its gradient's size, so bf16's rounding of
+    # the smallest gradients moves single weights; as a whole the adapters stay close.
+    # B starts at zero, so its value is the whole learned update: compare that.
+    learned = [n for n in a if "lora_B" in n]
+    diff = torch.cat([(b[n] - a[n]).flatten() for n in learned]).norm()
+    assert diff < 0.2 * torch.cat([a[n].flatten() for n in learned]).norm(), float(diff)
