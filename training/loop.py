@@ -179,12 +179,7 @@ def train(
                 break
 
     finished = state.step == cfg.train.max_steps or state.stopped_early
-    adapter = export_adapter(engine, cfg, Path(cfg.run_dir) / "adapter", tokenizer, where) if finished else None
-    export = (
-        export_hf(engine, cfg, model_cfg, Path(cfg.run_dir) / "hf", tokenizer, where)
-        if cfg.export_hf and finished
-        else None
-    )
+    export, adapter = _final_exports(engine, cfg, model_cfg, tokenizer, where) if finished else (None, None)
     barrier_last()
     report.print(f"done: step {state.step}, {state.tokens:,} tokens, {state.skipped_steps} skipped step(s)")
     report.close()
@@ -303,6 +298,14 @@ def make_stream(
         epochs=epochs,
         pad_id=tokenizer.pad_id,
     )
+
+
+def _final_exports(engine, cfg: RunConfig, model_cfg: ModelConfig, tokenizer: Tokenizer, where: Dist):
+    """A finished run's run_dir/hf (if export_hf) and, under LoRA, run_dir/adapter (collectives)."""
+    run_dir = Path(cfg.run_dir)
+    adapter = export_adapter(engine, cfg, run_dir / "adapter", tokenizer, where)
+    export = export_hf(engine, cfg, model_cfg, run_dir / "hf", tokenizer, where) if cfg.export_hf else None
+    return export, adapter
 
 
 def export_hf(engine, cfg: RunConfig, model_cfg: ModelConfig, out: Path, tokenizer: Tokenizer, where: Dist) -> Path:
