@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         if not meta.get("lora") and (args.merge or args.base):
             flag = "--merge" if args.merge else "--base"
             parser.error(f"{flag}: {folder} was trained without LoRA, so its export is the whole model already")
+        bases = {Path(meta["base"]["path"]), *([args.base] if args.base else [])} if meta.get("lora") else set()
+        if args.out.resolve() in {b.resolve() for b in bases}:  # --overwrite would replace the base itself
+            parser.error(f"--out {args.out} is the base the adapters were trained on: export into another folder")
         tokenizer = args.tokenizer or checkpoint_tokenizer(folder, meta)
         problem = tokenizer_problem(tokenizer, meta, folder, args.force)
         if problem:
@@ -105,7 +108,7 @@ def export(folder: Path, meta: dict, out: Path, tokenizer: Path, merge: bool, ba
     if merge:
         write_export(lora_merged_weights(folder, base), model_cfg, out, tokenizer)
         return " (LoRA adapters merged into the base)"
-    base_dir = lora_base(folder, meta, base).resolve() if base is not None else meta["base"]["path"]
+    base_dir = lora_base(folder, meta, base).resolve()  # the weights the adapters were trained on, or refused
     write_adapter_folder(load_adapter_weights(folder), LoRAConfig(**meta["lora"]), out, tokenizer, str(base_dir))
     return f" (LoRA adapter on {base_dir})"
 

@@ -380,6 +380,8 @@ def initial_rows(cfg: ModelConfig, name: str, shape: tuple[int, ...], start: int
         start, stop: the rows wanted (elements of a 1-D parameter).
         seed: the init's seed.
     """
+    if ".lora_" in name:
+        raise ValueError(f"{name}: an adapter's initial value is model.lora.initial_rows'")
     part = (max(0, min(stop, shape[0]) - start), *shape[1:])
     if len(shape) == 1:  # the norms' weights and the q/k/v biases
         return torch.ones(part) if name.endswith("norm.weight") else torch.zeros(part)
@@ -402,11 +404,6 @@ def seeded_rows(name: str, shape, start: int, stop: int, seed: int, draw) -> tor
         lo, hi = max(start, first), min(stop, first + rows)
         out[lo - start : hi - start] = values[lo - first : hi - first]
     return out
-
-
-def _numel(p: torch.Tensor) -> int:
-    """A parameter's full size; DeepSpeed ZeRO-3 keeps it in ds_numel once the data is partitioned."""
-    return getattr(p, "ds_numel", p.numel())
 
 
 class Decoder(nn.Module):
@@ -552,24 +549,28 @@ class Decoder(nn.Module):
         for layer in self.layers:
             layer.recompute = mode
 
-    def num_params(self, exclude_embedding: bool = False, trainable_only: bool = False) -> int:
-        """Parameters of the whole model (also when built on the meta device or partitioned)."""
-        n = sum(_numel(p) for p in self.parameters() if p.requires_grad or not trainable_only)
+    def num_params(self, exclude_embedding: bool = False, trainable_only: bool = False, numel=torch.numel) -> int:
+        """Parameters of the whole model (also when built on the meta device).
+
+        Args:
+            exclude_embedding: leave out the input embedding (a lookup, not a matmul) when untied.
+            trainable_only: count only those that require grad.
+            numel: a parameter's size (a wrapper that partitions parameters keeps it elsewhere).
+        """
+        n = sum(numel(p) for p in self.parameters() if p.requires_grad or not trainable_only)
         embedding = self.tok_embeddings.weight
         if exclude_embedding and self.output is not None and (embedding.requires_grad or not trainable_only):
-            n -= _numel(embedding)  # a lookup, not a matmul (tied, it is the output projection too)
+            n -= numel(embedding)  # (tied, it is the output projection too)
         return n
 
-    def num_flops_per_token(self, seq_len: int) -> int:
+    def num_flops_per_token(self, seq_len: int, numel=torch.numel) -> int:
         """Training FLOPs per token: 6N for the matmuls (forward + backward) plus 12·L·d·T for
         attention scores and values (PaLM, Chowdhery et al. 2022, appendix B). N excludes the
         input embedding lookup but counts the output projection, tied or not; d is the attention
         width n_heads · head_dim."""
         cfg = self.cfg
         # A frozen weight (a LoRA base) costs 4 FLOPs per token, not 6: it gets no weight gradient.
-        n, trained = (
-            self.num_params(exclude_embedding=True),
-            self.num_params(exclude_embedding=True, trainable_only=True),
-        )
+        n = self.num_params(exclude_embedding=True, numel=numel)
+        trained = self.num_params(exclude_embedding=True, trainable_only=True, numel=numel)
         matmuls = 6 * trained + 4 * (n - trained)
         return matmuls + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len

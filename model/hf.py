@@ -255,9 +255,8 @@ def hf_sources(cfg: ModelConfig) -> dict[str, list[tuple[str, int]]]:
         the HF tensors that stacked along dim 0 make it, with each one's rows (elements of a
         1-D tensor): q, k, v for wqkv (weight and bias), gate then up for w13, one for the rest.
     """
-    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    fused = {"attn.wqkv.weight": (q_out, kv_out, kv_out), "attn.wqkv.bias": (q_out, kv_out, kv_out),
-             "ffn.w13.weight": (cfg.ffn_dim, cfg.ffn_dim)}  # fmt: skip
+    fused = {f"{path}.weight": tuple(rows for _, rows in parts) for path, parts in block_projections(cfg).items()}
+    fused["attn.wqkv.bias"] = fused["attn.wqkv.weight"]
     table = {}
     for name, shape in _shapes(cfg).items():
         if name in _TOP_LEVEL:
@@ -267,6 +266,21 @@ def hf_sources(cfg: ModelConfig) -> dict[str, list[tuple[str, int]]]:
         theirs = [f"model.layers.{i}.{n}" for n in _PER_LAYER[suffix]]
         table[name] = list(zip(theirs, fused.get(suffix, (shape[0],)), strict=True))
     return table
+
+
+def block_projections(cfg: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Each Linear of a Block (by path in the Block, e.g. "attn.wqkv") → the HF projections
+    stacked in its weight, in order, with their rows. From the config alone: no model is built
+    (so it can run where building one would be intercepted, as inside ZeRO-3's zero.Init)."""
+    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    rows = {"q_proj": q_out, "k_proj": kv_out, "v_proj": kv_out, "o_proj": cfg.dim,
+            "gate_proj": cfg.ffn_dim, "up_proj": cfg.ffn_dim, "down_proj": cfg.dim}  # fmt: skip
+    out = {}
+    for suffix, theirs in _PER_LAYER.items():
+        projections = [name.split(".")[1] for name in theirs]
+        if suffix.endswith(".weight") and all(p in rows for p in projections):
+            out[suffix.removesuffix(".weight")] = tuple((p, rows[p]) for p in projections)
+    return out
 
 
 def _shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -433,6 +447,15 @@ def check_hf(path: str | Path) -> ModelConfig:
         return slices.cfg
 
 
+def flat_from_rows(rows, shape: torch.Size, start: int, stop: int) -> torch.Tensor:
+    """Elements [start, stop) of a tensor of `shape` flattened, from `rows(first, last)` (its rows
+    [first, last)): only the rows that cover the range are asked for."""
+    width = max(1, shape[1:].numel())
+    first = start // width
+    covering = rows(first, -(-stop // width)).flatten()
+    return covering[start - first * width : stop - first * width]
+
+
 class HFSlices:
     """A rank's part of an HF folder's tensors, under Crucible names, without reading the rest.
 
@@ -525,10 +548,7 @@ class HFSlices:
         """
         if start < 0 or stop < 0:
             raise ValueError(f"{self.path}: flat({name!r}, {start}, {stop}): indices must be at least 0")
-        width = self.shape(name)[1:].numel()
-        first = start // width
-        covering = self.rows(name, first, -(-stop // width), dtype).flatten()
-        return covering[start - first * width : stop - first * width]
+        return flat_from_rows(lambda first, last: self.rows(name, first, last, dtype), self.shape(name), start, stop)
 
     def _parts(self, name: str) -> list[tuple[str, int]]:
         if name not in self._sources:

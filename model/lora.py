@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
 from model.decoder import Decoder, seeded_rows
 from model.decoder import initial_rows as decoder_initial_rows
+from model.hf import block_projections
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The Hugging Face projection names that LoRA can target."""
@@ -69,18 +71,6 @@ class LoRAConfig:
             )
 
 
-def _fused_parts(cfg: ModelConfig) -> dict[str, tuple[tuple[str, int], ...]]:
-    """Each Linear of a Block (by path in the Block) → its HF projections and their row counts,
-    in the order their rows are stacked in the fused weight."""
-    q_out, kv_out = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return {
-        "attn.wqkv": (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)),
-        "attn.wo": (("o_proj", cfg.dim),),
-        "ffn.w13": (("gate_proj", cfg.ffn_dim), ("up_proj", cfg.ffn_dim)),
-        "ffn.w2": (("down_proj", cfg.dim),),
-    }
-
-
 class LoRALinear(nn.Module):
     """A frozen (possibly fused) Linear plus one adapter per targeted part of its output rows.
 
@@ -97,7 +87,7 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha, self.scale = cfg.rank, cfg.alpha, cfg.alpha / cfg.rank
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         kw = dict(device=base.weight.device, dtype=torch.float32)
-        in_features = getattr(base.weight, "ds_shape", base.weight.shape)[1]  # ZeRO-3 partitioned: ds_shape
+        in_features = base.in_features  # (not weight.shape: a partitioned weight may hold no rows)
         self.lora_A = nn.ParameterDict(
             {n: nn.Parameter(torch.empty(cfg.rank, in_features, **kw)) for n in self.targets}
         )
@@ -161,7 +151,7 @@ def apply_lora(model: Decoder, cfg: LoRAConfig) -> Decoder:
         raise ValueError("the model already carries LoRA adapters")
     model.requires_grad_(False)
     for block in model.layers:
-        for path, parts in _fused_parts(model.cfg).items():
+        for path, parts in block_projections(model.cfg).items():
             if not any(name in cfg.targets for name, _ in parts):
                 continue
             parent_name, attr = path.split(".")
@@ -217,21 +207,29 @@ def merge_lora(model: Decoder) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def merge_state_dict(
-    state: dict[str, torch.Tensor], model_cfg: ModelConfig, cfg: LoRAConfig
+    state: dict[str, torch.Tensor], model_cfg: ModelConfig, cfg: LoRAConfig, in_place: bool = False
 ) -> dict[str, torch.Tensor]:
     """A LoRA model's full state dict (base weights and adapters, Crucible names, as an engine
     gathers it) → the base names with every delta added to its weight's rows (scale · B @ A,
     summed in fp32, stored in the base weight's dtype). Only rank and alpha of `cfg` are used:
-    the targets are the adapters present."""
+    the targets are the adapters present.
+
+    Args:
+        in_place: add the deltas into `state`'s own weights (a gathered copy the caller owns)
+            rather than into copies: no second copy of the model.
+    """
     merged = {k: v for k, v in state.items() if not is_adapter(k)}
     scale = cfg.alpha / cfg.rank
     for i in range(model_cfg.n_layers):
-        for path, parts in _fused_parts(model_cfg).items():
-            prefix, start = f"layers.{i}.{path}.", 0
+        for path, parts in block_projections(model_cfg).items():
+            prefix = f"layers.{i}.{path}."
+            if not any(f"{prefix}lora_A.{part}" in state for part, _ in parts):
+                continue
+            w = merged[prefix + "weight"] if in_place else merged[prefix + "weight"].clone()
+            merged[prefix + "weight"], start = w, 0
             for part, rows in parts:
                 a = state.get(f"{prefix}lora_A.{part}")
                 if a is not None:
-                    w = merged[prefix + "weight"] = merged[prefix + "weight"].clone()
                     delta = (state[f"{prefix}lora_B.{part}"].float() @ a.float()) * scale
                     w[start : start + rows] = (w[start : start + rows].float() + delta.to(w.device)).to(w.dtype)
                 start += rows
@@ -341,19 +339,12 @@ def _targets(modules) -> tuple[str, ...]:
     return tuple(modules)
 
 
-def _check_adapter_config(config: dict, modules: list[LoRALinear], source: Path) -> None:
-    """Refuse an adapter whose kind, rank, alpha or targets differ from the applied ones."""
-    want_targets = sorted({n for m in modules for n in m.targets})
+def _check_adapter_config(cfg: LoRAConfig, modules: list[LoRALinear], source: Path) -> None:
+    """Refuse an adapter whose rank, alpha or targets differ from the applied ones."""
     checks = {
-        "peft_type": ("LORA", config.get("peft_type")),
-        "r": (modules[0].rank, config.get("r")),
-        "lora_alpha": (modules[0].alpha, config.get("lora_alpha")),
-        "target_modules": (want_targets, sorted(config.get("target_modules") or [])),
-        "bias": ("none", config.get("bias", "none")),
-        "use_rslora": (False, config.get("use_rslora", False)),
-        "use_dora": (False, config.get("use_dora", False)),
-        "rank_pattern": ({}, config.get("rank_pattern") or {}),
-        "alpha_pattern": ({}, config.get("alpha_pattern") or {}),
+        "r": (modules[0].rank, cfg.rank),
+        "lora_alpha": (modules[0].alpha, cfg.alpha),
+        "target_modules": (sorted({n for m in modules for n in m.targets}), sorted(cfg.targets)),
     }
     for key, (want, got) in checks.items():
         if want != got:
@@ -377,9 +368,12 @@ def load_adapter(model: Decoder, folder: str | Path) -> Decoder:
     folder = Path(folder)
     modules = _lora_modules(model)
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
-    read_adapter_config(folder)  # a damaged or unsupported config is an error naming the file
-    _check_adapter_config(json.loads(config_path.read_text()), modules, config_path)
-    tensors = load_file(str(weights_path))
+    cfg, _ = read_adapter_config(folder)  # a damaged or unsupported config is an error naming the file
+    _check_adapter_config(cfg, modules, config_path)
+    try:
+        tensors = load_file(str(weights_path))
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
     params = dict(named_adapters(model))
     missing = [k for k in params if k not in tensors]
     unexpected = [k for k in tensors if k not in params]

@@ -236,3 +236,27 @@ def test_the_deepspeed_key_list_is_deepspeeds(no_data):
         assert set(json.loads(path.read_text())) <= DEEPSPEED_KEYS, path
         cfg = load_config([str(path)], no_data)
         assert set(deepspeed_config(cfg, world_size=2)) <= DEEPSPEED_KEYS
+
+
+def test_lora_keys_are_read_and_checked(no_data, tmp_path):
+    base = f"init_from={tmp_path / 'base'}"
+    cfg = load_config([], [*no_data, base, "train.lora.rank=8", "train.lora.targets=q_proj,v_proj"])
+    assert cfg.train.lora.lora_config().targets == ("q_proj", "v_proj") and cfg.train.lora.alpha == 16.0
+    yaml_list = load_config([], [*no_data, base, "train.lora.rank=8", "train.lora.targets=[q_proj, v_proj]"])
+    assert yaml_list.train.lora == cfg.train.lora
+    assert load_config([], no_data).train.lora.lora_config() is None  # rank 0: every weight trains
+    bad = {
+        "train.lora.rank=-1": "train.lora.rank=-1 must not be negative",
+        "train.lora.alpha=0": r"train.lora.alpha=0.0: must be > 0",
+        "train.lora.dropout=1": r"train.lora.dropout=1.0: must be in \[0, 1\)",
+        "train.lora.targets=[q_proj,wq]": r"train.lora.targets=\['q_proj', 'wq'\].*unknown: wq",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config([], [*no_data, base, "train.lora.rank=4", override])
+    with pytest.raises(ConfigError, match=r"train.lora.rank=4 trains adapters on a frozen pretrained base"):
+        load_config([], [*no_data, "train.lora.rank=4"])
+    own = [f"run_dir={tmp_path / 'run'}", f"init_from={tmp_path / 'run' / 'hf'}", "train.lora.rank=4"]
+    with pytest.raises(ConfigError, match="which its merged export replaces"):
+        load_config([], [*no_data, *own])
+    load_config([], [*no_data, *own, "export_hf=false"])

@@ -127,6 +127,10 @@ def test_load_adapter_refuses_missing_or_misshapen_tensors(tmp_path):
     key = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
     shorter = tensors | {key: tensors[key][:, :-1].contiguous()}
     without = {k: v for k, v in tensors.items() if k != key}
+    (folder / "cut.safetensors").write_bytes((folder / "adapter_model.safetensors").read_bytes()[:100])
+    (folder / "cut.safetensors").replace(folder / "adapter_model.safetensors")  # a damaged file: named
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: not a readable safetensors file"):
+        load_adapter(model, folder)
     for broken, error in ((shorter, "has shape"), (without, "missing")):
         save_file(broken, folder / "adapter_model.safetensors")
         with pytest.raises(ValueError, match=rf"adapter_model\.safetensors: (tensor )?'{re.escape(key)}' {error}"):

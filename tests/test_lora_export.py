@@ -133,9 +133,10 @@ def test_a_changed_base_is_refused_and_base_points_at_a_good_copy(lora_run, lora
     meta["base"]["path"] = str(changed)
     (folder / "meta.json").write_text(json.dumps(meta))
 
-    for extra in ([], ["--base", str(changed)]):
+    for extra in ([], ["--base", str(changed)], ["--no-merge"]):  # the adapter alone is checked too
+        merge = [] if extra == ["--no-merge"] else ["--merge", *extra]
         with pytest.raises(SystemExit) as e:
-            export_hf([str(folder), "--out", str(tmp_path / "out"), "--merge", *extra])
+            export_hf([str(folder), "--out", str(tmp_path / "out"), *merge])
         assert e.value.code == 2
         error = capsys.readouterr().err
         assert str(changed) in error and weights_sha256(changed) in error and meta["base"]["sha256"] in error
@@ -148,6 +149,11 @@ def test_a_changed_base_is_refused_and_base_points_at_a_good_copy(lora_run, lora
     assert export_hf([str(folder), "--out", str(tmp_path / "adapter"), "--base", str(copy)]) == 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(copy)
+    # --out never replaces the base the adapters need, --overwrite or not.
+    with pytest.raises(SystemExit):
+        export_hf([str(folder), "--out", str(copy), "--merge", "--base", str(copy), "--overwrite"])
+    assert "is the base the adapters were trained on" in capsys.readouterr().err
+    assert weights_sha256(copy) == weights_sha256(lora_base)
 
 
 def test_merge_or_base_on_a_checkpoint_without_lora_is_refused_naming_the_flag(lora_base, tmp_path, capsys):

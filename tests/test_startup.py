@@ -35,12 +35,14 @@ def _worker(rank: int, world: int, port: int, cfg: RunConfig, out: str) -> None:
     )
     torch.set_num_threads(1)
     from training.engine import build_engine, init_distributed, model_init_context, resolve_precision
-    from training.startup import model_skeleton
+    from training.optim import param_groups
+    from training.startup import model_skeleton, start_weights
 
     where = init_distributed(needs_group=True)
     cfg = resolve_precision(cfg, where.device)
-    tokenizer = load_tokenizer(Path(cfg.data.train) / "tokenizer")
-    model, _, weights = model_skeleton(cfg, tokenizer, model_init_context(cfg, where))
+    weights = start_weights(cfg, load_tokenizer(Path(cfg.data.train) / "tokenizer"))
+    model = model_skeleton(cfg, weights.cfg, model_init_context(cfg, where))
+    decay = [(g["weight_decay"], len(g["params"])) for g in param_groups(model, 0.1)]  # on the skeleton
     engine = build_engine(model, cfg, where, weights)
     weights.close()
     local = {
@@ -49,7 +51,7 @@ def _worker(rank: int, world: int, port: int, cfg: RunConfig, out: str) -> None:
     state = engine.full_state_dict()
     if where.is_main:
         with open(Path(out) / "state.pkl", "wb") as f:
-            pickle.dump({"state": state, "local": local}, f)
+            pickle.dump({"state": state, "local": local, "decay": decay}, f)
     exit_without_teardown(0)
 
 
@@ -102,6 +104,11 @@ def test_two_ranks_fill_their_shards_with_the_whole_models_weights(engine, sourc
     if source == "hf":  # the file's bf16 values, exactly
         base, _ = load_hf(bf16_base)
         assert all(torch.equal(want[n], t.float()) for n, t in base.state_dict().items())
+    # The same weight decay groups as the whole model's (a partitioned ZeRO-3 weight looks 1-D).
+    from training.optim import param_groups
+
+    plain = Decoder(preset("tiny", **TEST_MODEL, vocab_size=VOCAB + 3))
+    assert got["decay"] == [(g["weight_decay"], len(g["params"])) for g in param_groups(plain, 0.1)]
     if engine == "fsdp":  # each rank held about half of every parameter
         for name, (_, shape) in got["local"].items():
             assert shape[0] == -(-want[name].shape[0] // 2), name

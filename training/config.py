@@ -376,6 +376,12 @@ def check(cfg: RunConfig) -> None:
         raise ConfigError(f"model.preset={cfg.model.preset!r}; choose one of {', '.join(preset_names())}")
     if cfg.init_from is None:  # init_from brings its own shape, which the preflight reads
         model_config(cfg, vocab_size=None)
+    if cfg.train.lora.rank and cfg.init_from is not None and cfg.export_hf:
+        if Path(cfg.init_from).resolve() == (Path(cfg.run_dir) / "hf").resolve():
+            raise ConfigError(
+                f"init_from={cfg.init_from} is this run's own hf/, which its merged export replaces at the end: the "
+                "adapters' base would be lost. Copy the base elsewhere, or set export_hf=false"
+            )
     if cfg.train.lora.rank and cfg.init_from is None:
         raise ConfigError(
             f"train.lora.rank={cfg.train.lora.rank} trains adapters on a frozen pretrained base: set "

@@ -332,7 +332,8 @@ class TorchEngine:
         if weights is not None:
             from training.startup import materialize
 
-            materialize(self.model, weights, where.device)
+            with together("filling this rank's part of the model"):  # reads files: may fail on one rank
+                materialize(self.model, weights, where.device)
         t = cfg.train
         self.optimizer = build_optimizer(self.model, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
         self.scaler = LossScaler(t.precision == "fp16")
@@ -476,10 +477,12 @@ class DeepSpeedEngine:
 
         if weights is None:
             weights = StartWeights.of_model(model)
-        elif self.stage == 3:
-            fill_partitions(model, weights)
         else:
-            materialize(model, weights, torch.device("cpu"))  # DeepSpeed moves it to the device
+            with together("filling this rank's part of the model"):  # reads files: may fail on one rank
+                if self.stage == 3:
+                    fill_partitions(model, weights)
+                else:
+                    materialize(model, weights, torch.device("cpu"))  # DeepSpeed moves it to the device
         t = cfg.train
         optimizer = build_optimizer(model, lr=t.lr, betas=t.betas, eps=t.eps, weight_decay=t.weight_decay)
         self.frozen = any(not p.requires_grad for p in model.parameters())

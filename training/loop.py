@@ -61,7 +61,7 @@ from training.engine import (
 from training.metrics import Reporter, peak_flops, peak_memory_bytes, throughput
 from training.optim import lr_at
 from training.prefetch import StepPrefetcher
-from training.startup import materialize, model_skeleton
+from training.startup import full_numel, materialize, model_skeleton, start_weights
 
 
 class TrainingError(RuntimeError):
@@ -101,10 +101,11 @@ def train(
     # Each rank-local part that can fail ends in an agreement, so no rank waits for a failed one.
     with together("loading the tokenizer and the model"):
         tokenizer = load_tokenizer(Path(cfg.data.train) / "tokenizer")
-        # A skeleton: each rank allocates and reads (or draws) only its own part in the engine.
-        model, model_cfg, weights = model_skeleton(cfg, tokenizer, model_init_context(cfg, where))
-    flops_per_token = model.num_flops_per_token(cfg.data.seq_len)
-    n_params = model.num_params(), model.num_params(trainable_only=True)
+        weights = start_weights(cfg, tokenizer)
+    # A skeleton: each rank allocates and reads (or draws) only its own part in the engine.
+    model_cfg, model = weights.cfg, model_skeleton(cfg, weights.cfg, model_init_context(cfg, where))
+    flops_per_token = model.num_flops_per_token(cfg.data.seq_len, numel=full_numel)
+    n_params = model.num_params(numel=full_numel), model.num_params(trainable_only=True, numel=full_numel)
     with contextlib.closing(weights):
         engine = build_engine(model, cfg, where, weights)
     if model_hook is not None:
@@ -273,11 +274,8 @@ def _evaluate_if_due(engine, cfg, where, tokenizer, state: TrainState, record: d
 def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> tuple[Decoder, ModelConfig]:
     """The run's initial Decoder, whole, on the CPU: what every rank starts from (the loop
     builds a skeleton and fills only each rank's part; see training/startup.py)."""
-    model, model_cfg, weights = model_skeleton(cfg, tokenizer)
-    try:
-        return materialize(model, weights, torch.device("cpu")), model_cfg
-    finally:
-        weights.close()
+    with contextlib.closing(start_weights(cfg, tokenizer)) as weights:
+        return materialize(model_skeleton(cfg, weights.cfg), weights, torch.device("cpu")), weights.cfg
 
 
 def make_stream(
@@ -315,7 +313,8 @@ def export_hf(engine, cfg: RunConfig, model_cfg: ModelConfig, out: Path, tokeniz
     lora = cfg.train.lora.lora_config()
     with together(f"writing the export {out}"):
         if where.is_main:
-            write_export(state if lora is None else merge_state_dict(state, model_cfg, lora), model_cfg, out, tokenizer)
+            merged = state if lora is None else merge_state_dict(state, model_cfg, lora, in_place=True)
+            write_export(merged, model_cfg, out, tokenizer)
     return out
 
 
@@ -358,9 +357,8 @@ def _base_record(cfg: RunConfig, where: Dist) -> dict:
 def _check_same_base(folder: Path, saved: dict, run: dict) -> None:
     """A LoRA checkpoint resumes only with the same LoRA on the same base weights, and a full
     checkpoint only without LoRA (ConfigError naming what differs)."""
-    shape = ("rank", "alpha", "targets")  # dropout may change; these shape the adapters
     was, now = saved.get("lora"), run["lora"]
-    if (was and {k: was[k] for k in shape}) != (now and {k: now[k] for k in shape}):
+    if _adapter_shape(was) != _adapter_shape(now):
         raise ConfigError(
             f"resume={folder}: trained with train.lora={was}, this run has train.lora={now}; resume with the same "
             "train.lora.*, or use another run_dir"
@@ -371,6 +369,11 @@ def _check_same_base(folder: Path, saved: dict, run: dict) -> None:
             f"{saved['base']['sha256'][:12]}…), but init_from={run['base']['path']} holds other weights (sha256 "
             f"{run['base']['sha256'][:12]}…); resume on the same base, or use another run_dir"
         )
+
+
+def _adapter_shape(lora: dict | None) -> tuple | None:
+    """What shapes a LoRA run's adapters (dropout may change between runs; targets in any order)."""
+    return None if lora is None else (lora["rank"], lora["alpha"], sorted(lora["targets"]))
 
 
 def _plain(value):

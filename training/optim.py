@@ -19,7 +19,8 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     # Norm gains and biases are vectors; decaying them toward zero only fights the model. The
     # embedding is a lookup table whose rare rows would be shrunk between their few updates.
     # `in` rather than startswith: wrappers prefix names (`_orig_mod.`, `_fsdp_wrapped_module.`).
-    return param.ndim < 2 or "tok_embeddings" in name
+    # A ZeRO-3 partitioned parameter is a flat shard: its real shape is ds_shape.
+    return len(getattr(param, "ds_shape", param.shape)) < 2 or "tok_embeddings" in name
 
 
 def no_decay_names(model: nn.Module) -> set[str]:

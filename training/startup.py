@@ -1,6 +1,7 @@
 """Start-up whose memory shrinks with the world size: no rank ever holds the whole model.
 
-    model_skeleton(cfg, tokenizer, context)   the Decoder without values: on the meta device, or
+    start_weights(cfg, tokenizer)             where the values come from, checked (nothing read)
+    model_skeleton(cfg, model_cfg, context)   the Decoder without values: on the meta device, or
                                               partitioned as it is built (ZeRO-3's zero.Init)
     engine shards it                          FSDP2's fully_shard on the meta device
     materialize / fill_partitions             each rank allocates its part and fills it from
@@ -22,7 +23,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.decoder import Decoder
-from model.hf import HFSlices
+from model.hf import HFSlices, flat_from_rows
 from model.lora import apply_lora, initial_rows, is_adapter
 
 
@@ -67,28 +68,20 @@ class StartWeights:
 
     def flat(self, name: str, shape: torch.Size, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flattened parameter (a ZeRO-3 partition's range)."""
-        row = max(1, shape[1:].numel())
-        first = start // row
-        covering = self.rows(name, shape, first, -(-stop // row)).flatten()
-        return covering[start - first * row : stop - first * row]
+        return flat_from_rows(lambda first, last: self.rows(name, shape, first, last), shape, start, stop)
 
 
-def model_skeleton(cfg, tokenizer, context=None) -> tuple[Decoder, ModelConfig, StartWeights]:
-    """The run's Decoder without its values, and where they come from.
+def start_weights(cfg, tokenizer) -> StartWeights:
+    """Where the run's initial weights come from, checked: init_from's folder (opened, its
+    headers read, no weights), or the preset with model.overrides drawn from train.seed.
 
     Args:
-        cfg: the run config (init_from, model.*, train.lora.*, train.seed, train.precision
-            already resolved).
+        cfg: the run config.
         tokenizer: the data's tokenizer (vocab size; checked against init_from's).
-        context: where the parameters are made (default the meta device; ZeRO-3's zero.Init).
-    Returns:
-        (model, its ModelConfig, StartWeights). What trains is fp32; under LoRA the base is
-        frozen in the run's precision and the fp32 adapters train.
     Raises:
         ConfigError: init_from does not read, or the model does not fit the data or tokenizer.
     """
     from training.config import ConfigError, model_config
-    from training.engine import DTYPES
     from training.preflight import check_init_from_tokenizer, check_model_fits
 
     if cfg.init_from is not None:
@@ -96,21 +89,40 @@ def model_skeleton(cfg, tokenizer, context=None) -> tuple[Decoder, ModelConfig, 
             weights = StartWeights(None, cfg.train.seed, init_from=cfg.init_from)
         except (OSError, ValueError) as e:  # a missing tensor, a wrong shape, a damaged file
             raise ConfigError(f"init_from={cfg.init_from}: {e}") from None
-        model_cfg = weights.cfg
         check_init_from_tokenizer(cfg, tokenizer)
         shape = f"init_from={cfg.init_from}"
     else:
-        model_cfg = model_config(cfg, tokenizer.vocab_size)
-        weights = StartWeights(model_cfg, cfg.train.seed)
+        weights = StartWeights(model_config(cfg, tokenizer.vocab_size), cfg.train.seed)
         shape = f"model.preset={cfg.model.preset}"
-    check_model_fits(cfg, tokenizer, model_cfg, shape)
+    try:
+        check_model_fits(cfg, tokenizer, weights.cfg, shape)
+    except ConfigError:
+        weights.close()
+        raise
+    return weights
+
+
+def model_skeleton(cfg, model_cfg: ModelConfig, context=None) -> Decoder:
+    """The run's Decoder without its values (see `StartWeights` for them).
+
+    Args:
+        cfg: the run config (train.lora.*, train.precision already resolved).
+        model_cfg: the model's shape.
+        context: where the parameters are made (default the meta device; ZeRO-3's zero.Init,
+            whose construction broadcasts each parameter: a collective on every rank).
+    Returns:
+        the model. What trains is fp32; under LoRA the base is frozen in the run's precision
+        and the fp32 adapters train.
+    """
+    from training.engine import DTYPES
+
     lora = cfg.train.lora.lora_config()
     with context if context is not None else torch.device("meta"):
         model = Decoder(model_cfg)
         if lora is not None:
             model.to(DTYPES[cfg.train.precision])  # the frozen base, in the run's precision
             apply_lora(model, lora)
-    return model, model_cfg, weights
+    return model
 
 
 @torch.no_grad()
@@ -125,6 +137,11 @@ def materialize(model: nn.Module, weights: StartWeights, device: torch.device) -
         start = _row_offset(param) if isinstance(param, DTensor) else 0
         local.copy_(weights.rows(_plain_name(name), param.shape, start, start + local.shape[0]))
     return model
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """A parameter's full size, also once ZeRO-3 has partitioned it (its data is then empty)."""
+    return getattr(param, "ds_numel", param.numel())
 
 
 def _row_offset(param) -> int:
