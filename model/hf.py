@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.config import ARCHES, ROPE_TYPES, ModelConfig
@@ -462,11 +463,13 @@ class HFSlices:
     For sharded start-up (issue 19): an engine builds the Decoder on the meta device, shards it,
     then fills only its own part, so no rank reads the whole model. `rows` serves FSDP2's
     Shard(0) (rank r: rows [r·c, (r+1)·c) with c = ceil(rows / world)), `flat` ZeRO-3's
-    partitions (rank r: elements [r·p, (r+1)·p) of the flattened tensor). Both read through
-    safetensors' `get_slice` only the source rows they return (a wqkv range may span q, k, v).
+    partitions (rank r: elements [r·p, (r+1)·p) of the flattened tensor). Both read only the
+    source rows they return (a wqkv range may span q, k, v), with positional reads into new
+    tensors rather than through a memory map: a mapped file's pages would count in the rank's
+    resident memory for as long as it stays open.
 
     Opening checks the whole folder as `load_hf` would, from the headers (see `check_hf`), and
-    keeps each weight file open (memory-mapped) until `close()` or the end of a `with` block.
+    keeps each weight file open until `close()` or the end of a `with` block.
 
     Raises (opening):
         FileNotFoundError, ValueError: as `load_hf`, naming the file and the tensor.
@@ -477,15 +480,15 @@ class HFSlices:
         self.cfg = read_hf_config(self.path)
         self._sources = hf_sources(self.cfg)
         self._files = contextlib.ExitStack()
-        self._slices = {}  # HF name → (file, its safetensors slice: a view, nothing read)
+        self._entries = {}  # HF name → (file, open file, dtype, shape, byte offset of its data)
         try:
             headers = {}
             for file in _weight_files(self.path):
                 with _named(file):
-                    f = self._files.enter_context(safe_open(str(file), framework="pt"))
-                    for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                        self._slices[name] = (file, f.get_slice(name))
-                        headers[name] = torch.empty(self._slices[name][1].get_shape(), device="meta")
+                    f = self._files.enter_context(open(file, "rb"))
+                    for name, (dtype, shape, offset) in _safetensors_header(f, file).items():
+                        self._entries[name] = (file, f, dtype, shape, offset)
+                        headers[name] = torch.empty(shape, dtype=dtype, device="meta")
             _fitted(headers, self.cfg, self.path)
         except BaseException:
             self.close()
@@ -506,12 +509,12 @@ class HFSlices:
 
     def shape(self, name: str) -> torch.Size:
         """The shape of Crucible tensor `name` (read from the headers)."""
-        first = self._slices[self._parts(name)[0][0]][1].get_shape()
+        first = self._entries[self._parts(name)[0][0]][3]
         return torch.Size([sum(rows for _, rows in self._parts(name)), *first[1:]])
 
     def dtype(self, name: str) -> torch.dtype:
-        """The stored dtype of `name` (of an empty read: no weights)."""
-        return self.rows(name, 0, 0).dtype
+        """The stored dtype of `name` (from the headers)."""
+        return self._entries[self._parts(name)[0][0]][2]
 
     def rows(self, name: str, start: int, stop: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows [start, stop) of Crucible tensor `name` (elements of a 1-D one), as a slice
@@ -556,9 +559,44 @@ class HFSlices:
         return self._sources[name]
 
     def _read(self, hf_name: str, start: int, stop: int) -> torch.Tensor:
-        file, rows = self._slices[hf_name]
+        """Rows [start, stop) of one stored tensor, read from its file into a new tensor."""
+        file, f, dtype, shape, offset = self._entries[hf_name]
+        row_bytes = shape[1:].numel() * dtype.itemsize
+        out = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
         with _named(file):
-            return rows[start:stop]
+            got = os.preadv(f.fileno(), [out.numpy()], offset + start * row_bytes) if len(out) else 0
+        if got != len(out):
+            raise ValueError(f"{file}: not a readable safetensors file (cut short inside {hf_name!r})")
+        return out.view(dtype).reshape(stop - start, *shape[1:])
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+
+
+def _safetensors_header(f, file: Path) -> dict[str, tuple[torch.dtype, torch.Size, int]]:
+    """Each tensor of an open safetensors file: (dtype, shape, byte offset of its data), checked
+    against the file's size (the format: an 8-byte little-endian header length, the JSON header,
+    then the data; offsets in the header count from the data's start)."""
+    size = os.fstat(f.fileno()).st_size
+    try:
+        length = int.from_bytes(f.read(8), "little")
+        if not 2 <= length <= size - 8:
+            raise ValueError(f"header length {length} does not fit a file of {size} bytes")
+        header = json.loads(f.read(length))
+        tensors = {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], torch.Size(entry["shape"])
+            begin, end = entry["data_offsets"]
+            if end - begin != shape.numel() * dtype.itemsize or 8 + length + end > size:
+                raise ValueError(f"{name!r} does not fit the file (cut short?)")
+            tensors[name] = (dtype, shape, 8 + length + begin)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    return tensors
 
 
 def read_hf_config(path: str | Path) -> ModelConfig:

@@ -4,15 +4,14 @@ reading only those rows; `save_hf_sharded` writes shard by shard a folder that `
 transformers read back."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-import model.hf
 from model.config import ModelConfig
 from model.decoder import Decoder
 from model.hf import HFSlices, check_hf, hf_sources, load_hf, save_hf, save_hf_sharded, state_dict_to_hf
@@ -119,45 +118,24 @@ def test_odd_and_empty_ranges_and_a_cast(folder):
             assert slices.flat(name, 0, 3, dtype=torch.float16).dtype == torch.float16
 
 
-class SpyOpen:
-    """safe_open, recording each slice read from a tensor (and offering no whole-tensor read)."""
-
-    def __init__(self, reads: list, *args, **kwargs):
-        self.reads, self.f = reads, safe_open(*args, **kwargs)
-
-    def __enter__(self):
-        self.f.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.f.__exit__(*exc)
-
-    def keys(self):
-        return self.f.keys()
-
-    def get_slice(self, name):
-        return SpySlice(self.reads, name, self.f.get_slice(name))
-
-
-class SpySlice:
-    def __init__(self, reads, name, tensor_slice):
-        self.reads, self.name, self.slice = reads, name, tensor_slice
-
-    def get_shape(self):
-        return self.slice.get_shape()
-
-    def __getitem__(self, key):
-        self.reads.append((self.name, key.start, key.stop))
-        return self.slice[key]
-
-
 def test_rows_and_flat_read_only_the_rows_they_return(tmp_path, monkeypatch):
     cfg = CONFIGS["qwen2-bias-tied"]
     path = write_folder(cfg, "save_pretrained", torch.float32, tmp_path / "hf")
-    reads = []
-    monkeypatch.setattr(model.hf, "safe_open", lambda *a, **k: SpyOpen(reads, *a, **k))
+    reads, read_bytes = [], []
+    real_read, real_preadv = HFSlices._read, os.preadv
+
+    def spy_read(self, hf_name, start, stop):  # the rows asked of each stored tensor
+        reads.append((hf_name, start, stop))
+        return real_read(self, hf_name, start, stop)
+
+    def spy_preadv(fd, buffers, offset):  # the bytes read from the files
+        read_bytes.append(sum(len(b) for b in buffers))
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(HFSlices, "_read", spy_read)
+    monkeypatch.setattr(os, "preadv", spy_preadv)
     with HFSlices(path) as slices:
-        assert reads == []  # opening reads headers only
+        assert reads == [] and read_bytes == []  # opening reads headers only
         slices.rows("layers.1.attn.wqkv.weight", 40, 70)  # q ends at 48, k at 64
         layer = "model.layers.1.self_attn."
         assert reads == [
@@ -174,6 +152,8 @@ def test_rows_and_flat_read_only_the_rows_they_return(tmp_path, monkeypatch):
         reads.clear()
         slices.rows("tok_embeddings.weight", 200, 300)  # past the end: no row read
         assert reads == [("model.embed_tokens.weight", 0, 0)]
+    # Every byte read belongs to a requested row: 30 + 10 rows of 48 fp32 values, and 10 + 2 elements.
+    assert sum(read_bytes) == (30 * 48 + 10 + 2 * 48) * 4
 
 
 def test_a_missing_tensor_names_it_and_the_folder(tmp_path):

@@ -161,17 +161,26 @@ def fill_partitions(model: nn.Module, weights: StartWeights) -> None:
     """Fill each ZeRO-3 partition of a model built under zero.Init from `weights`: this rank's
     flat range of every parameter, its padding zero."""
     for name, param in model.named_parameters():
-        param.ds_tensor.copy_(_partition(param, weights, _plain_name(name)))
+        start, stop = _partition_range(param)
+        part = param.ds_tensor
+        part[: stop - start].copy_(weights.flat(_plain_name(name), param.ds_shape, start, stop))
+        part[stop - start :].zero_()  # the padding of the last partition
 
 
 def _partition(param, weights: StartWeights, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """This rank's ZeRO-3 partition of `param` as `weights` give it (padded with zeros)."""
-    size = param.ds_tensor.ds_numel
-    start = min(size * _partition_rank(param), param.ds_numel)
-    stop = min(start + size, param.ds_numel)
-    out = torch.zeros(size, dtype=dtype or param.ds_tensor.dtype)
+    start, stop = _partition_range(param)
+    out = torch.zeros(param.ds_tensor.ds_numel, dtype=dtype or param.ds_tensor.dtype)
     out[: stop - start] = weights.flat(name, param.ds_shape, start, stop)
     return out
+
+
+def _partition_range(param) -> tuple[int, int]:
+    """The flat elements [start, stop) of `param` in this rank's ZeRO-3 partition (the rest of
+    the partition, at the end of the last ranks', is padding)."""
+    size = param.ds_tensor.ds_numel
+    start = min(size * _partition_rank(param), param.ds_numel)
+    return start, min(start + size, param.ds_numel)
 
 
 def _partition_rank(param) -> int:
