@@ -475,8 +475,8 @@ class DeepSpeedEngine:
                 model.tok_embeddings.register_forward_hook(_require_grad)
         from training.startup import StartWeights, fill_partitions, materialize, set_fp32_masters
 
-        if weights is None:
-            weights = StartWeights.of_model(model)
+        if weights is None:  # a built model: its fp32 values, for the masters of a bf16/fp16 run only
+            weights = StartWeights.of_model(model) if cfg.train.precision != "fp32" else None
         else:
             with together("filling this rank's part of the model"):  # reads files: may fail on one rank
                 if self.stage == 3:

@@ -51,8 +51,8 @@ class StartWeights:
 
     @classmethod
     def of_model(cls, model: Decoder) -> StartWeights:
-        """The values a built model holds now (references, not copies)."""
-        return cls(model.cfg, held={name: p.data for name, p in model.named_parameters()})
+        """The values a built model's trainable parameters hold now (references, not copies)."""
+        return cls(model.cfg, held={name: p.data for name, p in model.named_parameters() if p.requires_grad})
 
     def close(self) -> None:
         if self.hf is not None:
