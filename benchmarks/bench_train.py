@@ -69,8 +69,9 @@ QWEN2_0_5B = ModelConfig(
 """The shapes of Qwen/Qwen2.5-0.5B's config.json (494M parameters, 136M of them the tied embedding)."""
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arg_parser(doc: str | None = __doc__) -> argparse.ArgumentParser:
+    """This benchmark's command line, for `parse_args` (bench_lora.py adds its flags to it)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, help="model preset (model/config.py; default tiny)")
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the preset's)")
     parser.add_argument("--init-from", metavar="HF_FOLDER", help="the model of a Hugging Face folder, not a preset")
@@ -99,7 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help="activation checkpointing: Crucible's mode; transformers' gradient checkpointing unless none",
     )
-    parser.add_argument("--memory-of", choices=SIDES, help=argparse.SUPPRESS)  # the CPU memory subprocess
+    parser.add_argument("--memory-of", choices=SIDES, help=argparse.SUPPRESS)  # the memory subprocess
+    return parser
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse and check `argv` with `parser` (default: `arg_parser()`)."""
+    parser = parser or arg_parser()
     args = parser.parse_args(argv)
     if args.warmup < 1 or args.steps < 1:
         parser.error("--warmup and --steps must each be at least 1")  # the first loss is checked in warm-up
@@ -141,10 +148,15 @@ class CrucibleSide:
         run.engine, run.train.precision, run.train.compile = "single", args.precision, args.compile != "off"
         run.train.activation_checkpointing = args.ac
         device = torch.device(args.device)
-        model = Decoder(cfg)
-        model.load_state_dict(state)
+        model = self.make_model(cfg, state, args)
         self.engine = TorchEngine(model.to(device), run, Dist(rank=0, world_size=1, local_rank=0, device=device))
         self.lr = run.train.lr
+
+    def make_model(self, cfg: ModelConfig, state: dict, args) -> Decoder:
+        """The Decoder with the weights `state`, on the CPU."""
+        model = Decoder(cfg)
+        model.load_state_dict(state)
+        return model
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.engine.forward_context():
@@ -168,11 +180,11 @@ def hf_llama(cfg: ModelConfig, state: dict):
     return model
 
 
-def hf_pretrained(folder: str):
-    """The folder's model as transformers loads it (AutoModelForCausalLM, SDPA attention, fp32)."""
+def hf_pretrained(folder: str, dtype: torch.dtype = torch.float32):
+    """The folder's model as transformers loads it (AutoModelForCausalLM, SDPA attention, in `dtype`)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
 
 
 class HFSide:
@@ -180,7 +192,7 @@ class HFSide:
     the same AdamW and clipping, as transformers' Trainer runs them."""
 
     def __init__(self, cfg: ModelConfig, state: dict, args):
-        self.model = hf_pretrained(args.init_from) if args.init_from else hf_llama(cfg, state)
+        self.model = self.make_model(cfg, state, args)
         self.model.config.use_cache = False  # as Trainer sets it: no KV cache copied in training
         self.model.to(args.device).train()
         if args.ac != "none":
@@ -191,17 +203,24 @@ class HFSide:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if args.compile == "both":
             self.model = torch.compile(self.model)
+        self.optimizer = self.make_optimizer(args)
+        self.clip = RunConfig().train.grad_clip
+        self.autocast = args.precision == "bf16"
+        self.device_type = torch.device(args.device).type
+
+    def make_model(self, cfg: ModelConfig, state: dict, args):
+        """The HF folder's model, or LlamaForCausalLM with the Decoder weights `state`; fp32, on the CPU."""
+        return hf_pretrained(args.init_from) if args.init_from else hf_llama(cfg, state)
+
+    def make_optimizer(self, args) -> torch.optim.AdamW:
+        """training.optim's groups and fused AdamW; the (tied) embedding is undecayed under its HF name too."""
         run = RunConfig().train
-        # training.optim's groups and fused AdamW; the (tied) embedding is undecayed under its HF name too
         groups = param_groups(self.model, run.weight_decay)
         embedding = self.model.get_input_embeddings().weight
         groups[0]["params"] = [p for p in groups[0]["params"] if p is not embedding]
         groups[-1]["params"].append(embedding)
         fused = torch.device(args.device).type in FUSED_ADAMW_DEVICES
-        self.optimizer = torch.optim.AdamW(groups, lr=run.lr, betas=run.betas, eps=run.eps, fused=fused)
-        self.clip = run.grad_clip
-        self.autocast = args.precision == "bf16"
-        self.device_type = torch.device(args.device).type
+        return torch.optim.AdamW(groups, lr=run.lr, betas=run.betas, eps=run.eps, fused=fused)
 
     def step(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -267,9 +286,11 @@ def alternate(sides: dict, data: list, args) -> dict[str, list[float]]:
     The first step's losses must agree (same weights, same batch): the two do the same work."""
     first = {name: [float(runner.step(t, y)) for t, y in data[: args.warmup]][0] for name, runner in sides.items()}
     tolerance = 1e-4 if args.precision == "fp32" else 2e-2
-    if abs(first["crucible"] - first["hf"]) > tolerance * abs(first["hf"]):
+    difference = abs(first["crucible"] - first["hf"])
+    if difference > tolerance * abs(first["hf"]):
         raise SystemExit(f"the first losses differ: {first}; the two sides are not doing the same work")
-    print(f"first-step loss: crucible {first['crucible']:.6f}, hf {first['hf']:.6f}", flush=True)
+    print(f"first-step loss: crucible {first['crucible']:.6f}, hf {first['hf']:.6f}", end=" ")
+    print(f"(difference {difference:.1e})", flush=True)
     _sync(args.device)
     times = {name: [] for name in sides}
     for tokens, labels in data[args.warmup :]:
@@ -286,18 +307,22 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def peak_memory(side: str, argv: list[str]) -> int:
-    """Peak memory of `side`'s steps, measured in a fresh subprocess (measure_memory_here) run
-    with this run's arguments `argv`."""
-    done = subprocess.run([sys.executable, __file__, *argv, "--memory-of", side], capture_output=True, text=True)
+def peak_memory(side: str, argv: list[str], script: str | Path = __file__) -> int:
+    """Peak memory of `side`'s steps, measured in a fresh subprocess of `script` (whose main calls
+    measure_memory_here) run with this run's arguments `argv`."""
+    done = subprocess.run([sys.executable, str(script), *argv, "--memory-of", side], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"the memory run of {side} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
-def measure_memory_here(args) -> None:
-    """The subprocess of peak_memory: build one side, run its steps, print its peak."""
+def measure_memory_here(args, build=build) -> None:
+    """The subprocess of peak_memory: build one side with `build`, run its steps, print its peak."""
     cfg, state = source(args)  # on CPU in both sides' processes alike: measured from here on
+    # load_hf maps much of a folder's weights from its files: read them in before the baseline,
+    # or the Crucible side, which copies them, would count those pages too (~1 GiB at Qwen2-0.5B).
+    for tensor in state.values():
+        tensor.sum()
     data = batches(args, cfg, args.warmup + args.steps)
     # Both sides import the HF model's code before the baseline: it is not the HF side's memory.
     arch = config_to_hf(cfg)["model_type"]
@@ -315,9 +340,24 @@ def measure_memory_here(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    return benchmark(parse_args(argv), argv, build, __file__)
+
+
+def benchmark(args, argv: list[str] | None, build, script: str | Path, setting: str = "") -> int:
+    """The benchmark: `--memory-of`'s subprocess, `--make-qwen2-0.5b`, or the comparison.
+
+    Args:
+        args: parsed by `parse_args`.
+        argv: the command line (None: sys.argv), passed on to the memory subprocesses.
+        build: (side, cfg, state, args) → an object whose step(tokens, labels) runs one
+            optimizer step and returns the loss.
+        script: the file whose main this is (run again as the memory subprocess).
+        setting: appended to the first line printed (what else the sides share).
+    Returns:
+        the exit status.
+    """
     if args.memory_of:
-        measure_memory_here(args)
+        measure_memory_here(args, build)
         return 0
     if args.make_qwen2:
         print(f"wrote {make_hf_folder(QWEN2_0_5B, args.make_qwen2)} (Qwen2.5-0.5B's shapes, random weights)")
@@ -330,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.preset if args.preset else f"{args.init_from} ({config_to_hf(cfg)['architectures'][0]})"
     print(
         f"{model}: {n_params / 1e6:.1f}M parameters (vocab {cfg.vocab_size}), seq_len {args.seq_len}, "
-        f"batch {args.batch}, prompt_frac {args.prompt_frac}, {args.precision} on {args.device}, "
+        f"batch {args.batch}, prompt_frac {args.prompt_frac}, {args.precision} on {args.device}{setting}, "
         f"compile={args.compile}, ac={args.ac}, {args.steps} steps per side after {args.warmup} warm-up, "
         f"torch {torch.__version__}",
         flush=True,
@@ -340,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     times = alternate(sides, data, args)
     speed = {name: tokens_per_step * len(t) / sum(t) for name, t in times.items()}
     del sides
-    memory = {name: peak_memory(name, sys.argv[1:] if argv is None else argv) for name in SIDES}
+    memory = {name: peak_memory(name, sys.argv[1:] if argv is None else argv, script) for name in SIDES}
     for name in SIDES:
         ms = [t * 1e3 for t in times[name]]
         print(
