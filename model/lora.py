@@ -112,8 +112,8 @@ class LoRALinear(nn.Module):
         return a, b
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        """The adapters' output (..., out) for input x (..., in), in x's dtype; computed in fp32
-        (peft casts the input to the adapter's dtype too)."""
+        """The adapters' output (..., out) for input x (..., in), in x's dtype; computed in the
+        adapters' dtype (fp32), or under autocast in its dtype (peft casts the input the same way)."""
         a, b = self._stacked()
         return (F.linear(F.linear(self.dropout(x.to(a.dtype)), a), b) * self.scale).to(x.dtype)
 
