@@ -117,11 +117,6 @@ class LoRALinear(nn.Module):
         a, b = self._stacked()
         return (F.linear(F.linear(self.dropout(x.to(a.dtype)), a), b) * self.scale).to(x.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """The (out, in) fp32 weight the adapters add: scale · B @ A, per part in its rows."""
-        a, b = self._stacked()
-        return (b @ a) * self.scale
-
     def forward(self, x):
         return F.linear(x, self.weight, self.bias) + self.lora_delta(x)
 
