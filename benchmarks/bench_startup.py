@@ -6,7 +6,7 @@ Host memory per rank at start-up (issue 19): for each source (`scratch`: the pre
 the seeded init; `hf`: an HF folder of the preset's shape as `init_from`), engine (FSDP2, ZeRO-3
 from configs/zero3.json) and start-up, `--world` gloo ranks on the CPU build the engine
 
-    sharded   as training/loop.py does: `model_skeleton` (meta device, or zero.Init) → build_engine
+    sharded   as training/loop.py does: `model_skeleton` (meta device) → build_engine (ZeRO-3: partition_zero3)
               with its StartWeights, each rank filling only its own part
     whole     as every rank did before: `build_model` (the whole model in fp32 on the CPU) →
               build_engine without weights
@@ -17,8 +17,8 @@ Each configuration runs in fresh processes, since VmHWM (the peak RSS, /proc/sel
 process. Each rank records VmHWM at these points:
 
     start      imports done, process group joined
-    skeleton   sharded only: the Decoder built on the meta device, or under zero.Init partitioned
-               with the values its modules' own init gave them
+    skeleton   sharded only: the Decoder built on the meta device; for ZeRO-3 then partitioned
+               (`partition_zero3`), values not yet set
     filled     its weights filled, before any optimizer state: for sharded ZeRO-3 the partitions
                are filled here once more before `deepspeed.initialize` (which allocates its fp32
                partitions, gradient buffer and Adam state); for sharded FSDP the engine's
@@ -213,12 +213,14 @@ class Progress:
 def build_sharded(cfg: RunConfig, where, tokenizer, progress: Progress):
     """The loop's start-up (training/loop.py), with ZeRO-3's partitions filled before
     `deepspeed.initialize` to measure them alone. Returns (engine, seconds without that fill)."""
-    from training.engine import build_engine, model_init_context
+    from training.engine import build_engine, deepspeed_config, partition_zero3
     from training.startup import fill_partitions, model_skeleton, start_weights
 
     started, extra = time.perf_counter(), 0.0
     weights = start_weights(cfg, tokenizer)
-    model = model_skeleton(cfg, weights.cfg, model_init_context(cfg, where))
+    model = model_skeleton(cfg, weights.cfg)
+    if cfg.engine == "deepspeed":
+        partition_zero3(model, deepspeed_config(cfg, where.world_size), where)
     progress.point("skeleton")
     if cfg.engine == "deepspeed":
         t = time.perf_counter()

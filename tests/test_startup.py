@@ -34,16 +34,16 @@ def _worker(rank: int, world: int, port: int, cfg: RunConfig, out: str) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
-    from training.engine import build_engine, init_distributed, model_init_context, resolve_precision
+    from training.engine import build_engine, init_distributed, resolve_precision
     from training.optim import param_groups
     from training.startup import model_skeleton, start_weights
 
     where = init_distributed(needs_group=True)
     cfg = resolve_precision(cfg, where.device)
     weights = start_weights(cfg, load_tokenizer(Path(cfg.data.train) / "tokenizer"))
-    model = model_skeleton(cfg, weights.cfg, model_init_context(cfg, where))
-    decay = [(g["weight_decay"], len(g["params"])) for g in param_groups(model, 0.1)]  # on the skeleton
+    model = model_skeleton(cfg, weights.cfg)
     engine = build_engine(model, cfg, where, weights)
+    decay = [(g["weight_decay"], len(g["params"])) for g in param_groups(model, 0.1)]  # sharded
     weights.close()
     local = {
         n: (p.dtype, tuple(p.to_local().shape) if hasattr(p, "to_local") else None) for n, p in model.named_parameters()

@@ -450,8 +450,8 @@ class DeepSpeedEngine:
     from the run config); DeepSpeed handles precision, clipping and its own non-finite check.
 
     Args:
-        model: a built Decoder, or a skeleton with `weights`: on the meta device, or for ZeRO-3
-            built under `model_init_context` (already partitioned).
+        model: a built Decoder, or a meta-device skeleton with `weights` (under ZeRO-3 it may
+            be partitioned already by `partition_zero3`).
         cfg, where: the run and this process.
         weights: a skeleton's values (StartWeights): under ZeRO-3 each rank fills only its
             partitions.
@@ -478,6 +478,8 @@ class DeepSpeedEngine:
         if weights is None:  # a built model: its fp32 values, for the masters of a bf16/fp16 run only
             weights = StartWeights.of_model(model) if cfg.train.precision != "fp32" else None
         else:
+            if self.stage == 3 and any(p.is_meta for p in model.parameters()):
+                partition_zero3(model, ds_config, where)  # collectives: not inside `together`
             with together("filling this rank's part of the model"):  # reads files: may fail on one rank
                 if self.stage == 3:
                     fill_partitions(model, weights)
@@ -578,18 +580,31 @@ def build_engine(model: Decoder, cfg: RunConfig, where: Dist, weights=None) -> T
     return TorchEngine(model, cfg, where, weights)
 
 
-def model_init_context(cfg: RunConfig, where: Dist):
-    """Where the engine wants a skeleton's parameters made: on the meta device, or under
-    DeepSpeed ZeRO-3 partitioned as each module is built (zero.Init, in the run's precision)."""
-    cfg = resolve_precision(cfg, where.device)
-    ds_config = deepspeed_config(cfg, where.world_size) if cfg.engine == "deepspeed" else {}
-    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
-        return torch.device("meta")
+def partition_zero3(model: nn.Module, ds_config: dict, where: Dist) -> nn.Module:
+    """ZeRO-3's partitions of a meta-device skeleton, in the config's dtype, their values unset
+    (each rank fills its own: training.startup.fill_partitions). No rank holds the whole model.
+
+    Each module gets storage (`to_empty`: address space, no page written) and goes to DeepSpeed
+    (`zero.Init(module=...)`), which broadcasts it from rank 0 and keeps this rank's partition.
+    Largest modules first: the one full-size module in flight comes while few partitions are
+    resident. On the CPU every module gets its storage at once before any is freed (only the
+    broadcast touches its pages), so that no freed module leaves holes in the heap. Unlike
+    building the model under `with zero.Init()`, no module runs its own init on full-size
+    weights that are overwritten anyway (97 s of an 8B start-up).
+    """
     deepspeed = _import_deepspeed(where)
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # joins the group made already
-    # The dtype comes from the config's bf16/fp16 sections (deepspeed 0.19 reads a `dtype`
-    # argument only on accelerators with fp16, and would make a CPU run's parameters bf16).
-    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.half}
+    model.to(next((v for k, v in dtype.items() if ds_config.get(k, {}).get("enabled")), torch.float32))
+    if where.device.type == "cpu":
+        model.to_empty(device=where.device)
+    holders = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    for module in sorted(holders, key=lambda m: -sum(p.numel() for p in m.parameters(recurse=False))):
+        if any(p.is_meta for p in module.parameters(recurse=False)):
+            module.to_empty(device=where.device, recurse=False)
+        # mem_efficient_linear=False: DeepSpeed would otherwise replace F.linear process-wide.
+        deepspeed.zero.Init(module=module, config_dict_or_path=ds_config, mem_efficient_linear=False)
+    return model
 
 
 def _import_deepspeed(where: Dist):

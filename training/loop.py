@@ -53,7 +53,6 @@ from training.engine import (
     broadcast_from_main,
     build_engine,
     init_distributed,
-    model_init_context,
     raise_together,
     resolve_precision,
     together,
@@ -103,7 +102,7 @@ def train(
         tokenizer = load_tokenizer(Path(cfg.data.train) / "tokenizer")
         weights = start_weights(cfg, tokenizer)
     # A skeleton: each rank allocates and reads (or draws) only its own part in the engine.
-    model_cfg, model = weights.cfg, model_skeleton(cfg, weights.cfg, model_init_context(cfg, where))
+    model_cfg, model = weights.cfg, model_skeleton(cfg, weights.cfg)
     flops_per_token = model.num_flops_per_token(cfg.data.seq_len, numel=full_numel)
     n_params = model.num_params(numel=full_numel), model.num_params(trainable_only=True, numel=full_numel)
     with contextlib.closing(weights):

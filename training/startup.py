@@ -1,9 +1,9 @@
 """Start-up whose memory shrinks with the world size: no rank ever holds the whole model.
 
     start_weights(cfg, tokenizer)             where the values come from, checked (nothing read)
-    model_skeleton(cfg, model_cfg, context)   the Decoder without values: on the meta device, or
-                                              partitioned as it is built (ZeRO-3's zero.Init)
-    engine shards it                          FSDP2's fully_shard on the meta device
+    model_skeleton(cfg, model_cfg)            the Decoder without values, on the meta device
+    engine shards it                          FSDP2's fully_shard on the meta device; ZeRO-3's
+                                              partitions (training.engine.partition_zero3)
     materialize / fill_partitions             each rank allocates its part and fills it from
                                               StartWeights: only its own rows
 
@@ -16,6 +16,7 @@ the parameter that holds it: fp32 where it trains, the run's precision for a fro
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -102,14 +103,12 @@ def start_weights(cfg, tokenizer) -> StartWeights:
     return weights
 
 
-def model_skeleton(cfg, model_cfg: ModelConfig, context=None) -> Decoder:
-    """The run's Decoder without its values (see `StartWeights` for them).
+def model_skeleton(cfg, model_cfg: ModelConfig) -> Decoder:
+    """The run's Decoder without its values (see `StartWeights` for them), on the meta device.
 
     Args:
         cfg: the run config (train.lora.*, train.precision already resolved).
         model_cfg: the model's shape.
-        context: where the parameters are made (default the meta device; ZeRO-3's zero.Init,
-            whose construction broadcasts each parameter: a collective on every rank).
     Returns:
         the model. What trains is fp32; under LoRA the base is frozen in the run's precision
         and the fp32 adapters train.
@@ -117,7 +116,7 @@ def model_skeleton(cfg, model_cfg: ModelConfig, context=None) -> Decoder:
     from training.engine import DTYPES
 
     lora = cfg.train.lora.lora_config()
-    with context if context is not None else torch.device("meta"):
+    with torch.device("meta"):
         model = Decoder(model_cfg)
         if lora is not None:
             model.to(DTYPES[cfg.train.precision])  # the frozen base, in the run's precision
@@ -135,8 +134,19 @@ def materialize(model: nn.Module, weights: StartWeights, device: torch.device) -
     for name, param in model.named_parameters():
         local = param.to_local() if isinstance(param, DTensor) else param.data
         start = _row_offset(param) if isinstance(param, DTensor) else 0
-        local.copy_(weights.rows(_plain_name(name), param.shape, start, start + local.shape[0]))
+        for lo, hi in _spans(local.shape[0], max(1, _FILL_CHUNK // math.prod(local.shape[1:]))):
+            local[lo:hi].copy_(weights.rows(_plain_name(name), param.shape, start + lo, start + hi))
     return model
+
+
+_FILL_CHUNK = 1 << 24
+"""Elements filled at a time: the transient copy a fill holds beside the part it fills (64 MB
+in fp32, where a whole part at once would be 0.5 GB for a 1B model's embedding on 2 ranks)."""
+
+
+def _spans(n: int, step: int):
+    """The [lo, hi) pieces of range(n), `step` long (the last one shorter)."""
+    return ((lo, min(lo + step, n)) for lo in range(0, n, step))
 
 
 def full_numel(param: torch.Tensor) -> int:
@@ -158,12 +168,13 @@ def _plain_name(name: str) -> str:
 
 @torch.no_grad()
 def fill_partitions(model: nn.Module, weights: StartWeights) -> None:
-    """Fill each ZeRO-3 partition of a model built under zero.Init from `weights`: this rank's
+    """Fill each ZeRO-3 partition (training.engine.partition_zero3) from `weights`: this rank's
     flat range of every parameter, its padding zero."""
     for name, param in model.named_parameters():
         start, stop = _partition_range(param)
         part = param.ds_tensor
-        part[: stop - start].copy_(weights.flat(_plain_name(name), param.ds_shape, start, stop))
+        for lo, hi in _spans(stop - start, _FILL_CHUNK):
+            part[lo:hi].copy_(weights.flat(_plain_name(name), param.ds_shape, start + lo, start + hi))
         part[stop - start :].zero_()  # the padding of the last partition
 
 
