@@ -10,7 +10,8 @@ IGNORE_INDEX: system and user messages, role headers, and what follows the end-o
 
 This module holds the policies that do not depend on the template: which turns to keep when a
 conversation is too long, how a document is framed (bos only where the tokenizer adds one, eos
-always, never doubled), and how a prompt is fitted into the model's context.
+always, never doubled), how a preference pair becomes one Sample of two sequences with loss on
+its completions only, and how a prompt is fitted into the model's context.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_pipeline.records import ROLES, DataError, Sample
+from data_pipeline.records import ROLES, DataError, PreferencePair, Sample
 from data_pipeline.tokenizer import Tokenizer
 from model.loss import IGNORE_INDEX
 
@@ -32,6 +33,10 @@ token: an answer would be trained to end mid-sentence, a user turn could forge a
 UNTRAINED_TURN = "assistant_turn_without_loss"
 """A kept assistant turn to which the template gave no token to learn; the sample is kept when
 another turn has some (a note in the report), dropped when none has."""
+COMPLETION_CUT = "completion_cut"
+"""A preference pair kept with the end of a completion cut off to fit --max-len (a note)."""
+COMPLETION_CUT_TO_NOTHING = "completion_cut_to_nothing"
+"""A preference pair whose prompt leaves a completion no token within --max-len (dropped)."""
 
 
 def encode_conversation(
@@ -83,6 +88,79 @@ def encode_conversation(
             return None, UNTRAINED_TURN
         reason = UNTRAINED_TURN
     return Sample(input_ids=ids[:-1], labels=targets[1:]), reason
+
+
+def encode_pair(pair: PreferencePair, tok: Tokenizer, max_len: int | None = None) -> tuple[Sample | None, str | None]:
+    """Tokenize a preference pair as one Sample of two sequences: prompt + chosen, then prompt +
+    rejected, each rendered by the chat template as `encode_conversation` renders a conversation
+    and aligned on its own (labels[t] is the target of position t within its sequence).
+
+    Only the completion carries loss: the content of its assistant turn(s) and the token(s) that
+    close each. Every prompt token is IGNORE_INDEX, its earlier assistant turns included, since
+    DPO compares the likelihood of the two answers given the same prompt.
+
+    Over-length policy, per sequence (each at most `max_len` aligned positions, so the Sample at
+    most 2 * max_len): the prompt is kept whole and the completion's end is cut off (the pair is
+    kept with the note "completion_cut"), as TRL's DPO truncates; a cut answer loses its
+    end-of-turn token, but both answers are still compared on the same prompt. When the prompt
+    leaves a completion no token, the pair is dropped as "completion_cut_to_nothing". A pair
+    quoting a control token is "control_token_in_text"; one whose completion the template gives
+    no trained token is "assistant_turn_without_loss" (a note when another completion turn has
+    some).
+
+    Args:
+        pair: a cleaned pair (prompt ending with a user turn, completions opening with an
+            assistant turn: clean.check_pair).
+        tok: the tokenizer.
+        max_len: the longest aligned sequence allowed (None: no limit).
+    Returns:
+        (sample, reason): Sample(input_ids = ids_A ++ ids_B, labels = labels_A ++ labels_B,
+        segments = (len A, len B)) or None, and the note or drop reason or None.
+    Raises:
+        DataError: a message with an unknown role or a non-string content, or a chat the
+            template cannot render or mask (naming the template and the turn).
+    """
+    sequences, notes = [], set()
+    for completion in (pair.chosen, pair.rejected):
+        messages = [*pair.prompt, *completion]
+        _check_messages(messages)
+        if any(s in m["content"] for m in messages for s in tok.control_strings):
+            return None, CONTROL_TOKEN_IN_TEXT
+        ids, targets, untrained = _completion_targets(pair.prompt, messages, tok)
+        if (targets == IGNORE_INDEX).all():
+            return None, UNTRAINED_TURN
+        if untrained:
+            notes.add(UNTRAINED_TURN)
+        if max_len is not None and len(ids) - 1 > max_len:
+            ids, targets = ids[: max_len + 1], targets[: max_len + 1]
+            if (targets == IGNORE_INDEX).all():
+                return None, COMPLETION_CUT_TO_NOTHING
+            notes.add(COMPLETION_CUT)
+        sequences.append((ids[:-1], targets[1:]))
+    (ids_a, labels_a), (ids_b, labels_b) = sequences
+    sample = Sample(
+        input_ids=np.concatenate([ids_a, ids_b]),
+        labels=np.concatenate([labels_a, labels_b]),
+        segments=(len(ids_a), len(ids_b)),
+    )
+    note = COMPLETION_CUT if COMPLETION_CUT in notes else next(iter(notes), None)
+    return sample, note
+
+
+def _completion_targets(
+    prompt: Sequence[dict[str, str]], messages: Sequence[dict[str, str]], tok: Tokenizer
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(ids, targets, number of completion turns without a trained token) of prompt + completion:
+    targets are the ids where the template trains them after the prompt, IGNORE_INDEX elsewhere."""
+    chat = tok.encode_chat(messages)
+    # The template trains every assistant turn; a turn's trained tokens come in order, so the
+    # first ones, as many as the prompt's assistant turns got, are the prompt's.
+    prompt_turns = sum(m["role"] == "assistant" for m in prompt)
+    trained = np.array(chat.trained, dtype=bool)
+    trained[np.flatnonzero(trained)[: sum(chat.turn_tokens[:prompt_turns])]] = False
+    ids = np.array(chat.ids, dtype=np.int32)
+    targets = np.where(trained, ids, IGNORE_INDEX).astype(np.int32)
+    return ids, targets, chat.turn_tokens[prompt_turns:].count(0)
 
 
 def encode_document(text: str, tok: Tokenizer) -> Sample:
@@ -162,11 +240,35 @@ def show_masks(messages: Sequence[dict[str, str]], tok: Tokenizer) -> str:
     """
     _check_messages(messages)
     chat = tok.encode_chat(messages)
+    return _marked(chat.ids, chat.trained, tok)
+
+
+def show_pair_masks(pair: PreferencePair, tok: Tokenizer) -> str:
+    """A preference pair's two sequences as `show_masks` writes a conversation, each under a
+    `[chosen]` or `[rejected]` line: only the completions are marked (see encode_pair).
+
+    Args:
+        pair: the pair.
+        tok: the tokenizer (its chat template renders).
+    Returns:
+        The two marked renderings.
+    """
+    parts = []
+    for name, completion in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        messages = [*pair.prompt, *completion]
+        _check_messages(messages)
+        ids, targets, _ = _completion_targets(pair.prompt, messages, tok)
+        parts.append(f"[{name}]\n{_marked(ids.tolist(), list(targets != IGNORE_INDEX), tok)}")
+    return "\n".join(parts)
+
+
+def _marked(ids: Sequence[int], trained: Sequence[bool], tok: Tokenizer) -> str:
+    """The decoded ids, each stretch of trained ones between ⟦ and ⟧."""
     parts, start = [], 0
-    for end in range(1, len(chat.ids) + 1):
-        if end == len(chat.ids) or chat.trained[end] != chat.trained[start]:
-            text = tok.decode(chat.ids[start:end])
-            parts.append(f"⟦{text}⟧" if chat.trained[start] else text)
+    for end in range(1, len(ids) + 1):
+        if end == len(ids) or trained[end] != trained[start]:
+            text = tok.decode(ids[start:end])
+            parts.append(f"⟦{text}⟧" if trained[start] else text)
             start = end
     return "".join(parts)
 

@@ -8,6 +8,14 @@
         "system_not_first"    a system message anywhere but first
         "turn_order"          after the optional system: not user, assistant, user, ... in turn
         "no_assistant_reply"  the conversation does not end with an assistant message
+    PreferencePair ─► clean_text on every content ─► check_pair ─► drop "unknown_role", or one of:
+        "prompt_mismatch"         chosen or rejected does not open with an assistant turn: the two
+                                  were not answers to the same prompt (a row whose explicit prompt
+                                  their own heads contradict, or whose implicit split falls short
+                                  of an assistant turn)
+        "empty_completion"        chosen or rejected has no message, or an empty one
+        (prompt + chosen, then prompt + rejected: check_conversation's reasons)
+        "chosen_equals_rejected"  the two completions are the same: nothing to prefer
 
 Every drop is counted in the DropReport with the record's source. What is too long for a
 conversation depends on tokens, so that policy lives in chat.py, not here.
@@ -22,7 +30,7 @@ import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from data_pipeline.records import ROLES, Conversation, Document, DropReport
+from data_pipeline.records import ROLES, Conversation, Document, DropReport, PreferencePair
 
 # Only real tags are stripped: a known HTML tag name, then well-formed attributes (name=value,
 # name="...", name='...', or a bare name from HTML's boolean attributes), then an optional "/".
@@ -206,5 +214,62 @@ def clean_conversations(
         reason = check_conversation(cleaned, opts.allowed_roles)
         if reason is not None:
             report.drop(reason, conv.source)
+            continue
+        yield cleaned
+
+
+def check_pair(pair: PreferencePair, allowed_roles: tuple[str, ...] = ROLES) -> str | None:
+    """Why a preference pair is unfit, or None when it is fit.
+
+    A fit pair is a prompt that ends with a user turn and two different, non-empty completions
+    that each open with an assistant turn, prompt + completion being a fit conversation
+    (`check_conversation`) either way.
+
+    Args:
+        pair: the pair (contents already cleaned).
+        allowed_roles: the roles it may use.
+
+    Returns:
+        The first drop reason that applies, in the order of the module docstring, or None.
+    """
+    messages = [*pair.prompt, *pair.chosen, *pair.rejected]
+    if any(m.get("role") not in allowed_roles for m in messages):
+        return "unknown_role"
+    completions = (pair.chosen, pair.rejected)
+    if any(c and c[0].get("role") != "assistant" for c in completions):
+        return "prompt_mismatch"
+    if any(not c or any(not isinstance(m.get("content"), str) or not m["content"] for m in c) for c in completions):
+        return "empty_completion"
+    for completion in completions:
+        reason = check_conversation(Conversation([*pair.prompt, *completion], pair.source), allowed_roles)
+        if reason is not None:
+            return reason
+    if pair.chosen == pair.rejected:
+        return "chosen_equals_rejected"
+    return None
+
+
+def clean_pairs(pairs: Iterable[PreferencePair], opts: CleanOptions, report: DropReport) -> Iterator[PreferencePair]:
+    """Clean every message's content and drop the pairs that `check_pair` refuses.
+
+    Args:
+        pairs: preference pairs from an importer.
+        opts: the cleaning options (allowed_roles; the length limits are for documents only).
+        report: where the drops are counted, with their sources.
+
+    Returns:
+        An iterator of cleaned pairs (messages as {"role", "content"} only; scores kept).
+    """
+    for pair in pairs:
+        cleaned = PreferencePair(
+            prompt=[_clean_message(m) for m in pair.prompt],
+            chosen=[_clean_message(m) for m in pair.chosen],
+            rejected=[_clean_message(m) for m in pair.rejected],
+            source=pair.source,
+            scores=pair.scores,
+        )
+        reason = check_pair(cleaned, opts.allowed_roles)
+        if reason is not None:
+            report.drop(reason, pair.source)
             continue
         yield cleaned

@@ -22,6 +22,15 @@ duplicate. Near-duplicate detection on whole conversations still merges two answ
 most of their text with each other, which is the redundancy it is for; different answers stay,
 because their answer shingles differ (on RoleBench no two distinct answers to one question
 reach a Jaccard similarity of 0.5, let alone the default 0.8).
+
+A preference pair is judged on its prompt, chosen and rejected together (`pair_dedup_text`,
+each part marked), in the group of its system message as a conversation is: a copy repeats all
+three. Near-dedup runs on that same text rather than on prompt + chosen alone, because pairs
+that share a prompt and a chosen answer but reject different answers are distinct comparisons
+(a ranked dataset binarized into several pairs per prompt), not copies; near-dedup still merges
+pairs that repeat nearly all three. A pair with chosen and rejected swapped is never an exact
+duplicate (the parts are marked), but it holds the same texts, so near-dedup counts it as a
+near duplicate of the first: the opposite preference over the same answers, which only cancels.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from typing import Any
 import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
-from data_pipeline.records import Conversation, Document, DropReport
+from data_pipeline.records import Conversation, Document, DropReport, PreferencePair
 
 # 64-bit permutations: signatures are uint64, and 32-bit hashes would saturate on very large
 # shingle sets (datasketch's "affine32" default inflates similarity there).
@@ -295,6 +304,33 @@ def conversation_group(conv: Conversation) -> str:
     return exact_key(system[0]) if system else ""
 
 
+def pair_dedup_text(pair: PreferencePair) -> str:
+    """The text a preference pair is judged on: its prompt's user and assistant turns, then the
+    chosen and the rejected turns, each line marked with its part and role.
+
+    Args:
+        pair: a preference pair.
+
+    Returns:
+        The text; the system message is left out (it sets the group, see `pair_group`), and the
+        marks keep a pair from equalling the same pair with chosen and rejected swapped.
+    """
+    parts = (("prompt", pair.prompt), ("chosen", pair.chosen), ("rejected", pair.rejected))
+    return "\n".join(f"{part} {m['role']}: {m['content']}" for part, ms in parts for m in ms if m["role"] != "system")
+
+
+def pair_group(pair: PreferencePair) -> str:
+    """The group a preference pair is deduplicated in: as for a conversation, its system card's key.
+
+    Args:
+        pair: a preference pair.
+
+    Returns:
+        The exact_key of its system message, "" without one.
+    """
+    return conversation_group(Conversation(pair.prompt, pair.source))
+
+
 def _dedup(
     records: Iterable,
     text_of: Callable[[Any], str],
@@ -360,3 +396,27 @@ def dedup_conversations(
         An iterator of the conversations kept.
     """
     return _dedup(convs, conversation_dedup_text, conversation_group, report, near_threshold, num_perm, ngram)
+
+
+def dedup_pairs(
+    pairs: Iterable[PreferencePair],
+    report: DropReport,
+    near_threshold: float | None = 0.8,
+    *,
+    num_perm: int = 128,
+    ngram: int = 5,
+) -> Iterator[PreferencePair]:
+    """Drop preference pairs whose prompt, chosen and rejected repeat an earlier pair's under the
+    same system message, exactly or nearly.
+
+    Args:
+        pairs: cleaned pairs, first copy kept.
+        report: where "exact_duplicate" and "near_duplicate" are counted.
+        near_threshold: MinHash Jaccard threshold on the pair_dedup_text; None for exact only.
+        num_perm: MinHash signature length.
+        ngram: shingle length in characters.
+
+    Returns:
+        An iterator of the pairs kept.
+    """
+    return _dedup(pairs, pair_dedup_text, pair_group, report, near_threshold, num_perm, ngram)

@@ -1,9 +1,11 @@
-"""Importers: files on disk → Document / Conversation records.
+"""Importers: files on disk → Document / Conversation / PreferencePair records.
 
     .txt ─────────────────────────────────────────────► Document (whole file, or cut at `split`)
     .jsonl / .json / .parquet / datasets save_to_disk ─► rows ─► Document (a text field)
-                                                              └► Conversation (messages | sharegpt
-                                                                  | alpaca | rolebench)
+                                                              ├► Conversation (messages | sharegpt
+                                                              │   | alpaca | rolebench)
+                                                              └► PreferencePair (trl | ultrafeedback
+                                                                  | alpaca_pref | sharegpt_pref)
 
 Each importer does one thing: turn a row into records. It does not clean (clean.py) or
 deduplicate (dedup.py). A bad record either raises a DataError naming `path:line` and the
@@ -38,9 +40,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.records import Conversation, DataError, Document, DropReport
+from data_pipeline.records import Conversation, DataError, Document, DropReport, PreferencePair
 
 CONVERSATION_FORMATS = ("messages", "sharegpt", "alpaca", "rolebench")
+PREFERENCE_FORMATS = ("trl", "ultrafeedback", "alpaca_pref", "sharegpt_pref")
 ROW_SUFFIXES = (".jsonl", ".json", ".parquet")
 DOCUMENT_SUFFIXES = (".txt", *ROW_SUFFIXES)
 
@@ -468,10 +471,15 @@ def _content_text(content: Any) -> Any:
 
 def _from_messages(row: Row, profiles: dict[str, str] | None) -> list[list[dict]]:
     """OpenAI chat: {"messages": [{"role", "content"}, ...]}."""
-    messages = _field(row, "messages", list)
+    return [_message_list(row, "messages")]
+
+
+def _message_list(row: Row, key: str) -> list[dict]:
+    """row[key] as messages: a list of {"role", "content"} objects (OpenAI content parts joined)."""
+    messages = _field(row, key, list)
     if not all(isinstance(m, dict) for m in messages):
-        raise _RecordError("missing_field", "every item of 'messages' must be an object with 'role' and 'content'")
-    return [[{"role": m.get("role"), "content": _content_text(m.get("content"))} for m in messages]]
+        raise _RecordError("missing_field", f"every item of {key!r} must be an object with 'role' and 'content'")
+    return [{"role": m.get("role"), "content": _content_text(m.get("content"))} for m in messages]
 
 
 def _from_sharegpt(row: Row, profiles: dict[str, str] | None) -> list[list[dict]]:
@@ -489,7 +497,14 @@ def _from_sharegpt(row: Row, profiles: dict[str, str] | None) -> list[list[dict]
 
 def _from_alpaca(row: Row, profiles: dict[str, str] | None) -> list[list[dict]]:
     """Alpaca: instruction (+ optional input), output; optional system and history [[q, a], ...]."""
-    instruction, output = _field(row, "instruction"), _field(row, "output")
+    prompt = _alpaca_prompt(row)
+    return [[*prompt, {"role": "assistant", "content": _field(row, "output")}]]
+
+
+def _alpaca_prompt(row: Row) -> list[dict]:
+    """The messages of an alpaca row up to its question: the optional system message, the
+    history exchanges, then the instruction with its `input` after a blank line."""
+    instruction = _field(row, "instruction")
     extra_input = _optional_text(row, "input")
     prompt = f"{instruction}\n\n{extra_input}" if extra_input else instruction
     system = _optional_text(row, "system")
@@ -498,8 +513,7 @@ def _from_alpaca(row: Row, profiles: dict[str, str] | None) -> list[list[dict]]:
         if not (isinstance(pair, list | tuple) and len(pair) == 2):
             raise _RecordError("missing_field", f"each 'history' item must be a [question, answer] pair, got {pair!r}")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    return [messages]
+    return [*messages, {"role": "user", "content": prompt}]
 
 
 def default_profile(role: str, question: str) -> str:
@@ -599,16 +613,7 @@ def read_conversations(
     """
     if fmt not in _CONVERTERS:
         raise DataError(f"unknown conversation format {fmt!r} (expected one of {', '.join(CONVERSATION_FORMATS)})")
-    _check_modes(on_error, bad_bytes, report)
-    path = Path(path)
-    _check_exists(path)
-    if path.is_dir() and not is_saved_dataset(path):
-        for file in _folder_entries(path, ROW_SUFFIXES):
-            yield from read_conversations(
-                file, fmt, profiles=profiles, on_error=on_error, bad_bytes=bad_bytes, report=report
-            )
-        return
-    for source, row in iter_rows(path, on_error=on_error, bad_bytes=bad_bytes, report=report):
+    for source, row in _rows_in(path, on_error, bad_bytes, report):
         try:
             conversations = _CONVERTERS[fmt](row, profiles)
         except _RecordError as err:
@@ -627,12 +632,195 @@ def read_conversations(
             yield conv
 
 
+def _rows_in(path: str | Path, on_error: str, bad_bytes: str, report: DropReport | None) -> Iterator[tuple[str, Row]]:
+    """The rows of a row file, a save_to_disk folder, or every such file under a folder (sorted)."""
+    _check_modes(on_error, bad_bytes, report)
+    path = Path(path)
+    _check_exists(path)
+    files = _folder_entries(path, ROW_SUFFIXES) if path.is_dir() and not is_saved_dataset(path) else [path]
+    for file in files:
+        yield from iter_rows(file, on_error=on_error, bad_bytes=bad_bytes, report=report)
+
+
 def _check_messages_characters(messages: list[dict]) -> None:
     """Refuse a conversation whose role or content strings hold a lone surrogate."""
     for i, m in enumerate(messages):
         for key in ("role", "content"):
             if isinstance(m.get(key), str):
                 _check_characters(m[key], f"message {i} {key}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference pairs: one converter per format, row → (prompt, chosen, rejected, scores)
+
+_PairParts = tuple[list[dict], list[dict], list[dict], tuple[float, float] | None]
+
+
+def _text_or_messages(row: Row, key: str, role: str) -> list[dict]:
+    """row[key] as messages: a string is one message of `role`, a list is messages as given
+    (TRL takes either, and a dataset may mix them row by row)."""
+    value = row.get(key)
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if value is not None and not isinstance(value, list):
+        raise _RecordError(
+            "missing_field", f"field {key!r} is a {type(value).__name__}, not a string or a list of messages"
+        )
+    return _message_list(row, key)
+
+
+def _same_message(a: dict, b: dict) -> bool:
+    """Whether two raw messages are the same turn (contents compared without outer whitespace,
+    which exporters add or drop: UltraFeedback's prompt and its copy in `chosen`)."""
+    ca, cb = a.get("content"), b.get("content")
+    if isinstance(ca, str) and isinstance(cb, str):
+        ca, cb = ca.strip(), cb.strip()
+    return a.get("role") == b.get("role") and ca == cb
+
+
+def _after_prompt(prompt: list[dict], messages: list[dict]) -> list[dict]:
+    """A completion without its head where that head repeats the prompt (UltraFeedback and some
+    TRL exports give full conversations; one that is only the prompt is left empty, and dropped
+    as "empty_completion"). A head that differs stays: the completion then opens with a user
+    turn, which the cleaner drops as "prompt_mismatch"."""
+    n = len(prompt)
+    if len(messages) >= n and all(_same_message(p, m) for p, m in zip(prompt, messages, strict=False)):
+        return messages[n:]
+    return messages
+
+
+def _split_implicit(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen, rejected) of two full conversations: the prompt is their longest common
+    prefix of whole messages, but at most all messages but the last, so that each completion
+    keeps one (TRL's extract_prompt does the same; identical conversations become a pair whose
+    chosen equals its rejected, dropped as such)."""
+    n, limit = 0, min(len(chosen), len(rejected)) - 1
+    while n < limit and _same_message(chosen[n], rejected[n]):
+        n += 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _with_system(row: Row, prompt: list[dict]) -> list[dict]:
+    """The prompt with the row's optional top-level `system` text first, unless it has one."""
+    system = _optional_text(row, "system")
+    if system and not (prompt and prompt[0].get("role") == "system"):
+        return [{"role": "system", "content": system}, *prompt]
+    return prompt
+
+
+def _pair_from_trl(row: Row) -> _PairParts:
+    """TRL: prompt/chosen/rejected as strings (standard) or message lists (conversational), or
+    no prompt and chosen/rejected full conversations sharing it as their prefix (implicit)."""
+    chosen = _text_or_messages(row, "chosen", "assistant")
+    rejected = _text_or_messages(row, "rejected", "assistant")
+    if row.get("prompt") is None:
+        if isinstance(row["chosen"], str) or isinstance(row["rejected"], str):
+            raise _RecordError(
+                "missing_field", f"no 'prompt' field, which string chosen/rejected need (keys: {sorted(row)})"
+            )
+        prompt, chosen, rejected = _split_implicit(chosen, rejected)
+    else:
+        prompt = _text_or_messages(row, "prompt", "user")
+        chosen, rejected = _after_prompt(prompt, chosen), _after_prompt(prompt, rejected)
+    return _with_system(row, prompt), chosen, rejected, None
+
+
+def _scores(row: Row) -> tuple[float, float] | None:
+    """(score_chosen, score_rejected), or None when the row has neither."""
+    chosen, rejected = row.get("score_chosen"), row.get("score_rejected")
+    if chosen is None and rejected is None:
+        return None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (chosen, rejected)):
+        raise _RecordError(
+            "missing_field", f"'score_chosen' and 'score_rejected' must both be numbers, got {chosen!r}, {rejected!r}"
+        )
+    return float(chosen), float(rejected)
+
+
+def _pair_from_ultrafeedback(row: Row) -> _PairParts:
+    """UltraFeedback binarized: prompt string; chosen/rejected full [user, assistant] lists."""
+    prompt = [{"role": "user", "content": _field(row, "prompt")}]
+    chosen = _after_prompt(prompt, _message_list(row, "chosen"))
+    rejected = _after_prompt(prompt, _message_list(row, "rejected"))
+    return prompt, chosen, rejected, _scores(row)
+
+
+def _pair_from_alpaca(row: Row) -> _PairParts:
+    """LLaMA-Factory ranking alpaca: the alpaca prompt, chosen/rejected answer strings."""
+    prompt = _alpaca_prompt(row)
+    chosen, rejected = _field(row, "chosen"), _field(row, "rejected")
+    return prompt, [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}], None
+
+
+def _sharegpt_turn(row: Row, key: str) -> dict:
+    turn = _field(row, key, dict)
+    return {"role": SHAREGPT_ROLES.get(turn.get("from"), turn.get("from")), "content": turn.get("value")}
+
+
+def _pair_from_sharegpt(row: Row) -> _PairParts:
+    """LLaMA-Factory ranking sharegpt: the conversation up to the question, and one turn object
+    each for chosen and rejected."""
+    (prompt,) = _from_sharegpt(row, None)
+    return prompt, [_sharegpt_turn(row, "chosen")], [_sharegpt_turn(row, "rejected")], None
+
+
+_PAIR_CONVERTERS: dict[str, Callable[[Row], _PairParts]] = {
+    "trl": _pair_from_trl,
+    "ultrafeedback": _pair_from_ultrafeedback,
+    "alpaca_pref": _pair_from_alpaca,
+    "sharegpt_pref": _pair_from_sharegpt,
+}
+
+
+def read_preference_pairs(
+    path: str | Path,
+    fmt: str,
+    *,
+    on_error: str = "raise",
+    bad_bytes: str = "reject",
+    report: DropReport | None = None,
+) -> Iterator[PreferencePair]:
+    """Read preference pairs from a .jsonl/.json/.parquet file, a save_to_disk folder or a folder
+    of such files.
+
+    Formats:
+      trl            {"prompt", "chosen", "rejected"} as strings (the prompt one user message,
+                     an optional "system" before it) or as message lists (conversational); without
+                     "prompt", chosen and rejected are full conversations split after their longest
+                     common prefix of whole messages. String or list is decided per row.
+      ultrafeedback  {"prompt": str, "chosen": [user, assistant], "rejected": [user, assistant],
+                     "score_chosen", "score_rejected"} (UltraFeedback binarized); scores kept
+      alpaca_pref    {"instruction", "input"?, "system"?, "history"?, "chosen": str, "rejected": str}
+                     (LLaMA-Factory ranking; the prompt built as the alpaca format builds it)
+      sharegpt_pref  {"conversations": [{"from", "value"}, ...] ending with a human turn (else
+                     the cleaner drops it as "turn_order"), "chosen": {"from": "gpt", "value"},
+                     "rejected": {...}, "system"?}
+
+    A completion that repeats the prompt at its head (full conversations) loses that head. What
+    is left is checked by clean.check_pair, not here: a completion that does not open with an
+    assistant turn (chosen and rejected under different prompts) is "prompt_mismatch" there.
+
+    Args:
+        path: a file or folder.
+        fmt: one of PREFERENCE_FORMATS.
+        on_error: "raise" a DataError on a bad record, or "skip" it and count it in `report`.
+        bad_bytes: "reject" lines with bytes that are not UTF-8 (an error, or dropped and
+            counted under "skip"), or "replace" those bytes with U+FFFD.
+        report: counts records read and dropped; required with on_error="skip".
+
+    Returns:
+        An iterator of PreferencePairs, sources `path:LINE` or `path[i]`.
+    """
+    if fmt not in _PAIR_CONVERTERS:
+        raise DataError(f"unknown preference format {fmt!r} (expected one of {', '.join(PREFERENCE_FORMATS)})")
+    for source, row in _rows_in(path, on_error, bad_bytes, report):
+        try:
+            prompt, chosen, rejected, scores = _PAIR_CONVERTERS[fmt](row)
+            _check_messages_characters([*prompt, *chosen, *rejected])
+        except _RecordError as err:
+            _reject(err, source, on_error, report)
+            continue
+        yield PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, source=source, scores=scores)
 
 
 class Profiles(dict):

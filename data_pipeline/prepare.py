@@ -9,6 +9,9 @@ reason, so the driver can count every record and nothing disappears without a tr
       ─► Deduplicator (driver, sequential: exact hash + MinHash LSH)
       ─► [train_tokenizer on kept text]  ─►  encode_rows (per batch)  ─►  write_outputs (driver)
 
+The kind decides the record each row carries: a Document (pretrain), a Conversation (sft) or a
+PreferencePair (preference: one Sample of two sequences, with `segments`, per pair).
+
 Nothing in `--out` is destroyed before its replacement exists (issue 17): the job writes into a
 temporary folder beside it (`build_beside`), and only a finished dataset takes its place
 (`swap_in`), which then deletes just what the earlier dataset's manifest lists; other files in
@@ -29,12 +32,20 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import clean, dedup, formats
-from data_pipeline.chat import encode_conversation, encode_document
-from data_pipeline.records import Conversation, DataError, Document, DropReport, Sample
+from data_pipeline.chat import (
+    COMPLETION_CUT,
+    encode_conversation,
+    encode_document,
+    encode_pair,
+    show_masks,
+    show_pair_masks,
+)
+from data_pipeline.records import Conversation, DataError, Document, DropReport, PreferencePair, Sample
 from data_pipeline.shards import MANIFEST_NAME, ShardWriter, load_manifest, write_manifest
 from data_pipeline.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer
+from model.loss import IGNORE_INDEX
 
-KINDS = ("pretrain", "sft")
+KINDS = ("pretrain", "sft", "preference")
 
 
 @dataclass
@@ -42,13 +53,14 @@ class PrepareOptions:
     """What `launch/prepare_data.py` was asked to do (its command-line flags)."""
 
     kind: str
-    """`pretrain` (text documents) or `sft` (conversations)."""
+    """`pretrain` (text documents), `sft` (conversations) or `preference` (prompt, chosen, rejected)."""
     inputs: list[str]
     """Input files or folders."""
     out: str
     """Output folder: shards, manifest.json, tokenizer/."""
     fmt: str = "text"
-    """SFT input format: messages | sharegpt | alpaca | rolebench (pretraining: text)."""
+    """SFT input format: messages | sharegpt | alpaca | rolebench; preference: trl | ultrafeedback |
+    alpaca_pref | sharegpt_pref (pretraining: text)."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.json/.parquet/datasets inputs."""
     split: str | None = None
@@ -67,7 +79,8 @@ class PrepareOptions:
     near_dup_threshold: float | None = 0.8
     """Jaccard threshold of MinHash near-duplicate removal; None disables it."""
     max_len: int = 2048
-    """SFT: longest tokenized conversation (earlier turns are cut, then it is dropped)."""
+    """SFT: longest tokenized conversation (earlier turns are cut, then it is dropped); preference:
+    longest prompt + completion, each of the two (the completion's end is cut, see encode_pair)."""
     shard_bytes: int = 64 << 20
     """Target size of one shard file."""
 
@@ -114,6 +127,18 @@ def import_rows(path: str, file_index: int, opts: PrepareOptions) -> Iterator[di
 
 def _import_rows(path: str, file_index: int, opts: PrepareOptions) -> Iterator[dict]:
     report = DropReport()
+    for n, record in enumerate(_cleaned_records(path, opts, report)):
+        yield {"id": f"{file_index}:{n}", "source": record.source, "payload": _payload(record), "drop": ""}
+    yield from drop_rows(report, file_index)
+
+
+def _cleaned_records(path: str, opts: PrepareOptions, report: DropReport) -> Iterator:
+    """The records of one input, cleaned; what is dropped is counted in `report`."""
+    if opts.kind == "preference":
+        pairs = formats.read_preference_pairs(
+            path, opts.fmt, on_error=opts.on_error, bad_bytes=opts.bad_bytes, report=report
+        )
+        return clean.clean_pairs(pairs, clean.CleanOptions(), report)
     if opts.kind == "pretrain":
         records = formats.read_documents(
             path,
@@ -123,18 +148,14 @@ def _import_rows(path: str, file_index: int, opts: PrepareOptions) -> Iterator[d
             bad_bytes=opts.bad_bytes,
             report=report,
         )
-        kept = clean.clean_documents(
+        return clean.clean_documents(
             records, clean.CleanOptions(min_chars=opts.min_chars, max_chars=opts.max_chars), report
         )
-    else:
-        profiles = formats.load_profiles(opts.profiles) if opts.profiles else None
-        records = formats.read_conversations(
-            path, opts.fmt, profiles=profiles, on_error=opts.on_error, bad_bytes=opts.bad_bytes, report=report
-        )
-        kept = clean.clean_conversations(records, clean.CleanOptions(), report)
-    for n, record in enumerate(kept):
-        yield {"id": f"{file_index}:{n}", "source": record.source, "payload": _payload(record), "drop": ""}
-    yield from drop_rows(report, file_index)
+    profiles = formats.load_profiles(opts.profiles) if opts.profiles else None
+    records = formats.read_conversations(
+        path, opts.fmt, profiles=profiles, on_error=opts.on_error, bad_bytes=opts.bad_bytes, report=report
+    )
+    return clean.clean_conversations(records, clean.CleanOptions(), report)
 
 
 def drop_rows(report: DropReport, file_index: int) -> Iterator[dict]:
@@ -148,25 +169,62 @@ def drop_rows(report: DropReport, file_index: int) -> Iterator[dict]:
             n += 1
 
 
-def _payload(record: Document | Conversation) -> str:
+def _payload(record: Document | Conversation | PreferencePair) -> str:
     if isinstance(record, Document):
         return record.text
+    if isinstance(record, PreferencePair):
+        parts = {"prompt": record.prompt, "chosen": record.chosen, "rejected": record.rejected}
+        return json.dumps({**parts, "scores": record.scores}, ensure_ascii=False)
     return json.dumps(record.messages, ensure_ascii=False)
 
 
+def pair_of(payload: str, source: str = "") -> PreferencePair:
+    """The PreferencePair a preference row's payload holds.
+
+    Args:
+        payload: the row's payload (JSON of prompt, chosen, rejected and scores).
+        source: the row's source.
+    Returns:
+        The pair.
+    """
+    parts = json.loads(payload)
+    scores = parts.pop("scores", None)
+    return PreferencePair(**parts, source=source, scores=tuple(scores) if scores is not None else None)
+
+
 def dedup_text(payload: str, kind: str) -> str:
-    """The text that duplicates are judged on: the document, or the conversation's turns."""
+    """The text that duplicates are judged on: the document, the conversation's turns, or the
+    pair's prompt, chosen and rejected turns."""
     if kind == "pretrain":
         return payload
+    if kind == "preference":
+        return dedup.pair_dedup_text(pair_of(payload))
     return dedup.conversation_dedup_text(Conversation(json.loads(payload), source=""))
 
 
 def dedup_group(payload: str, kind: str) -> str:
     """The group that duplicates are looked for in: "" for documents, the system card's key for
-    conversations (dedup.conversation_group)."""
+    conversations and pairs (dedup.conversation_group)."""
     if kind == "pretrain":
         return ""
+    if kind == "preference":
+        return dedup.pair_group(pair_of(payload))
     return dedup.conversation_group(Conversation(json.loads(payload), source=""))
+
+
+def show_payload(payload: str, kind: str, tok: Tokenizer) -> str:
+    """A kept row as its template renders it, trained tokens marked (prepare_data --show-masks).
+
+    Args:
+        payload: an sft or preference row's payload.
+        kind: "sft" or "preference".
+        tok: the tokenizer.
+    Returns:
+        The marked text (chat.show_masks, chat.show_pair_masks).
+    """
+    if kind == "preference":
+        return show_pair_masks(pair_of(payload), tok)
+    return show_masks(json.loads(payload), tok)
 
 
 # --- stage 2: dedup keys (parallel); the decisions are dedup.Deduplicator's (sequential) ----
@@ -189,25 +247,33 @@ def add_dedup_keys(batch: dict[str, np.ndarray], kind: str, num_perm: int = 128)
 
 def encode_rows(batch: dict[str, np.ndarray], tokenizer_path: str, opts: PrepareOptions) -> dict[str, np.ndarray]:
     """Tokenize a batch of kept rows into aligned input_ids/labels; over-long SFT rows are cut or
-    dropped by the policy of `encode_conversation` (the reason lands in `drop` / `note`). A chat
-    the template cannot render or mask is, under on_error "raise", an ERROR row whose note names
-    the record (raised by the driver), under "skip" dropped as "chat_template_error"."""
+    dropped by the policy of `encode_conversation`, preference rows by `encode_pair` (the reason
+    lands in `drop` / `note`). A chat the template cannot render or mask is, under on_error
+    "raise", an ERROR row whose note names the record (raised by the driver), under "skip"
+    dropped as "chat_template_error". Preference rows also get `segments` (the two sequences'
+    lengths, (0, 0) for a dropped row) and `score_chosen` / `score_rejected` (NaN without)."""
     tok = _tokenizer(tokenizer_path)
-    ids, labels, drops, notes = [], [], [], []
+    ids, labels, segments, drops, notes = [], [], [], [], []
     empty = np.zeros(0, dtype=np.int32)
     for source, payload in zip(batch["source"], batch["payload"], strict=True):
         sample, drop, note = _encode_one(source, payload, tok, opts)
         ids.append(sample.input_ids if sample is not None else empty)
         labels.append(sample.labels if sample is not None else empty)
+        segments.append(sample.segments if sample is not None else (0, 0))
         drops.append(drop)
         notes.append(note)
-    return {
+    out = {
         "source": batch["source"],
         "input_ids": _object_array(ids),
         "labels": _object_array(labels),
         "drop": np.array(drops, dtype=object),
         "note": np.array(notes, dtype=object),
     }
+    if opts.kind == "preference":
+        out["segments"] = np.array(segments, dtype=np.int32).reshape(-1, 2)
+        scores = [pair_of(p).scores or (np.nan, np.nan) for p in batch["payload"]]
+        out["score_chosen"], out["score_rejected"] = np.array(scores, dtype=np.float64).reshape(-1, 2).T
+    return out
 
 
 def _encode_one(source: str, payload: str, tok: Tokenizer, opts: PrepareOptions) -> tuple[Sample | None, str, str]:
@@ -216,7 +282,10 @@ def _encode_one(source: str, payload: str, tok: Tokenizer, opts: PrepareOptions)
     try:
         if opts.kind == "pretrain":
             return encode_document(payload, tok), "", ""
-        sample, reason = encode_conversation(json.loads(payload), tok, max_len=opts.max_len)
+        if opts.kind == "preference":
+            sample, reason = encode_pair(pair_of(payload, source), tok, max_len=opts.max_len)
+        else:
+            sample, reason = encode_conversation(json.loads(payload), tok, max_len=opts.max_len)
     except DataError as error:  # exceptions lose their type crossing Ray's process boundary; rows do not
         if opts.on_error == "raise":
             return None, ERROR, f"{source}: {error}"
@@ -241,6 +310,55 @@ def _object_array(items: list) -> np.ndarray:
 
 
 # --- stage 4: shards, tokenizer copy and manifest (driver) --------------------------------
+
+
+@dataclass
+class PairStats:
+    """What a preference set's manifest records under extra["preference"], counted as the pairs
+    are written: the format, pairs kept, trained tokens of each side, pairs whose completion was
+    cut, and the sources' scores (UltraFeedback's) averaged over the pairs that have them."""
+
+    fmt: str
+    pairs: int = 0
+    chosen_tokens: int = 0
+    rejected_tokens: int = 0
+    completion_cut: int = 0
+    scored: int = 0
+    score_chosen_sum: float = 0.0
+    score_rejected_sum: float = 0.0
+
+    def add(self, sample: Sample, note: str, scores: tuple[float, float]) -> None:
+        """Count one written pair.
+
+        Args:
+            sample: its Sample (segments set).
+            note: its encode note ("completion_cut" counts).
+            scores: (score_chosen, score_rejected), NaN where the source has none.
+        """
+        first = sample.segments[0]
+        self.pairs += 1
+        self.chosen_tokens += int((sample.labels[:first] != IGNORE_INDEX).sum())
+        self.rejected_tokens += int((sample.labels[first:] != IGNORE_INDEX).sum())
+        self.completion_cut += int(note == COMPLETION_CUT)
+        if not np.isnan(scores).any():
+            self.scored += 1
+            self.score_chosen_sum += float(scores[0])
+            self.score_rejected_sum += float(scores[1])
+
+    def to_dict(self) -> dict:
+        """The manifest's extra["preference"]."""
+        out = {
+            "format": self.fmt,
+            "pairs": self.pairs,
+            "chosen_tokens": self.chosen_tokens,
+            "rejected_tokens": self.rejected_tokens,
+            "completion_cut": self.completion_cut,
+            "scored_pairs": self.scored,
+        }
+        if self.scored:
+            out["mean_score_chosen"] = self.score_chosen_sum / self.scored
+            out["mean_score_rejected"] = self.score_rejected_sum / self.scored
+        return out
 
 
 def nothing_kept(report: DropReport, out: str | Path) -> DataError:

@@ -39,12 +39,35 @@ class Conversation:
 
 
 @dataclass
+class PreferencePair:
+    """A preference example: one prompt and two answers to it, the chosen better than the
+    rejected. `prompt` is messages (system, user, assistant...) ending with a user turn;
+    `chosen` and `rejected` are the assistant message(s) that follow it."""
+
+    prompt: list[dict[str, str]]
+    chosen: list[dict[str, str]]
+    rejected: list[dict[str, str]]
+    source: str
+    scores: tuple[float, float] | None = None
+    """(score_chosen, score_rejected) where the source rates its answers (UltraFeedback)."""
+
+
+@dataclass
 class Sample:
     """One tokenized document or conversation, labels already aligned (labels[t] is the target
-    of position t; IGNORE_INDEX where there is none). Both int32, same length."""
+    of position t; IGNORE_INDEX where there is none). Both int32, same length.
+
+    A preference pair is one Sample holding two sequences back to back, prompt + chosen then
+    prompt + rejected, with `segments` = (their lengths): packing keeps them in one window and
+    gives each its own positions and attention (a document of its own)."""
 
     input_ids: np.ndarray
     labels: np.ndarray
+    segments: tuple[int, ...] | None = None
+    """The lengths of the sequences held back to back (summing to the length); None: one."""
+    ref_logps: np.ndarray | None = None
+    """float32, same length: the reference model's log-probability of each label (0 where
+    there is none), computed once before preference training."""
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -10,6 +10,10 @@ Each webdataset sample is a key `%09d` with two members:
   IGNORE_INDEX; else int32. Targets are token ids, so this holds whenever the ids fit in uint16
   but for id 65535 itself, and it makes a stored token 4 bytes instead of 8.
 
+A preference pair (see records.Sample) adds `segments.npy` (int32: the lengths of its two
+sequences), and a preference set with its reference computed adds `ref_logps.npy` (float32: the
+reference's log-probability of each label).
+
 Decoding always gives int32 arrays back. Shards are written under a temporary name and renamed
 when complete, and the manifest is written last (atomically), so a folder with a manifest holds
 only finished shards; the manifest's sha256 of each shard catches later damage on read.
@@ -37,10 +41,11 @@ from model.loss import IGNORE_INDEX
 FORMAT_VERSION = 1
 """Version of the shard layout and manifest; bump it when either changes incompatibly."""
 MANIFEST_NAME = "manifest.json"
-KINDS = ("pretrain", "sft")
+KINDS = ("pretrain", "sft", "preference")
 DEFAULT_TARGET_BYTES = 64 * 2**20
 _LABEL_SENTINEL = 65535  # IGNORE_INDEX in a uint16 labels array
 _MEMBERS = ("input_ids.npy", "labels.npy")
+_OPTIONAL_MEMBERS = ("segments.npy", "ref_logps.npy")
 _SHARD_KEYS = ("path", "samples", "tokens", "sha256")
 
 
@@ -73,9 +78,10 @@ def encode_sample(sample: Sample) -> dict[str, bytes]:
     """The two webdataset members of a sample, in the compact dtypes of the module docstring.
 
     Args:
-        sample: aligned input_ids and labels of the same non-zero length.
+        sample: aligned input_ids and labels of the same non-zero length (and segments and
+            ref_logps where it has them).
     Returns:
-        {"input_ids.npy": bytes, "labels.npy": bytes}.
+        {"input_ids.npy": bytes, "labels.npy": bytes} (+ "segments.npy", "ref_logps.npy").
     """
     ids = np.asarray(sample.input_ids)
     labels = np.asarray(sample.labels)
@@ -94,7 +100,17 @@ def encode_sample(sample: Sample) -> dict[str, bytes]:
         labels = np.where(ignored, _LABEL_SENTINEL, labels).astype(np.uint16)
     else:
         labels = labels.astype(np.int32)
-    return {"input_ids.npy": _npy_bytes(ids), "labels.npy": _npy_bytes(labels)}
+    members = {"input_ids.npy": _npy_bytes(ids), "labels.npy": _npy_bytes(labels)}
+    if sample.segments is not None:
+        segments = np.asarray(sample.segments, np.int32)
+        if segments.ndim != 1 or segments.min(initial=1) < 1 or segments.sum() != len(ids):
+            raise DataError(f"a sample's segments {list(segments)} must be positive lengths summing to {len(ids)}")
+        members["segments.npy"] = _npy_bytes(segments)
+    if sample.ref_logps is not None:
+        if np.shape(sample.ref_logps) != ids.shape:
+            raise DataError(f"a sample's ref_logps {np.shape(sample.ref_logps)} do not match its {ids.shape} ids")
+        members["ref_logps.npy"] = _npy_bytes(np.asarray(sample.ref_logps, np.float32))
+    return members
 
 
 _NPY_HEADER = re.compile(r"\{'descr': '(<u2|<i4)', 'fortran_order': False, 'shape': \((\d+),\), \}\s*")
@@ -134,7 +150,22 @@ def decode_sample(members: dict[str, bytes]) -> Sample:
     labels = labels.astype(np.int32)
     if was_compact:
         labels[labels == _LABEL_SENTINEL] = IGNORE_INDEX
-    return Sample(input_ids=ids.astype(np.int32), labels=labels)
+    segments = ref_logps = None
+    if "segments.npy" in members:
+        segments = _load_npy(members["segments.npy"])
+        if (
+            segments.dtype != np.int32
+            or segments.ndim != 1
+            or segments.min(initial=1) < 1
+            or segments.sum() != len(ids)
+        ):
+            raise ValueError(f"segments {segments} are not positive lengths summing to {len(ids)}")
+        segments = tuple(int(n) for n in segments)
+    if "ref_logps.npy" in members:
+        ref_logps = _load_npy(members["ref_logps.npy"])
+        if ref_logps.dtype != np.float32 or ref_logps.shape != ids.shape:
+            raise ValueError(f"ref_logps {ref_logps.dtype} {ref_logps.shape} do not match input_ids {ids.shape}")
+    return Sample(input_ids=ids.astype(np.int32), labels=labels, segments=segments, ref_logps=ref_logps)
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -259,7 +290,7 @@ def write_manifest(
 
     Args:
         out_dir: the shard folder.
-        kind: "pretrain" or "sft".
+        kind: "pretrain", "sft" or "preference".
         shards: `ShardWriter.shards` (from one or more writers), paths relative to out_dir.
         tokenizer_sha256: sha256 of the tokenizer model the shards were encoded with.
         report: what the preparation read, kept and dropped.
@@ -487,7 +518,7 @@ def _tar_samples(path: Path, tar: tarfile.TarFile, size: int, skip: int) -> Iter
             if key is not None and n_keys > skip:
                 yield _finish_sample(path, key, members)
             key, members, n_keys = member_key, {}, n_keys + 1
-        if n_keys > skip and suffix in _MEMBERS:
+        if n_keys > skip and (suffix in _MEMBERS or suffix in _OPTIONAL_MEMBERS):
             members[suffix] = _member_bytes(path, tar, info, size)
     _check_end_of_archive(path, tar.fileobj, tar.offset, size)
     if key is not None and n_keys > skip:

@@ -249,9 +249,8 @@ class _EpochReader:
     def _build(self) -> dict[str, np.ndarray] | None:
         """The next window in packing order (any rank's), or None when the data is used up."""
         T, split = self.s.seq_len, self.s.split_samples
-        tokens = np.full(T, self.s.pad_id, np.int64)
-        labels = np.full(T, IGNORE_INDEX, np.int64)
-        pos, doc = np.zeros(T, np.int64), np.zeros(T, np.int64)
+        window = self.s.empty_window()
+        tokens, labels, pos, doc = (window[k] for k in ("tokens", "labels", "position_ids", "doc_ids"))
         fill = doc_id = 0
         exhausted = False
         while fill < T:
@@ -272,15 +271,23 @@ class _EpochReader:
             end = start + take
             tokens[fill : fill + take] = sample.input_ids[start:end]
             labels[fill : fill + take] = sample.labels[start:end]
-            pos[fill : fill + take] = np.arange(take)
-            doc[fill : fill + take] = doc_id
-            doc_id, fill = doc_id + 1, fill + take
+            if "ref_logps" in window:
+                window["ref_logps"][fill : fill + take] = self.s.reference_of(sample, ref)[start:end]
+            if sample.segments is None:  # one document (a split one's rest starts at 0 again)
+                pos[fill : fill + take] = np.arange(take)
+                doc[fill : fill + take] = doc_id
+                doc_id += 1
+            else:  # a preference pair, whole: each of its sequences is a document
+                pos[fill : fill + take], sequence = sequence_layout(sample.segments)
+                doc[fill : fill + take] = doc_id + sequence
+                doc_id += len(sample.segments)
+            fill += take
             self.pending = None if end == len(sample) else (ref, sample, end)
         if fill == 0 or (exhausted and split):
             return None  # pretraining's last partial window is dropped (planned: tail_tokens)
         pos[fill:] = np.arange(T - fill)  # padding: its own document, targets ignored
         doc[fill:] = doc_id
-        return {"tokens": tokens, "labels": labels, "position_ids": pos, "doc_ids": doc}
+        return window
 
     def _drop_long(self, ref: tuple[int, int], length: int) -> None:
         path = self.s.shards[ref[0]]["path"]
@@ -383,6 +390,10 @@ class PackedStream:
         self.shuffle_buffer, self.on_error = max(int(shuffle_buffer), 0), on_error
         self.epochs, self.pad_id, self.vocab_size = epochs, pad_id, vocab_size
         self.split_samples = self.manifest["kind"] == "pretrain" if split_samples is None else bool(split_samples)
+        if self.split_samples and self.manifest["kind"] == "preference":
+            raise DataError(f"{self.data_dir}: a preference set's pairs cannot be split across windows")
+        self.with_reference = bool(self.manifest["extra"].get("reference"))
+        """Whether batches carry `ref_logps`: a preference set with its reference computed."""
         if not self.split_samples:
             self._check_lengths()
         self.fingerprint = manifest_fingerprint(self.manifest)
@@ -551,13 +562,29 @@ class PackedStream:
                 stacklevel=3,
             )
         self.stats["padding_windows"] += 1
+        window = self.empty_window()
+        window["position_ids"][:] = np.arange(self.seq_len)
+        return window
+
+    def empty_window(self) -> dict[str, np.ndarray]:
+        """A window of padding: pad_id tokens, no targets (and reference log-probs 0)."""
         T = self.seq_len
-        return {
+        window = {
             "tokens": np.full(T, self.pad_id, np.int64),
             "labels": np.full(T, IGNORE_INDEX, np.int64),
-            "position_ids": np.arange(T, dtype=np.int64),
+            "position_ids": np.zeros(T, np.int64),
             "doc_ids": np.zeros(T, np.int64),
         }
+        if self.with_reference:
+            window["ref_logps"] = np.zeros(T, np.float32)
+        return window
+
+    def reference_of(self, sample: Sample, ref: tuple[int, int]) -> np.ndarray:
+        """A sample's reference log-probs (DataError naming the shard and sample if it has none)."""
+        if sample.ref_logps is None:
+            path = self.data_dir / self.shards[ref[0]]["path"]
+            raise DataError(f"shard {path}: sample {ref[1]} has no ref_logps, but its manifest says the set has them")
+        return sample.ref_logps
 
     def epoch_windows(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         """Every window this rank gets in `epoch`, before the equal-count cut.
@@ -674,6 +701,15 @@ class PackedStream:
     def close(self) -> None:
         """Close the open shard, if any."""
         self._reader.close()
+
+
+def sequence_layout(segments: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(position of each token within its sequence, index of its sequence) for a sample holding
+    sequences of these lengths back to back."""
+    lengths = np.asarray(segments)
+    sequence = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    return np.arange(lengths.sum()) - starts[sequence], sequence
 
 
 def _check_ids(sample: Sample, vocab_size: int, path: Path, index: int) -> None:

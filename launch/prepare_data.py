@@ -1,14 +1,18 @@
 """python launch/prepare_data.py pretrain --input PATH... --out DIR [--tokenizer DIR | --vocab-size N]
 python launch/prepare_data.py sft --format rolebench|messages|sharegpt|alpaca --input PATH... \
     --tokenizer DIR --out DIR [--chat-template FILE] [--show-masks N]
+python launch/prepare_data.py pref --format trl|ultrafeedback|alpaca_pref|sharegpt_pref --input PATH... \
+    --tokenizer DIR --out DIR [--chat-template FILE] [--max-len N] [--show-masks N]
 
-Raw text or chat data → cleaned, deduplicated, tokenized webdataset shards with a manifest.json
-and the tokenizer beside them. --tokenizer is a tokenizer Crucible trained (an earlier run's
-tokenizer/, an export) or a Hugging Face model or tokenizer folder (tokenizer.json +
-tokenizer_config.json): conversations are then rendered by that model's own chat template, or
-by --chat-template FILE. Runs as a Ray Data job: on a local Ray by default, on a cluster
-with --address. The stages themselves are plain functions in data_pipeline/prepare.py; this file
-only wires them into Ray Data (data_pipeline/ never imports ray).
+Raw text, chat data or preference pairs → cleaned, deduplicated, tokenized webdataset shards with
+a manifest.json and the tokenizer beside them (a preference pair: one sample holding prompt +
+chosen then prompt + rejected, loss on the two completions only; manifest kind "preference").
+--tokenizer is a tokenizer Crucible trained (an earlier run's tokenizer/, an export) or a Hugging
+Face model or tokenizer folder (tokenizer.json + tokenizer_config.json): conversations are then
+rendered by that model's own chat template, or by --chat-template FILE. Runs as a Ray Data job:
+on a local Ray by default, on a cluster with --address. The stages themselves are plain functions
+in data_pipeline/prepare.py; this file only wires them into Ray Data (data_pipeline/ never
+imports ray).
 
 The job writes into a temporary folder beside --out (`.NAME.tmp-XXXXXXXX`) that takes --out's
 place only when the dataset is complete: a failed run leaves --out as it was. An --out that holds
@@ -19,7 +23,6 @@ lists is deleted, and any other file in --out is kept (data_pipeline.prepare.swa
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -29,10 +32,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_pipeline.chat import show_masks
 from data_pipeline.dedup import Deduplicator
+from data_pipeline.formats import CONVERSATION_FORMATS, PREFERENCE_FORMATS
 from data_pipeline.prepare import (
     ERROR,
+    PairStats,
     PrepareOptions,
     PrepareResult,
     add_dedup_keys,
@@ -40,6 +44,7 @@ from data_pipeline.prepare import (
     encode_rows,
     import_rows,
     nothing_kept,
+    show_payload,
     swap_in,
     write_outputs,
 )
@@ -55,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="prepare_data.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="kind", required=True)
-    for kind in ("pretrain", "sft"):
-        p = sub.add_parser(kind, help=f"prepare {kind} data")
+    for kind in ("pretrain", "sft", "pref"):
+        p = sub.add_parser(kind, help=f"prepare {'preference' if kind == 'pref' else kind} data")
         p.add_argument("--input", nargs="+", required=True, help="input files or folders")
         p.add_argument("--out", required=True, help="output folder (shards, manifest.json, tokenizer/)")
         p.add_argument(
@@ -91,21 +96,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.add_argument("--split", help="regex or separator cutting a .txt file into documents")
             p.add_argument("--min-chars", type=int, default=16, help="drop shorter documents")
             p.add_argument("--max-chars", type=int, help="drop longer documents")
-        else:
-            p.add_argument(
-                "--format", dest="fmt", required=True, choices=("rolebench", "messages", "sharegpt", "alpaca")
-            )
+        elif kind == "sft":
+            p.add_argument("--format", dest="fmt", required=True, choices=CONVERSATION_FORMATS)
             p.add_argument("--profiles", help="RoleBench: .json/.yaml mapping a role to its persona text")
             p.add_argument("--max-len", type=int, default=2048, help="longest tokenized conversation")
+        else:
+            p.add_argument("--format", dest="fmt", required=True, choices=PREFERENCE_FORMATS)
+            p.add_argument(
+                "--max-len",
+                type=int,
+                default=2048,
+                help="longest prompt + completion, each of chosen and rejected (a completion's end is cut to fit)",
+            )
+        if kind != "pretrain":
             p.add_argument(
                 "--show-masks", type=int, default=0, metavar="N", help="print N rendered samples, trained tokens marked"
             )
     args = parser.parse_args(argv)
     if args.kind == "pretrain" and not (args.tokenizer or args.vocab_size):
         parser.error("pretrain needs --tokenizer DIR or --vocab-size N")
-    if args.kind == "sft" and not args.tokenizer:
+    if args.kind != "pretrain" and not args.tokenizer:
         parser.error(
-            "sft needs --tokenizer DIR: the model's (its folder, or the tokenizer/ of the data it was pretrained on)"
+            f"{args.kind} needs --tokenizer DIR: the model's (its folder, or the tokenizer/ of the data it was "
+            "pretrained on)"
         )
     for path in args.input + [p for p in (args.tokenizer, args.chat_template) if p]:
         if not Path(path).exists():
@@ -138,7 +151,7 @@ def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.tokenizer:
         try:
             tok = load_tokenizer(args.tokenizer, args.chat_template)
-            if args.kind == "sft":  # a template that cannot render or mask a chat fails now, not in a worker
+            if args.kind != "pretrain":  # a template that cannot render or mask a chat fails now, not in a worker
                 _probe(tok)
         except DataError as error:
             parser.error(f"--tokenizer {args.tokenizer}: {error}")
@@ -201,7 +214,7 @@ def options(args: argparse.Namespace) -> PrepareOptions:
         for k in ("fmt", "text_field", "split", "profiles", "min_chars", "max_chars", "max_len")
     }
     return PrepareOptions(
-        kind=args.kind,
+        kind="preference" if args.kind == "pref" else args.kind,
         inputs=args.input,
         out=args.out,
         on_error=args.on_error,
@@ -272,12 +285,13 @@ def run(
 
     tok = _tokenizer_in(out_dir / "tokenizer", unique, tokenizer, vocab_size, chat_template)
     for row in unique.take(show):
-        print(show_masks(json.loads(row["payload"]), tok), end="\n\n")
+        print(show_payload(row["payload"], opts.kind, tok), end="\n\n")
     encoded = unique.map_batches(
         encode_rows, fn_kwargs={"tokenizer_path": str(out_dir / "tokenizer"), "opts": opts}, batch_format="numpy"
     )
-    samples = _samples(encoded, report)
-    return write_outputs(samples, tok, opts, report, extra={"options": vars(opts)}, out_dir=out_dir)
+    extra = {"options": vars(opts)}
+    samples = _samples(encoded, report, PairStats(opts.fmt) if opts.kind == "preference" else None, extra)
+    return write_outputs(samples, tok, opts, report, extra=extra, out_dir=out_dir)
 
 
 def _tokenizer_in(folder: Path, unique, tokenizer: str | None, vocab_size: int | None, chat_template) -> Tokenizer:
@@ -291,17 +305,26 @@ def _tokenizer_in(folder: Path, unique, tokenizer: str | None, vocab_size: int |
     return load_tokenizer(folder)
 
 
-def _samples(encoded, report: DropReport):
+def _samples(encoded, report: DropReport, pairs: PairStats | None, extra: dict):
+    """The encoded rows' Samples, in order, counting drops and notes in `report`; for preference
+    rows (`pairs` given) with their segments, and extra["preference"] set once the last is out,
+    which is before write_outputs writes the manifest."""
     for row in tqdm(encoded.iter_rows(), desc="write shards", unit=" rec", disable=not sys.stderr.isatty()):
         if row["drop"] == ERROR:
             raise DataError(row["note"])
         if row["drop"]:
             report.drop(row["drop"], row["source"])
             continue
-        if row["note"]:  # kept, but changed (earlier turns cut): counted, not a drop
+        if row["note"]:  # kept, but changed (earlier turns or a completion's end cut): counted, not a drop
             report.modified[row["note"]] += 1
         report.kept_records += 1
-        yield Sample(input_ids=row["input_ids"].astype("int32"), labels=row["labels"].astype("int32"))
+        sample = Sample(input_ids=row["input_ids"].astype("int32"), labels=row["labels"].astype("int32"))
+        if pairs is not None:
+            sample.segments = tuple(int(n) for n in row["segments"])
+            pairs.add(sample, row["note"], (row["score_chosen"], row["score_rejected"]))
+        yield sample
+    if pairs is not None:
+        extra["preference"] = pairs.to_dict()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from model.config import ModelConfig
-from model.loss import chunked_causal_lm_loss
+from model.loss import chunked_causal_lm_loss, chunked_token_logprobs
 
 
 class RMSNorm(nn.Module):
@@ -520,6 +520,23 @@ class Decoder(nn.Module):
         h = self.hidden_states(tokens, position_ids, doc_ids)
         return chunked_causal_lm_loss(h, self.output_weight, labels, z_loss=z_loss)
 
+    def token_logprobs(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log p(labels[t]) at each position, (B, T) fp32, 0 where there is no target: what
+        preference and RL objectives sum per sequence (model/loss.py), differentiable, never
+        materialising the (B, T, vocab) logits.
+
+        Args:
+            tokens, labels, position_ids, doc_ids: as `loss`.
+        """
+        h = self.hidden_states(tokens, position_ids, doc_ids)
+        return chunked_token_logprobs(h, self.output_weight, labels)
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -528,17 +545,20 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         labels: torch.Tensor | None = None,
         z_loss: float = 0.0,
+        per_token: bool = False,
     ):
         """Logits (B, T, vocab_size) for the arguments of `hidden_states`.
 
-        With `labels`, `loss(...)` instead: the route through the module call, for wrappers
-        that gather a sharded module's own parameters only in its forward hooks (DeepSpeed
-        ZeRO-3 gathers the output projection there). Call `loss` directly otherwise; the
-        engines' `loss(batch)` picks the right call.
+        With `labels`, `loss(...)` instead, or `token_logprobs(...)` with `per_token`: the route
+        through the module call, for wrappers that gather a sharded module's own parameters
+        only in its forward hooks (DeepSpeed ZeRO-3 gathers the output projection there). Call
+        `loss` or `token_logprobs` directly otherwise; the engines pick the right call.
         """
         if labels is not None:
             if cache is not None:
                 raise ValueError("a loss is computed over whole rows, not with a KV cache")
+            if per_token:
+                return self.token_logprobs(tokens, labels, position_ids, doc_ids)
             return self.loss(tokens, labels, position_ids, doc_ids, z_loss)
         return F.linear(self.hidden_states(tokens, position_ids, doc_ids, cache), self.output_weight)
 

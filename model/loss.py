@@ -6,6 +6,10 @@ the data pipeline shifts, the model never does. Returning (sum, count) instead o
 caller divide by the GLOBAL target count of the whole optimizer step (all micro-batches, all
 ranks), which is what keeps gradient accumulation and data parallelism exact when micro-batches
 hold different numbers of targets (the bug fixed in transformers PR #34191).
+
+Preference and RL objectives (training/objectives.py) need each target's log-probability
+instead: `chunked_token_logprobs` gives it per position, `sequence_logprobs` sums it per
+sequence; neither materialises the (B, T, V) logits either.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 GPU_CHUNK_TOKENS = 1024
@@ -191,3 +196,119 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int | None = None,
+) -> torch.Tensor:
+    """log p(labels[t]) at every position from `hidden @ weight.T`, without the full logits.
+
+    What preference training (DPO) and RL (GRPO) need: each target's log-probability,
+    differentiable. Logits are made `chunk_tokens` rows at a time, in fp32, and only the target's
+    log_softmax is kept. Unlike `chunked_causal_lm_loss`, the gradients cannot be formed in the
+    forward pass: the output is one value per token, whose upstream gradient is known only in
+    backward. So backward makes each chunk's logits again (one extra matmul per chunk) and forms
+    d/dlogits = g·(onehot − softmax) there; neither pass holds more than a chunk of logits.
+
+    Args:
+        hidden: (..., dim) final hidden states.
+        weight: (V, dim) output projection.
+        labels: (...) aligned target ids with IGNORE_INDEX.
+        chunk_tokens: rows of logits materialised at once; default `default_chunk_tokens`.
+    Returns:
+        fp32 tensor of labels.shape: log p of each target, exactly 0.0 where labels is
+        IGNORE_INDEX (and no gradient flows there).
+    """
+    shape = labels.shape
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    if chunk_tokens is not None and chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens={chunk_tokens} must be positive (or 0/None for the default)")
+    chunk_tokens = chunk_tokens or default_chunk_tokens(hidden.device, weight.shape[0])
+    if not torch.is_grad_enabled():
+        hidden, weight = hidden.detach(), weight.detach()  # as in chunked_causal_lm_loss
+    if hidden.device.type != "cpu":
+        return _ChunkedTokenLogprobs.apply(hidden, weight, labels, chunk_tokens).view(shape)
+    # On CPU rows without a target stay out of the matmuls, as in chunked_causal_lm_loss.
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    if len(rows) == len(labels):
+        return _ChunkedTokenLogprobs.apply(hidden, weight, labels, chunk_tokens).view(shape)
+    picked = _ChunkedTokenLogprobs.apply(hidden.index_select(0, rows), weight, labels[rows], chunk_tokens)
+    return picked.new_zeros(len(labels)).index_copy(0, rows, picked).view(shape)
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_tokens):
+        valid = labels != IGNORE_INDEX
+        target = torch.where(valid, labels, 0)[:, None]
+        logp = torch.empty(labels.shape, dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            logits = _logits(hidden[rows], weight).float()  # (n, V)
+            logp[rows] = torch.log_softmax(logits, dim=-1).gather(1, target[rows]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, target, valid)
+        ctx.chunk_tokens = chunk_tokens
+        # Backward runs outside the caller's autocast: it is restored there, so that the logits
+        # made again are the ones this forward made.
+        device = hidden.device.type
+        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        return torch.where(valid, logp, 0.0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logp):
+        hidden, weight, target, valid = ctx.saved_tensors
+        want_grad_h, want_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_grad_h else None
+        # Accumulated in fp32 across chunks, cast to the weight's dtype once at the end.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grad_w else None
+        g = torch.where(valid, grad_logp.float(), 0.0)[:, None]  # (N, 1): ignored rows get no gradient
+        device, autocast_enabled, autocast_dtype = ctx.autocast
+        with torch.autocast(device, dtype=autocast_dtype, enabled=autocast_enabled):
+            for start in range(0, hidden.shape[0], ctx.chunk_tokens):
+                rows = slice(start, start + ctx.chunk_tokens)
+                h = hidden[rows]
+                dlogits = torch.softmax(_logits(h, weight).float(), dim=-1)  # (n, V)
+                # d log p_y / d logits = onehot(y) − softmax, times the upstream g; in place
+                dlogits.mul_(-g[rows]).scatter_add_(1, target[rows], g[rows])
+                dlogits = dlogits.to(weight.dtype)
+                if want_grad_h:
+                    grad_hidden[rows] = dlogits @ weight
+                if want_grad_w:
+                    if dlogits.dtype == torch.float32 and not autocast_enabled:
+                        grad_weight.addmm_(dlogits.t(), h)  # in place: no (V, dim) temporary
+                    else:
+                        grad_weight += (dlogits.t() @ h).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def sequence_logprobs(
+    token_logps: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    n_seqs: int,
+):
+    """Per-sequence sums of token log-probs, and target counts, for packed or padded rows.
+
+    Args:
+        token_logps: (...) log p per position, as `chunked_token_logprobs` returns.
+        labels: (...) aligned target ids with IGNORE_INDEX; only targets count.
+        seq_ids: (...) int64 sequence index of each position, in [0, n_seqs); positions without
+            a target contribute nothing whatever their id (padding may carry any).
+        n_seqs: number of sequences.
+    Returns:
+        (sums, counts): (n_seqs,) fp32, differentiable through `token_logps`, and (n_seqs,)
+        int64. A sequence with no target has sum 0 and count 0.
+    """
+    valid = (labels != IGNORE_INDEX).reshape(-1)
+    ids = torch.where(valid, seq_ids.reshape(-1), 0)
+    values = torch.where(valid, token_logps.reshape(-1).float(), 0.0)
+    sums = values.new_zeros(n_seqs).index_add(0, ids, values)
+    counts = torch.zeros(n_seqs, dtype=torch.int64, device=labels.device).index_add(0, ids, valid.long())
+    return sums, counts

@@ -40,7 +40,7 @@ class FixedBatches:
         self.index = state["index"]
 
 
-def _worker(rank: int, world: int, port: int, cfg: RunConfig, batches, hook, out: str) -> None:
+def _worker(rank: int, world: int, port: int, cfg: RunConfig, batches, hook, out: str, objective=None) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
@@ -50,18 +50,21 @@ def _worker(rank: int, world: int, port: int, cfg: RunConfig, batches, hook, out
     data = None
     if batches is not None:
         data = FixedBatches(batches, rank, world, cfg.train.grad_accum, cfg.train.micro_batch)
-    summary = loop.train(cfg, data=data, model_hook=(lambda m: hook(m, rank)) if hook else None)
+    model_hook = (lambda m: hook(m, rank)) if hook else None
+    summary = loop.train(cfg, data=data, model_hook=model_hook, objective=objective or loop.LANGUAGE_MODELING)
     with open(Path(out) / f"rank{rank}.pkl", "wb") as f:
         pickle.dump(summary, f)
     exit_without_teardown(0)  # as launch/sft.py: gloo's threads can abort the teardown of a finished run
 
 
-def run_processes(cfg: RunConfig, world: int, out: Path, batches: list[dict] | None = None, hook=None) -> list[dict]:
-    """Run `loop.train(cfg)` on `world` spawned gloo processes; return each rank's results."""
+def run_processes(
+    cfg: RunConfig, world: int, out: Path, batches: list[dict] | None = None, hook=None, objective=None
+) -> list[dict]:
+    """Run `loop.train(cfg)` (with `objective`) on `world` spawned gloo processes; return each
+    rank's results."""
     out.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(
-        _worker, args=(world, free_port(), cfg, batches, hook, str(out)), nprocs=world, start_method="spawn"
-    )
+    args = (world, free_port(), cfg, batches, hook, str(out), objective)
+    mp.start_processes(_worker, args=args, nprocs=world, start_method="spawn")
     results = []
     for rank in range(world):
         with open(out / f"rank{rank}.pkl", "rb") as f:

@@ -1,4 +1,5 @@
-"""The one loss against references: naive cross-entropy, F.cross_entropy, and unchunked logits."""
+"""The one loss, and the per-token log-probs, against references: naive cross-entropy,
+F.cross_entropy, unchunked logits and log_softmax."""
 
 import pytest
 import torch
@@ -8,7 +9,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import model.loss as loss_module
 from model.config import preset
 from model.decoder import Decoder
-from model.loss import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
+from model.loss import (
+    IGNORE_INDEX,
+    causal_lm_loss,
+    chunked_causal_lm_loss,
+    chunked_token_logprobs,
+    sequence_logprobs,
+)
 
 
 def uneven_labels(B, T, V, seed=0):
@@ -279,3 +286,167 @@ def test_token_weighted_accumulation_matches_whole_batch():
     mean_of_means = _grads_after(model, micro, lambda n: n * k)
     worst = max((m - w).abs().max() / w.abs().max() for m, w in zip(mean_of_means, whole, strict=True))
     assert worst > 1e-2
+
+
+def naive_token_logprobs(hidden, weight, labels):
+    """log_softmax(hidden @ weight.T) at the targets, from the full fp32 logits; 0 where ignored."""
+    logp = torch.log_softmax((hidden @ weight.t()).float(), dim=-1)
+    valid = labels != IGNORE_INDEX
+    return torch.where(valid, logp.gather(-1, torch.where(valid, labels, 0)[..., None]).squeeze(-1), 0.0)
+
+
+def _logprobs_and_grads(fn, hidden, weight, labels, upstream, **kw):
+    """fn's log-probs and the gradients of sum(upstream · log-probs) w.r.t. hidden and weight."""
+    h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    logp = fn(h, w, labels, **kw)
+    (logp * upstream).sum().backward()
+    return logp.detach(), h.grad, w.grad
+
+
+def _token_logprob_case(B=4, T=12, D=16, V=53, seed=12):
+    g = torch.Generator().manual_seed(seed)
+    hidden, weight = torch.randn(B, T, D, generator=g), torch.randn(V, D, generator=g) * 0.5
+    labels = uneven_labels(B, T, V, seed=seed + 1)  # one row without targets, one with a single one
+    upstream = torch.randn(B, T, generator=g)  # a random upstream gradient, not just ones
+    return hidden, weight, labels, upstream
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 16, 1024])  # 5 and 16 do not divide the 21 target rows
+def test_token_logprobs_equal_log_softmax_fp32(chunk_tokens):
+    hidden, weight, labels, upstream = _token_logprob_case()
+    ref = _logprobs_and_grads(naive_token_logprobs, hidden, weight, labels, upstream)
+    got = _logprobs_and_grads(chunked_token_logprobs, hidden, weight, labels, upstream, chunk_tokens=chunk_tokens)
+    assert got[0].dtype == torch.float32 and got[0].shape == labels.shape
+    # fp32: equal to 1e-5 (relative and absolute), values and both gradients.
+    for r, c in zip(ref, got, strict=True):
+        torch.testing.assert_close(c, r, rtol=1e-5, atol=1e-5)
+    ignored = labels == IGNORE_INDEX
+    assert torch.all(got[0][ignored] == 0.0) and torch.count_nonzero(got[1][ignored]) == 0
+
+
+def test_token_logprobs_masks_rows_without_a_target_where_it_computes_them():
+    """A GPU computes the ignored rows and masks them (no host sync to pick them): the same
+    autograd Function, called without the CPU's row selection, gives the same values and grads."""
+    hidden, weight, labels, upstream = _token_logprob_case(seed=14)
+    hidden[labels == IGNORE_INDEX] *= 100  # large but finite: must still give exactly 0 and no gradient
+
+    def all_rows(h, w, y, chunk_tokens):
+        flat = loss_module._ChunkedTokenLogprobs.apply(h.reshape(-1, h.shape[-1]), w, y.reshape(-1), chunk_tokens)
+        return flat.view(y.shape)
+
+    ref = _logprobs_and_grads(naive_token_logprobs, hidden, weight, labels, upstream)
+    got = _logprobs_and_grads(all_rows, hidden, weight, labels, upstream, chunk_tokens=7)
+    for r, c in zip(ref, got, strict=True):
+        torch.testing.assert_close(c, r, rtol=1e-5, atol=1e-5)
+    ignored = labels == IGNORE_INDEX
+    assert torch.all(got[0][ignored] == 0.0) and torch.count_nonzero(got[1][ignored]) == 0
+
+
+def test_token_logprobs_of_a_batch_without_targets_are_zero():
+    hidden, weight = torch.randn(2, 5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    logp = chunked_token_logprobs(hidden, weight, torch.full((2, 5), IGNORE_INDEX), chunk_tokens=3)
+    logp.sum().backward()
+    assert torch.count_nonzero(logp) == 0 and logp.shape == (2, 5)
+    assert torch.count_nonzero(hidden.grad) == 0 and torch.count_nonzero(weight.grad) == 0
+
+
+def test_token_logprobs_under_no_grad():
+    hidden, weight, labels, _ = _token_logprob_case(seed=16)
+    hidden.requires_grad_(), weight.requires_grad_()
+    with OpsSeen() as seen, torch.no_grad():
+        got = chunked_token_logprobs(hidden, weight, labels, chunk_tokens=7)
+    assert not got.requires_grad
+    assert torch.ops.aten.scatter_add_.default not in seen.ops  # no backward ran
+    torch.testing.assert_close(got, naive_token_logprobs(hidden, weight, labels).detach(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="chunk_tokens=-1"):
+        chunked_token_logprobs(hidden, weight, labels, chunk_tokens=-1)
+
+
+def test_token_logprobs_bf16():
+    B, T, D, V = 4, 32, 64, 257
+    g = torch.Generator().manual_seed(18)
+    hidden = torch.randn(B, T, D, generator=g).bfloat16()
+    weight = (torch.randn(V, D, generator=g) * 0.1).bfloat16()
+    labels = uneven_labels(B, T, V, seed=19)
+    upstream = torch.randn(B, T, generator=g)
+    ref = _logprobs_and_grads(naive_token_logprobs, hidden, weight, labels, upstream)
+    got = _logprobs_and_grads(chunked_token_logprobs, hidden, weight, labels, upstream, chunk_tokens=24)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.bfloat16
+    # Both take log_softmax in fp32 of the same bf16 logits: 1e-5.
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    # Gradients are bf16 (8 bits of mantissa); the chunked weight gradient is summed in fp32 and
+    # rounded once, autograd's in one bf16 matmul: they agree to bf16 resolution, 2e-2.
+    torch.testing.assert_close(got[1], ref[1], rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(got[2], ref[2], rtol=2e-2, atol=2e-3)
+
+
+def test_token_logprobs_backward_remakes_the_autocast_logits():
+    """Forward under autocast, backward outside it (as training does): backward must make the
+    same bf16 logits again, so the gradients match autograd through the bf16 matmul."""
+    hidden, weight, labels, upstream = _token_logprob_case(seed=20)
+    results = []
+    for fn, kw in ((naive_token_logprobs, {}), (chunked_token_logprobs, {"chunk_tokens": 7})):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp = fn(h, w, labels, **kw)
+        (logp * upstream).sum().backward()
+        results.append((logp.detach(), h.grad, w.grad))
+    (ref_logp, ref_h, ref_w), (logp, grad_h, grad_w) = results
+    torch.testing.assert_close(logp, ref_logp, rtol=1e-5, atol=1e-5)
+    # fp32 gradients of bf16 matmuls (autograd's bf16 products, ours summed in fp32): 2e-2.
+    torch.testing.assert_close(grad_h, ref_h, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(grad_w, ref_w, rtol=2e-2, atol=2e-3)
+    # the control: gradients from fp32 logits are further off than that
+    fp32 = _logprobs_and_grads(chunked_token_logprobs, hidden, weight, labels, upstream, chunk_tokens=7)
+    assert (fp32[0] - ref_logp).abs().max() > 1e-3
+
+
+def test_token_logprobs_never_materialise_full_logits():
+    B, T, D, V = 2, 64, 8, 1000
+    hidden, weight = torch.randn(B, T, D, requires_grad=True), torch.randn(V, D, requires_grad=True)
+    labels = uneven_labels(B, T, V)
+    with LargestTensor() as probe:
+        (chunked_token_logprobs(hidden, weight, labels, chunk_tokens=16) * torch.randn(B, T)).sum().backward()
+    assert probe.max_numel <= 16 * V < B * T * V
+
+
+def test_sequence_logprobs_match_a_loop():
+    B, T = 3, 10
+    g = torch.Generator().manual_seed(22)
+    token_logps = (-torch.rand(B, T, generator=g) * 5).requires_grad_()
+    labels = torch.randint(0, 50, (B, T), generator=g)
+    labels[0, :4] = labels[1, 7:] = labels[2, :] = IGNORE_INDEX  # the last row has no target
+    # packed rows: two sequences in row 0, one in row 1 and a sequence (id 4) with no target
+    seq_ids = torch.tensor([[0] * 6 + [1] * 4, [2] * 7 + [-1] * 3, [4] * 10])  # -1: padding, ignored
+    n_seqs = 5  # sequence 3 has no position at all
+    sums, counts = sequence_logprobs(token_logps, labels, seq_ids, n_seqs)
+    want_sums, want_counts = [0.0] * n_seqs, [0] * n_seqs
+    flat = (token_logps.flatten().tolist(), labels.flatten().tolist(), seq_ids.flatten().tolist())
+    for logp, y, s in zip(*flat, strict=True):
+        if y != IGNORE_INDEX:
+            want_sums[s] += logp
+            want_counts[s] += 1
+    assert sums.dtype == torch.float32 and counts.dtype == torch.int64
+    assert counts.tolist() == want_counts == [2, 4, 7, 0, 0]
+    assert sums.tolist() == pytest.approx(want_sums, rel=1e-6, abs=1e-6)
+    weights = torch.arange(1.0, n_seqs + 1)
+    (sums * weights).sum().backward()
+    # d/d token = the weight of its sequence where it is a target, 0 elsewhere
+    expected = torch.where(labels != IGNORE_INDEX, weights[seq_ids.clamp(min=0)], 0.0)
+    torch.testing.assert_close(token_logps.grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_logprobs_on_gpu(dtype):
+    hidden, weight, labels, upstream = _token_logprob_case(B=4, T=300, D=64, V=1000, seed=24)
+    hidden, weight = hidden.cuda().to(dtype), weight.cuda().to(dtype)
+    labels, upstream = labels.cuda(), upstream.cuda()
+    ref = _logprobs_and_grads(naive_token_logprobs, hidden, weight, labels, upstream)
+    got = _logprobs_and_grads(chunked_token_logprobs, hidden, weight, labels, upstream, chunk_tokens=256)
+    # fp32 matmuls may take TF32 on the GPU in neither or both paths; bf16 as on CPU.
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
+    for r, c in zip(ref[1:], got[1:], strict=True):
+        torch.testing.assert_close(c, r, **tol)
+    assert torch.count_nonzero(got[1][labels == IGNORE_INDEX]) == 0

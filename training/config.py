@@ -141,6 +141,23 @@ class TrainSection:
     """LoRA (Hu et al. 2021): train low-rank adapters on a frozen init_from base."""
 
 
+DPO_LOSSES = ("sigmoid", "ipo", "sigmoid_norm", "simpo")
+
+
+@dataclass
+class DPOSection:
+    loss: str = "sigmoid"
+    """sigmoid (DPO, Rafailov et al. 2023), ipo (Azar et al. 2023, per-token log-probs),
+    sigmoid_norm (DPO on per-token log-probs, as Tülu 3), simpo (Meng et al. 2024: no
+    reference, margin simpo_gamma)."""
+    beta: float = 0.1
+    """How far the policy may move from the reference (SimPO: the reward scale)."""
+    label_smoothing: float = 0.0
+    """The assumed share of pairs whose labels are flipped (conservative DPO); in [0, 0.5)."""
+    simpo_gamma: float = 0.5
+    """SimPO's target margin between the chosen and rejected rewards."""
+
+
 @dataclass
 class FsdpSection:
     reshard_after_forward: bool = True
@@ -180,6 +197,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     fsdp: FsdpSection = field(default_factory=FsdpSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
     ray: RaySection = field(default_factory=RaySection)
 
     def batch_arithmetic(self, world_size: int) -> dict:
@@ -351,6 +369,7 @@ def check(cfg: RunConfig) -> None:
     _choice("engine", cfg.engine, ENGINES)
     _choice("data.on_error", cfg.data.on_error, ("skip", "raise"))
     _check_train(cfg.train)
+    _check_dpo(cfg.dpo)
     if cfg.data.seq_len < 2:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be at least 2")
     if cfg.data.shuffle_buffer < 0:
@@ -387,6 +406,16 @@ def check(cfg: RunConfig) -> None:
             f"train.lora.rank={cfg.train.lora.rank} trains adapters on a frozen pretrained base: set "
             "init_from=MODEL_DIR (a Hugging Face folder), or train.lora.rank=0 to train every weight"
         )
+
+
+def _check_dpo(d: DPOSection) -> None:
+    _choice("dpo.loss", d.loss, DPO_LOSSES)
+    if d.beta <= 0:
+        raise ConfigError(f"dpo.beta={d.beta} must be positive")
+    if not 0 <= d.label_smoothing < 0.5:
+        raise ConfigError(f"dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
+    if d.label_smoothing and d.loss == "ipo":
+        raise ConfigError("dpo.label_smoothing applies to the sigmoid losses, not dpo.loss=ipo")
 
 
 def _check_train(t: TrainSection) -> None:

@@ -275,7 +275,8 @@ def parallelize(model: Decoder, cfg: RunConfig, where: Dist) -> nn.Module:
         fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.fsdp.reshard_after_forward)
     # the root holds the embedding, final norm and output projection (used inside `loss`)
     model = fully_shard(model, mesh=mesh, mp_policy=mp)
-    register_fsdp_forward_method(model, "loss")  # gathers the root's parameters as forward does
+    for method in ("loss", "token_logprobs"):  # gather the root's parameters as forward does
+        register_fsdp_forward_method(model, method)
     return model
 
 
@@ -345,6 +346,11 @@ class TorchEngine:
         """(loss_sum, n_target_tokens) of one micro-batch: `Decoder.loss` in the run's precision."""
         with self.forward_context():
             return self.model.loss(batch["tokens"], batch["labels"], batch["position_ids"], batch["doc_ids"], z_loss)
+
+    def token_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) fp32 log-probabilities of the batch's labels: `Decoder.token_logprobs`."""
+        with self.forward_context():
+            return self.model.token_logprobs(batch["tokens"], batch["labels"], batch["position_ids"], batch["doc_ids"])
 
     def overflow_was_expected(self) -> bool:
         """Whether the last skipped step was an fp16 overflow that the loss scaler answered by
@@ -510,6 +516,11 @@ class DeepSpeedEngine:
         gathers the root's own parameters (the output projection) in its forward hooks."""
         b = batch
         return self.model(b["tokens"], b["position_ids"], b["doc_ids"], labels=b["labels"], z_loss=z_loss)
+
+    def token_logprobs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T) fp32 log-probabilities of the batch's labels, through the module call."""
+        b = batch
+        return self.model(b["tokens"], b["position_ids"], b["doc_ids"], labels=b["labels"], per_token=True)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.model.set_gradient_accumulation_boundary(last)

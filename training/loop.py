@@ -1,10 +1,13 @@
-"""The one training loop, for pretraining and SFT alike, over any engine.
+"""The one training loop, for pretraining, SFT and preference training alike, over any engine.
 
 SFT differs from pretraining only in its data (labels masked outside the assistant turns), its
-learning rate and its initial weights (`init_from`); the loss is the same `model.loss` sum.
+learning rate and its initial weights (`init_from`); the loss is the same `model.loss` sum. A
+later stage differs in its data and its objective (`Objective`: what a step counts and the sum
+it differentiates; DPO's is training/preference.py), never in a second trainer.
 
 One optimizer step (`train_step`):
-    fetch the step's micro-batches → count their target tokens and sum the count over all ranks
+    fetch the step's micro-batches → count what the objective averages over (target tokens;
+    preference pairs) and sum the count over all ranks
     → for each micro-batch: forward → loss_sum × grad_divisor / global_count → backward
     → the engine clips and steps, or skips when the gradient norm is non-finite (it is the same
       norm on every rank, so every rank skips the same step).
@@ -20,12 +23,13 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data_pipeline.shards import load_manifest
 from data_pipeline.stream import PackedStream
 from data_pipeline.tokenizer import Tokenizer, load_tokenizer
 from model.config import ModelConfig
@@ -71,8 +75,42 @@ class TrainingError(RuntimeError):
 class StepResult:
     loss: float
     target_tokens: int
+    """The step's global count: target tokens, or what the objective counts (pairs)."""
     grad_norm: float
     applied: bool
+    stats: dict[str, float] = field(default_factory=dict)
+    """The objective's per-step figures, as means over the global count."""
+
+
+class Objective:
+    """What one stage trains on: the count a step's loss is averaged over and the summed loss
+    of a micro-batch. This one is pretraining's and SFT's: cross-entropy summed over the target
+    tokens (model/loss.py); training/preference.py has DPO's.
+
+    count(micro) is taken on the host from the numpy batch (no device sync); loss(engine,
+    batch, cfg, train) returns (loss_sum, stats), stats being 0-d sums whose step means go into
+    metrics.jsonl; prepare(engine, cfg, where, tokenizer) may precompute what the data needs
+    before the first step (DPO's reference log-probs) and returns the config to stream from.
+    """
+
+    name = "lm"
+    count_name = "target_tokens"
+
+    def count(self, micro: dict[str, np.ndarray]) -> int:
+        return int((micro["labels"] != IGNORE_INDEX).sum())
+
+    def loss(self, engine, batch: dict[str, torch.Tensor], cfg: RunConfig, train: bool = True) -> tuple:
+        loss_sum, _ = engine.loss(batch, z_loss=cfg.train.z_loss if train else 0.0)  # validation: the plain loss
+        return loss_sum, {}
+
+    def prepare(self, engine, cfg: RunConfig, where: Dist, tokenizer: Tokenizer) -> RunConfig:
+        for key, folder in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+            if folder is not None and load_manifest(folder)["kind"] == "preference":
+                raise ConfigError(f"{key}={folder} holds preference pairs: train on them with launch/dpo.py")
+        return cfg
+
+
+LANGUAGE_MODELING = Objective()
 
 
 def train(
@@ -80,6 +118,7 @@ def train(
     data: Iterator[dict] | None = None,
     model_hook: Callable[[Decoder], None] | None = None,
     on_checkpoint: Callable[[Path, dict], None] | None = None,
+    objective: Objective = LANGUAGE_MODELING,
 ) -> dict:
     """Run (or resume) a pretraining or SFT run to cfg.train.max_steps.
 
@@ -90,6 +129,7 @@ def train(
         model_hook: called with the Decoder once the engine has built it (its parameters
             filled, sharded and wrapped in place) to add hooks.
         on_checkpoint: called on every rank after each checkpoint with (folder, last record).
+        objective: what the steps train (default pretraining's and SFT's cross-entropy).
     Returns:
         a summary: losses and skipped steps of this attempt, final step, tokens, run_dir, export
         (the Hugging Face folder; merged with the adapters under LoRA), adapter (LoRA's folder).
@@ -110,6 +150,7 @@ def train(
     if model_hook is not None:
         with together("running the model hook"):
             model_hook(model)
+    cfg = objective.prepare(engine, cfg, where, tokenizer)  # collectives on every rank
     with together("opening the data"):
         stream = data if data is not None else make_stream(cfg, where, cfg.data.train, tokenizer)
         if cfg.data.val is not None:  # a bad validation split fails now, not after hours of training
@@ -133,7 +174,7 @@ def train(
             micro = _next_or_error(steps)
             data_wait = time.perf_counter() - started
             lr = _lr(cfg, state.step + 1)
-            result = train_step(engine, micro, cfg, where, lr)
+            result = train_step(engine, micro, cfg, where, lr, objective)
             state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
             seconds = time.perf_counter() - started
             # fp16 overflows while the loss scale settles are expected; they do not count as bad
@@ -153,13 +194,14 @@ def train(
                 "grad_norm": result.grad_norm,
                 "lr": lr,
                 "tokens": state.tokens,
-                "target_tokens": result.target_tokens,
+                objective.count_name: result.target_tokens,
+                **result.stats,
                 **throughput(tokens_per_step, seconds, flops_per_token, where.world_size, peak),
                 "peak_mem_bytes": peak_memory_bytes(where.device),
                 "data_wait_frac": data_wait / seconds,
                 "skipped": not result.applied,
             }
-            state.stopped_early = _evaluate_if_due(engine, cfg, where, tokenizer, state, record, report)
+            state.stopped_early = _evaluate_if_due(engine, cfg, where, tokenizer, state, record, report, objective)
             report.log_step(record)
             if state.bad_in_a_row >= cfg.train.max_bad_steps:
                 report.close()
@@ -204,7 +246,14 @@ def _diverged(state: TrainState, run_dir: str) -> TrainingError:
     )
 
 
-def train_step(engine, micro: list[dict] | Exception, cfg: RunConfig, where: Dist, lr: float) -> StepResult:
+def train_step(
+    engine,
+    micro: list[dict] | Exception,
+    cfg: RunConfig,
+    where: Dist,
+    lr: float,
+    objective: Objective = LANGUAGE_MODELING,
+) -> StepResult:
     """One optimizer step over this rank's `cfg.train.grad_accum` micro-batches (see module doc).
 
     `micro` is the error instead when reading them failed on this rank: the count's all-reduce
@@ -212,7 +261,7 @@ def train_step(engine, micro: list[dict] | Exception, cfg: RunConfig, where: Dis
     The step is queued without waiting for the device: the loss, the gradient norm and whether
     the step was applied are read back together once its work is queued (one transfer)."""
     error = micro if isinstance(micro, Exception) else None
-    local_count = 0 if error else sum(int((m["labels"] != IGNORE_INDEX).sum()) for m in micro)  # host: no sync
+    local_count = 0 if error else sum(objective.count(m) for m in micro)  # host: no sync
     micro = [] if error else [_to_device(m, where.device) for m in micro]  # copies queued before the reduction
     global_count, failures = all_reduce_sum([local_count, error is not None], where.device)
     if failures:
@@ -221,24 +270,29 @@ def train_step(engine, micro: list[dict] | Exception, cfg: RunConfig, where: Dis
         return StepResult(math.nan, 0, math.nan, False)
     scale = engine.grad_divisor / global_count
 
-    loss_sum = torch.zeros((), dtype=torch.float64, device=where.device)
+    sums = {"loss": torch.zeros((), dtype=torch.float64, device=where.device)}
     for i, m in enumerate(micro):
-        s, _ = engine.loss(m, z_loss=cfg.train.z_loss)
+        s, stats = objective.loss(engine, m, cfg)
         engine.backward(s * scale, last=i == len(micro) - 1)
-        loss_sum += s.detach()
+        for key, value in {"loss": s, **stats}.items():
+            sums[key] = sums.get(key, 0) + value.detach().double()
     applied, grad_norm = engine.step(lr)
-    all_reduce_sum_(loss_sum)
-    total, grad_norm, applied = torch.stack([loss_sum, grad_norm.double(), applied.double()]).tolist()
-    return StepResult(total / global_count, int(global_count), grad_norm, bool(applied))
+    summed = torch.stack(list(sums.values()))
+    all_reduce_sum_(summed)
+    *totals, grad_norm, applied = torch.cat([summed, grad_norm.double()[None], applied.double()[None]]).tolist()
+    means = dict(zip(sums, (total / global_count for total in totals), strict=True))
+    return StepResult(means.pop("loss"), int(global_count), grad_norm, bool(applied), means)
 
 
 @torch.no_grad()
-def evaluate(engine, cfg: RunConfig, where: Dist, tokenizer: Tokenizer) -> dict:
-    """Mean loss and perplexity over the validation split (cfg.eval_batches per rank, or all)."""
+def evaluate(
+    engine, cfg: RunConfig, where: Dist, tokenizer: Tokenizer, objective: Objective = LANGUAGE_MODELING
+) -> dict:
+    """The objective's mean loss (and its figures) over the validation split (cfg.eval_batches
+    per rank, or all); for language modeling also the perplexity."""
     stream = make_stream(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1)
     engine.model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=where.device)
-    count, batches = 0, iter(stream)
+    sums, count, batches = {"loss": 0.0}, 0, iter(stream)
     for i in itertools.count():
         if cfg.train.eval_batches and i >= cfg.train.eval_batches:
             break
@@ -246,23 +300,29 @@ def evaluate(engine, cfg: RunConfig, where: Dist, tokenizer: Tokenizer) -> dict:
             batch = next(batches, None)
         if batch is None:  # every rank has the same number of batches
             break
-        s, n = engine.loss(_to_device(batch, where.device))
-        loss_sum += s.double()
-        count += int(n)
+        count += objective.count(batch)
+        s, stats = objective.loss(engine, _to_device(batch, where.device), cfg, train=False)
+        for key, value in {"loss": s, **stats}.items():
+            sums[key] = sums.get(key, 0) + value.double()
     engine.model.train()
     stream.close()
-    total, n = all_reduce_sum([float(loss_sum), count], where.device)
-    loss = total / n if n else math.nan
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)) if n else math.nan, "val_tokens": int(n)}
+    *totals, n = all_reduce_sum([*(float(v) for v in sums.values()), count], where.device)
+    scores = {f"val_{key}": total / n if n else math.nan for key, total in zip(sums, totals, strict=True)}
+    if objective is LANGUAGE_MODELING:
+        scores["val_ppl"] = math.exp(min(scores["val_loss"], 50.0)) if n else math.nan
+    return {**scores, "val_tokens" if objective is LANGUAGE_MODELING else f"val_{objective.count_name}": int(n)}
 
 
-def _evaluate_if_due(engine, cfg, where, tokenizer, state: TrainState, record: dict, report: Reporter) -> bool:
+def _evaluate_if_due(engine, cfg, where, tokenizer, state, record: dict, report: Reporter, objective) -> bool:
     """Evaluate every eval_every steps, track the best validation loss; True when patience ran out."""
     if not cfg.train.eval_every or state.step % cfg.train.eval_every:
         return False
-    scores = evaluate(engine, cfg, where, tokenizer)
+    scores = evaluate(engine, cfg, where, tokenizer, objective)
     record.update(scores)
-    report.print(f"step {state.step}: val_loss {scores['val_loss']:.4f}  val_ppl {scores['val_ppl']:.2f}")
+    shown = "  ".join(
+        f"{key} {scores[key]:.4f}" for key in ("val_loss", "val_ppl", "val_reward_accuracy") if key in scores
+    )
+    report.print(f"step {state.step}: {shown}")
     if state.best_val_loss is None or scores["val_loss"] < state.best_val_loss:
         state.best_val_loss, state.evals_since_best = scores["val_loss"], 0
     else:
