@@ -273,11 +273,17 @@ class _EpochReader:
             labels[fill : fill + take] = sample.labels[start:end]
             if "ref_logps" in window:
                 window["ref_logps"][fill : fill + take] = self.s.reference_of(sample, ref)[start:end]
+            if sample.segments is None and self.s.manifest["kind"] == "preference":
+                path = self.s.data_dir / self.s.shards[ref[0]]["path"]
+                raise DataError(f"shard {path}: sample {ref[1]} of a preference set is not a pair (no segments)")
             if sample.segments is None:  # one document (a split one's rest starts at 0 again)
                 pos[fill : fill + take] = np.arange(take)
                 doc[fill : fill + take] = doc_id
                 doc_id += 1
             else:  # a preference pair, whole: each of its sequences is a document
+                if self.s.manifest["kind"] == "preference" and len(sample.segments) != 2:
+                    path = self.s.data_dir / self.s.shards[ref[0]]["path"]
+                    raise DataError(f"shard {path}: sample {ref[1]} holds {len(sample.segments)} sequences, not a pair")
                 pos[fill : fill + take], sequence = sequence_layout(sample.segments)
                 doc[fill : fill + take] = doc_id + sequence
                 doc_id += len(sample.segments)
@@ -415,10 +421,12 @@ class PackedStream:
             )
         n_long = sum(int(np.sum(np.asarray(s["lengths"]) > self.seq_len)) for s in self.shards)
         if n_long:
+            # --max-len bounds each sequence; a preference pair holds two
+            max_len = self.seq_len // 2 if self.manifest["kind"] == "preference" else self.seq_len
             warnings.warn(
                 f"{self.data_dir}: {n_long} of {self.manifest.get('samples', '?')} samples are longer than "
                 f"seq_len={self.seq_len} and will be dropped (counted as longer_than_seq_len): prepare the "
-                f"data with launch/prepare_data.py --max-len {self.seq_len} or raise data.seq_len",
+                f"data with launch/prepare_data.py --max-len {max_len} or raise data.seq_len",
                 stacklevel=3,
             )
 

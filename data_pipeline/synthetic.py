@@ -6,8 +6,10 @@ on, and questions to evaluate with.
     make_world ─► World (characters, places, quests)
         ├─► lore_documents, heldout_documents   pretraining text that states every fact
         ├─► sft_conversations                   chats in which the assistant plays a character
-        └─► eval_items                          "facts": card fields asked in unseen wordings
-                                                "lore":  the ally or rival SFT never asked about
+        ├─► eval_items                          "facts": card fields asked in unseen wordings
+        │                                       "lore":  the ally or rival SFT never asked about
+        └─► rl_prompts                          questions for online RL, in SFT's wordings and on
+                                                SFT's fields only, so both eval splits stay unseen
     write_corpus writes them all as JSON Lines (and the world as world.json).
 
 The data is built to be learnable by the tiny model on a CPU in minutes: invented names made of a
@@ -804,6 +806,41 @@ def eval_items(world: World, seed: int = 0, per_field: int = 2) -> dict[str, lis
     return {"facts": facts, "lore": lore}
 
 
+def rl_prompts(world: World, seed: int = 0, per_character: int = 20) -> list[dict]:
+    """Prompt rows for online RL (data_pipeline/prompts.py reads them; training/rewards.py scores
+    the answers against their ground truth).
+
+    Each character is asked about its card fields and the one social field SFT asked it
+    (sft_field), in turn, each time in another SFT wording (TRAIN_QUESTIONS). RL never asks an EVAL
+    wording, nor the social field held out for split "lore", so what the evaluation measures stays
+    unseen by every training stage.
+
+    Args:
+        world: the world.
+        seed: the random seed.
+        per_character: prompts per character, spread evenly over its five fields (at most five
+            times the fewest SFT wordings of a field).
+
+    Returns:
+        Rows shaped as eval_items': {"character", "field", "messages" (system card + user
+        question), "expected", "conflicts", "reference"}, character by character.
+    """
+    fields_of = [(*CARD_FIELDS, sft_field(i)) for i in range(len(world.characters))]
+    most = min(len(fs) * min(len(TRAIN_QUESTIONS[f]) for f in fs) for fs in fields_of)
+    if not 1 <= per_character <= most:
+        raise ValueError(
+            f"per_character must be between 1 and {most} (the distinct SFT questions), got {per_character}"
+        )
+    rng = _rng("rl", seed)
+    rows = []
+    for c, fields in zip(world.characters, fields_of, strict=True):
+        wordings = {f: rng.sample(TRAIN_QUESTIONS[f], len(TRAIN_QUESTIONS[f])) for f in fields}
+        for k in range(per_character):
+            f = fields[k % len(fields)]
+            rows.append(_eval_item(rng, world, c, f, wordings[f][k // len(fields)]))
+    return rows
+
+
 # --- files -----------------------------------------------------------------------------------
 
 
@@ -858,7 +895,8 @@ def write_corpus(
 
     Files under out_dir: pretrain/lore.jsonl and heldout.jsonl ({"text"} per line; n_lore_docs
     and n_lore_docs / 20 documents), sft/train.jsonl and sft/val.jsonl (messages format; val is
-    a seeded 5%), eval/facts.jsonl and eval/lore.jsonl (eval_items), world.json.
+    a seeded 5%), eval/facts.jsonl and eval/lore.jsonl (eval_items), rl_prompts.jsonl (rl_prompts),
+    world.json.
 
     Args:
         out_dir: the output folder (created).
@@ -868,7 +906,7 @@ def write_corpus(
         n_chats_per_character: SFT chats per character (train + val).
 
     Returns:
-        The paths by name: lore, heldout, sft_train, sft_val, eval_facts, eval_lore, world.
+        The paths by name: lore, heldout, sft_train, sft_val, eval_facts, eval_lore, rl_prompts, world.
     """
     out = Path(out_dir)
     world = make_world(seed, n_characters)
@@ -885,6 +923,7 @@ def write_corpus(
         "sft_val": _write_jsonl(out / "sft" / "val.jsonl", val),
         "eval_facts": _write_jsonl(out / "eval" / "facts.jsonl", items["facts"]),
         "eval_lore": _write_jsonl(out / "eval" / "lore.jsonl", items["lore"]),
+        "rl_prompts": _write_jsonl(out / "rl_prompts.jsonl", rl_prompts(world, seed)),
     }
     paths["world"] = out / "world.json"
     paths["world"].write_text(json.dumps(world_dict(world), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -85,8 +85,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             help="bytes that are not UTF-8: reject the record (an error, or dropped and counted with "
             "--on-error skip), or replace them with U+FFFD",
         )
+        # Off for pairs: a ranked set binarized into pairs repeats a long prompt and chosen answer
+        # with short rejected ones, nearly equal as text but distinct comparisons.
         p.add_argument(
-            "--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard threshold; 0 disables near-dedup"
+            "--near-dup-threshold",
+            type=float,
+            default=0.0 if kind == "pref" else 0.8,
+            help="MinHash Jaccard threshold; 0 disables near-dedup (the default for pref: pairs that share a "
+            "prompt and chosen answer are distinct comparisons, however alike their text)",
         )
         p.add_argument("--shard-mb", type=float, default=64, help="target shard size in MiB")
         p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")

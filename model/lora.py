@@ -3,6 +3,7 @@
     apply_lora(model, cfg)            freeze the base; wrap the targeted projections in LoRALinear
     lora_parameters(model)            the adapters, the only parameters that train
     merge_lora(model)                 the base state dict with every adapter added in (for save_hf)
+    adapters_disabled(model)          a context in which the model computes its base alone (a reference)
     save_adapter / load_adapter       a folder that `peft.PeftModel.from_pretrained` loads, and back
 
 Crucible's own small layer rather than peft itself: peft wraps one nn.Linear per Hugging Face
@@ -20,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +79,8 @@ class LoRALinear(nn.Module):
 
     The base weight and bias stay parameters of this module under the names `weight` and
     `bias`, so the model's state dict keeps its base keys; adapters are `lora_A.<part>` (rank, in)
-    and `lora_B.<part>` (part rows, rank), in fp32 whatever the base's dtype.
+    and `lora_B.<part>` (part rows, rank), in fp32 whatever the base's dtype. `enabled` (a plain
+    attribute, see `adapters_disabled`) switches the adapters off without touching a parameter.
     """
 
     def __init__(self, base: nn.Linear, parts: tuple[tuple[str, int], ...], cfg: LoRAConfig):
@@ -93,6 +97,7 @@ class LoRALinear(nn.Module):
         )
         rows = dict(parts)
         self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.empty(rows[n], cfg.rank, **kw)) for n in self.targets})
+        self.enabled = True
         self.reset_adapters()
 
     @torch.no_grad()
@@ -114,11 +119,15 @@ class LoRALinear(nn.Module):
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         """The adapters' output (..., out) for input x (..., in), in x's dtype; computed in the
         adapters' dtype (fp32), or under autocast in its dtype (peft casts the input the same way)."""
+        if not self.enabled:
+            # Zeros rather than skipping: the Decoder's FeedForward adds w2's delta itself.
+            return x.new_zeros(*x.shape[:-1], sum(rows for _, rows in self.parts))
         a, b = self._stacked()
         return (F.linear(F.linear(self.dropout(x.to(a.dtype)), a), b) * self.scale).to(x.dtype)
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + self.lora_delta(x)
+        base = F.linear(x, self.weight, self.bias)
+        return base + self.lora_delta(x) if self.enabled else base
 
 
 def initial_rows(model_cfg: ModelConfig, name: str, shape, start: int, stop: int, seed: int) -> torch.Tensor:
@@ -158,6 +167,36 @@ def apply_lora(model: Decoder, cfg: LoRAConfig) -> Decoder:
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every adapter parameter (what the optimizer gets)."""
     return [p for m in model.modules() if isinstance(m, LoRALinear) for p in (*m.lora_A.values(), *m.lora_B.values())]
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """A context in which every LoRALinear of `model` computes its frozen base projection alone:
+    the LoRA model's base as the reference of DPO or the KL term of GRPO (issue 20), without a
+    second copy of the weights.
+
+    Only a flag is set, which each LoRALinear reads in forward and in `lora_delta` (the Decoder's
+    feed-forward calls that itself): parameters, their sharding (the modules, found by isinstance
+    over `model.modules()`, stay the same objects under FSDP2's fully_shard and ZeRO-3) and the
+    autograd graph outside the context are untouched. The flags are restored on exit, after an
+    exception too; nesting is fine (each level restores what it found).
+
+    Args:
+        model: a model carrying LoRA adapters (after `apply_lora`).
+    Returns:
+        a context manager yielding `model`.
+    Raises:
+        ValueError: the model carries no adapters (its "base" would silently be the model itself).
+    """
+    modules = _lora_modules(model)
+    previous = [m.enabled for m in modules]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, enabled in zip(modules, previous, strict=True):
+            m.enabled = enabled
 
 
 def peft_key(name: str) -> str:

@@ -92,7 +92,7 @@ def test_config_files_are_found_and_their_faults_named(tmp_path):
     assert find_config_file("zero3.json") == ROOT / "configs" / "zero3.json"
     with pytest.raises(ConfigError, match="no such file"):
         load_config(["nope.yaml"], [])
-    ambiguous = "ambiguous, it could be configs/dpo/tiny.yaml, configs/models/tiny.yaml, configs/pretrain/tiny"
+    ambiguous = "ambiguous, it could be configs/dpo/tiny.yaml, configs/grpo/tiny.yaml, configs/models/tiny.yaml, "
     with pytest.raises(ConfigError, match=ambiguous):
         load_config(["tiny.yaml"], [])
     bad = tmp_path / "bad.yaml"

@@ -3,7 +3,7 @@
 References: each pair's sequences run alone through the model (no packing, full logits and
 log_softmax) and the DPO formula written out are the reference of the packed objective (fp32,
 1e-5); world 1 × micro-batch 8 is the reference of world 2 × accumulation 2 × micro-batch 2
-under FSDP2 (fp32, losses 1e-5, weights 3e-5); an uninterrupted run is the reference of a
+under FSDP2 and ZeRO-3 (fp32, losses 1e-5); an uninterrupted run is the reference of a
 resumed one (1e-6), which reuses the reference log-probs rather than recompute them.
 """
 
@@ -30,7 +30,7 @@ from model.loss import IGNORE_INDEX
 from tests.dist_helpers import global_batches, run_processes
 from tests.training_data import SFT_LEN
 from training import loop
-from training.config import ConfigError, RunConfig
+from training.config import ConfigError, RunConfig, find_config_file
 from training.preference import Preference
 
 pytestmark = pytest.mark.slow
@@ -71,6 +71,8 @@ def make_cfg(run_dir: Path, data: Path, base: Path, engine: str = "single", **tr
     t.precision, t.lr, t.warmup_steps, t.weight_decay, t.schedule = "fp32", 1e-3, 1, 0.0, "constant"
     for key, value in train.items():
         setattr(t, key, value)
+    if engine == "deepspeed":
+        cfg.deepspeed = json.loads(find_config_file("zero3.json").read_text())
     return cfg
 
 
@@ -137,7 +139,8 @@ def test_packed_objective_equals_each_sequence_alone(pairs, lora_base, tmp_path)
     )
 
 
-def test_world2_accum2_mb2_equals_world1_mb8_under_fsdp(pairs, lora_base, tmp_path):
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed"])
+def test_world2_accum2_mb2_equals_world1_mb8(engine, pairs, lora_base, tmp_path):
     steps = 3
     # The reference once, by a one-step run; then fixed global batches of the reference set.
     first = make_cfg(tmp_path / "first", pairs, lora_base, max_steps=1, micro_batch=2)
@@ -147,9 +150,9 @@ def test_world2_accum2_mb2_equals_world1_mb8_under_fsdp(pairs, lora_base, tmp_pa
     batches = global_batches(PackedStream(scored, seq_len=SEQ, batch_size=8, seed=0), steps)
     assert all("ref_logps" in b and np.abs(b["ref_logps"]).sum() > 0 for b in batches)
 
-    ref_cfg = make_cfg(tmp_path / "ref", scored, lora_base, "fsdp", max_steps=steps, micro_batch=8)
+    ref_cfg = make_cfg(tmp_path / "ref", scored, lora_base, engine, max_steps=steps, micro_batch=8)
     (ref,) = run_processes(ref_cfg, 1, tmp_path / "ref_out", batches, objective=Preference(ref_cfg))
-    cfg = make_cfg(tmp_path / "dist", scored, lora_base, "fsdp", max_steps=steps, micro_batch=2, grad_accum=2)
+    cfg = make_cfg(tmp_path / "dist", scored, lora_base, engine, max_steps=steps, micro_batch=2, grad_accum=2)
     dist = run_processes(cfg, 2, tmp_path / "dist_out", batches, objective=Preference(cfg))
     for rank in dist:
         np.testing.assert_allclose(rank["losses"], ref["losses"], rtol=0, atol=1e-5)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
 
@@ -15,9 +16,10 @@ from transformers import AutoModelForCausalLM
 
 from data_pipeline.sp_tokenizer import train_tokenizer
 from launch import chat
+from model import generate as generate_module
 from model.config import preset
 from model.decoder import Decoder
-from model.generate import generate, sample_next
+from model.generate import generate, generate_group, sample_next, sample_tokens
 from model.hf import save_hf
 from tests.conftest import ROOT
 
@@ -293,3 +295,117 @@ def test_a_card_the_models_template_refuses_is_one_chat_error(tmp_path):
     tok = load_tokenizer(mistral_tokenizer(tmp_path / "mistral"), chat_template=no_system)
     with pytest.raises(ChatError, match=f"--chat-template {no_system} cannot render.*System role not supported"):
         check_card("You are a guard.", tok, 512)
+
+
+# --- a group of completions per prompt (GRPO) -----------------------------------------------
+
+
+def first_stop_cut(row: list[int], stops) -> list[int]:
+    """The row up to and including its first stop id."""
+    ends = [i for i, t in enumerate(row) if t in stops]
+    return row[: ends[0] + 1] if ends else row
+
+
+@pytest.mark.parametrize("case", ["gqa", "qwen3-qk-norm-head-dim"])
+def test_greedy_group_rows_equal_generate(case):
+    model = small_model(**CONFIGS[case])
+    prompt = [3, 1, 4, 1, 5, 9]
+    ref = list(generate(model, prompt, max_new_tokens=16))
+    assert generate_group(model, prompt, 1, max_new_tokens=16, temperature=0.0) == [ref]
+    assert generate_group(model, prompt, 3, max_new_tokens=16, temperature=0.0) == [ref] * 3
+
+
+def test_sampled_group_is_reproducible_and_its_rows_differ():
+    model = small_model(n_kv_heads=2)
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return generate_group(model, [5, 6, 7], 4, max_new_tokens=12, temperature=1.0, top_p=0.9, generator=gen)
+
+    rows = run(0)
+    assert len(rows) == 4 and all(len(r) == 12 for r in rows)
+    assert run(0) == rows and run(1) != rows
+    assert len({tuple(r) for r in rows}) == 4
+
+
+def test_group_rows_end_at_their_first_stop_id_and_decoding_stops_when_all_have(monkeypatch):
+    model = small_model(n_kv_heads=2)
+
+    def run(stop_ids):
+        gen = torch.Generator().manual_seed(0)
+        return generate_group(model, [2, 7, 1, 8], 6, max_new_tokens=20, stop_ids=stop_ids, generator=gen)
+
+    free = run(())
+    # A stop id that some rows sample and some do not: those run on to max_new_tokens.
+    counts = Counter(t for row in free for t in set(row))
+    stop = next(t for t, c in counts.most_common() if c < len(free))
+    rows = run((stop,))
+    assert rows == [first_stop_cut(row, {stop}) for row in free]
+    assert any(row[-1] == stop for row in rows) and any(len(row) == 20 and stop not in row for row in rows)
+
+    # Every row ends within its first three ids: decoding stops there (the prefill and one
+    # forward per later step), and the ids other rows sampled after their stop are dropped.
+    stops = {row[2] for row in free}
+    calls = []
+    real = model.hidden_states
+    monkeypatch.setattr(model, "hidden_states", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    rows = run(tuple(stops))
+    assert rows == [first_stop_cut(row, stops) for row in free]
+    assert len(calls) == max(map(len, rows)) <= 3
+
+
+@pytest.mark.parametrize("case", ["gqa", "mqa-qkv-bias-untied", "mistral-window"])
+def test_group_decoding_logits_equal_the_full_forward(case, monkeypatch):
+    """The batch-n KV-cache path is exact: the logits each sampled id was drawn from equal the
+    full-sequence forward's at that position, for every row."""
+    model = small_model(**CONFIGS[case])
+    if model.cfg.qkv_bias:  # zero-initialised; make it count
+        for layer in model.layers:
+            torch.nn.init.normal_(layer.attn.wqkv.bias, std=0.1)
+    seen = []  # (n, V) logits of each decoding step
+    real = generate_module.sample_tokens
+    monkeypatch.setattr(
+        generate_module, "sample_tokens", lambda logits, *a: seen.append(logits.clone()) or real(logits, *a)
+    )
+    prompt = [11, 22, 33, 44, 55]
+    gen = torch.Generator().manual_seed(4)
+    rows = generate_group(model, prompt, 3, max_new_tokens=12, temperature=1.0, generator=gen)
+    assert len(seen) == 12 and len({tuple(r) for r in rows}) == 3
+    for i, row in enumerate(rows):
+        with torch.no_grad():
+            full = model(torch.tensor([prompt + row]))[0, len(prompt) - 1 : -1]  # (12, V): predicting row
+        cached = torch.stack([step[i] for step in seen])  # (12, V)
+        torch.testing.assert_close(cached.log_softmax(-1), full.log_softmax(-1), rtol=1e-5, atol=1e-5)  # fp32
+
+
+def test_group_refuses_a_sequence_past_the_context_and_restores_train_modes():
+    model = small_model(**CONFIGS["mistral-window"])  # context_len = the window, 20
+    with pytest.raises(ValueError, match=r"prompt \(10\) \+ max_new_tokens \(11\) = 21 exceeds model.context_len=20"):
+        generate_group(model, list(range(10)), 2, max_new_tokens=11)
+    assert [len(r) for r in generate_group(model, list(range(10)), 2, max_new_tokens=10)] == [10, 10]
+    assert generate_group(model, [1], 2, max_new_tokens=0) == [[], []]
+    model.train()
+    model.layers[0].eval()  # a caller's own mix of modes comes back as it was
+    generate_group(model, [1, 2], 2, max_new_tokens=3)
+    assert model.training and not model.layers[0].training and model.layers[1].training
+
+
+# --- sample_tokens --------------------------------------------------------------------------
+
+
+def test_sample_tokens_keeps_each_rows_nucleus_and_greedy_is_each_rows_argmax():
+    logits = torch.tensor([[0.4, 0.35, 0.25], [0.1, 0.6, 0.3], [0.2, 0.25, 0.55]]).log()  # (3, 3)
+    assert sample_tokens(logits, temperature=0.0).tolist() == [0, 1, 2]
+    g = torch.Generator().manual_seed(0)
+    draws = sample_tokens(logits.repeat(300, 1), temperature=1.0, top_p=0.5, generator=g).view(300, 3)
+    # Sorted masses before each token: row 0 (0, 0.4, 0.75) keeps {0, 1}; row 1 (0, 0.6, 0.9)
+    # keeps only its most likely; row 2 (0, 0.55, 0.8) keeps {2}.
+    assert [set(draws[:, r].tolist()) for r in range(3)] == [{0, 1}, {1}, {2}]
+    draws = sample_tokens(logits.repeat(300, 1), temperature=1.0, top_p=0.7, generator=g).view(300, 3)
+    assert [set(draws[:, r].tolist()) for r in range(3)] == [{0, 1}, {1, 2}, {2, 1}]
+    draws = sample_tokens(logits.repeat(300, 1), temperature=1.0, top_p=1.0, generator=g).view(300, 3)
+    assert [set(draws[:, r].tolist()) for r in range(3)] == [{0, 1, 2}] * 3
+    # sample_next is sample_tokens on one row, draw for draw.
+    for seed in range(10):
+        one = sample_next(logits[1], 2.0, 0.95, torch.Generator().manual_seed(seed))
+        assert one == int(sample_tokens(logits[1:2], 2.0, 0.95, torch.Generator().manual_seed(seed))[0])

@@ -10,11 +10,14 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from model.config import preset
+from model.decoder import Decoder
 from model.hf import load_hf, save_hf
 from model.lora import (
     TARGETS,
     LoRAConfig,
     adapter_state_dict,
+    adapters_disabled,
     apply_lora,
     load_adapter,
     lora_parameters,
@@ -199,3 +202,69 @@ def test_fresh_adapters_leave_the_model_unchanged(tmp_path):
 def test_bad_config_is_refused_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=rf"^train\.lora\.{field}="):
         LoRAConfig(**kwargs)
+
+
+# --- the base alone, as a reference (DPO, GRPO's KL) ----------------------------------------
+
+
+def decoder_with_adapters() -> tuple[Decoder, torch.Tensor]:
+    """A small random Decoder with non-zero adapters on every target, and its logits before
+    apply_lora (the base's) on `tokens()`."""
+    torch.manual_seed(0)
+    model = Decoder(preset("tiny", vocab_size=211, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96))
+    model.init_weights()
+    with torch.no_grad():
+        base = model(tokens())
+    apply_lora(model, LoRAConfig(rank=4, alpha=8.0))
+    with torch.no_grad():  # B non-zero: with peft's zero init the adapters would be a no-op anyway
+        for p in lora_parameters(model):
+            p.normal_(std=0.05)
+    return model.eval(), base
+
+
+def test_adapters_disabled_gives_the_base_and_restores_the_adapters():
+    model, base = decoder_with_adapters()
+    x = tokens()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        adapted = model(x)
+        assert not torch.allclose(adapted, base, atol=1e-3)
+        with adapters_disabled(model):
+            assert torch.equal(model(x), base)
+            with adapters_disabled(model):  # nested: the inner exit leaves them off
+                assert torch.equal(model(x), base)
+            assert torch.equal(model(x), base)
+        assert torch.equal(model(x), adapted)
+        with pytest.raises(RuntimeError, match="inside"), adapters_disabled(model):
+            raise RuntimeError("inside")
+        assert torch.equal(model(x), adapted)
+    # Nothing but a flag moved: the same tensors, still the only trainable ones, still training.
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in lora_parameters(model)}
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        adapters_disabled(Decoder(model.cfg)).__enter__()
+
+
+def test_adapters_disabled_under_fsdp2(tmp_path):
+    """fully_shard (as training.engine.parallelize applies it: every block, then the root) keeps
+    the LoRALinear objects, so the switch reaches them in a sharded model (one gloo rank)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    model, base = decoder_with_adapters()
+    x = tokens()
+    with torch.no_grad():
+        adapted = model(x)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        with torch.no_grad():
+            with adapters_disabled(model):
+                torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+            torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
+    finally:
+        dist.destroy_process_group()

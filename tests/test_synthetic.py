@@ -217,6 +217,39 @@ def test_eval_items(corpus):
             assert len({i["messages"][1]["content"] for i in items}) == len(items) == 2
 
 
+def test_rl_prompts_ask_sft_fields_in_sft_wordings_for_the_character_fact(corpus):
+    from data_pipeline.prompts import read_prompts
+
+    world = corpus["world"]
+    items = read_prompts(corpus["paths"]["rl_prompts"])
+    assert len(items) == 20 * len(world.characters)
+    eval_wordings = {q for qs in EVAL_QUESTIONS.values() for q in qs}
+    held_out = {(item["character"], item["field"]) for item in corpus["lore_items"]}
+    for item in items:
+        c, field = world.character(item.info["character"]), item.info["field"]
+        system, user = item.messages
+        assert system == {"role": "system", "content": character_card(c)} and user["role"] == "user"
+        assert user["content"] in TRAIN_QUESTIONS[field] and user["content"] not in eval_wordings
+        assert (c.name, field) not in held_out
+        assert item.info["expected"] == getattr(c, field) and item.info["expected"] in item.info["reference"]
+        assert item.info["expected"] not in item.info["conflicts"]
+    for i, c in enumerate(world.characters):
+        mine = [item for item in items if item.info["character"] == c.name]
+        fields = [item.info["field"] for item in mine]
+        assert sorted(set(fields)) == sorted({*CARD_FIELDS, synthetic.sft_field(i)})
+        assert all(fields.count(f) == 4 for f in set(fields))  # spread evenly
+        assert len({item.messages[1]["content"] for item in mine}) == len(mine)  # each wording once
+
+
+def test_rl_prompts_per_character_is_bounded_by_the_sft_wordings():
+    world = make_world(0, 4)
+    most = 5 * min(len(TRAIN_QUESTIONS[f]) for f in FIELDS)
+    assert len(synthetic.rl_prompts(world, per_character=most)) == 4 * most
+    for n in (0, most + 1):
+        with pytest.raises(ValueError, match=f"per_character must be between 1 and {most}"):
+            synthetic.rl_prompts(world, per_character=n)
+
+
 # --- files -----------------------------------------------------------------------------------
 
 

@@ -141,9 +141,6 @@ class TrainSection:
     """LoRA (Hu et al. 2021): train low-rank adapters on a frozen init_from base."""
 
 
-DPO_LOSSES = ("sigmoid", "ipo", "sigmoid_norm", "simpo")
-
-
 @dataclass
 class DPOSection:
     loss: str = "sigmoid"
@@ -156,6 +153,35 @@ class DPOSection:
     """The assumed share of pairs whose labels are flipped (conservative DPO); in [0, 0.5)."""
     simpo_gamma: float = 0.5
     """SimPO's target margin between the chosen and rejected rewards."""
+
+
+GRPO_REWARDS = {"fact_stated": 1.0, "no_other_fact": 0.5, "closes_turn": 0.25, "length_penalty": 0.1}
+
+
+@dataclass
+class GRPOSection:
+    group_size: int = 4
+    """G: completions sampled per prompt; advantages are normalised within each group."""
+    prompts_per_batch: int = 2
+    """Prompts per micro-batch of each rank (a micro-batch trains on prompts × G completions)."""
+    max_new_tokens: int = 64
+    """Tokens a completion may have (the end-of-turn token included)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (above 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts (1: the whole vocabulary)."""
+    eps_low: float = 0.2
+    """Lower clip of the probability ratio: 1 − eps_low."""
+    eps_high: float = 0.28
+    """Upper clip of the probability ratio: 1 + eps_high (DAPO's asymmetric clip)."""
+    beta: float = 0.0
+    """Weight of the k3 KL to the reference; above 0 it needs train.lora.rank > 0 (the frozen
+    base, adapters off, is the reference: no second model in memory)."""
+    adv_eps: float = 1e-4
+    """ε in A = (r − mean) / (std + ε) of a group."""
+    rewards: dict = field(default_factory=lambda: dict(GRPO_REWARDS))
+    """Reward functions and their weights: built-in names (training/rewards.py), `judge:HF_DIR`,
+    or `package.module:function` taking (prompt messages, completion text, info) -> float."""
 
 
 @dataclass
@@ -198,6 +224,7 @@ class RunConfig:
     train: TrainSection = field(default_factory=TrainSection)
     fsdp: FsdpSection = field(default_factory=FsdpSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
     ray: RaySection = field(default_factory=RaySection)
 
     def batch_arithmetic(self, world_size: int) -> dict:
@@ -370,6 +397,7 @@ def check(cfg: RunConfig) -> None:
     _choice("data.on_error", cfg.data.on_error, ("skip", "raise"))
     _check_train(cfg.train)
     _check_dpo(cfg.dpo)
+    _check_grpo(cfg.grpo, cfg.train.lora.rank)
     if cfg.data.seq_len < 2:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be at least 2")
     if cfg.data.shuffle_buffer < 0:
@@ -409,13 +437,32 @@ def check(cfg: RunConfig) -> None:
 
 
 def _check_dpo(d: DPOSection) -> None:
-    _choice("dpo.loss", d.loss, DPO_LOSSES)
+    from training.objectives import PREFERENCE_LOSSES
+
+    _choice("dpo.loss", d.loss, PREFERENCE_LOSSES)
     if d.beta <= 0:
         raise ConfigError(f"dpo.beta={d.beta} must be positive")
     if not 0 <= d.label_smoothing < 0.5:
         raise ConfigError(f"dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
     if d.label_smoothing and d.loss == "ipo":
         raise ConfigError("dpo.label_smoothing applies to the sigmoid losses, not dpo.loss=ipo")
+
+
+def _check_grpo(g: GRPOSection, lora_rank: int) -> None:
+    for key in ("group_size", "prompts_per_batch", "max_new_tokens"):
+        if getattr(g, key) < (2 if key == "group_size" else 1):
+            raise ConfigError(f"grpo.{key}={getattr(g, key)} must be at least {2 if key == 'group_size' else 1}")
+    if g.temperature <= 0 or not 0 < g.top_p <= 1:
+        raise ConfigError(f"grpo.temperature={g.temperature} must be positive and grpo.top_p={g.top_p} in (0, 1]")
+    if min(g.eps_low, g.eps_high, g.beta, g.adv_eps) < 0 or g.eps_low >= 1:
+        raise ConfigError("grpo.eps_low (below 1), grpo.eps_high, grpo.beta and grpo.adv_eps must not be negative")
+    if g.beta and not lora_rank:
+        raise ConfigError(
+            f"grpo.beta={g.beta} needs a reference model: with train.lora.rank > 0 the frozen base is it (a full "
+            "fine-tune would need a second copy of the model); set train.lora.rank or grpo.beta=0"
+        )
+    if not g.rewards:
+        raise ConfigError("grpo.rewards is empty: name at least one reward function")
 
 
 def _check_train(t: TrainSection) -> None:

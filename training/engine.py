@@ -435,6 +435,19 @@ class TorchEngine:
         state = get_model_state_dict(self.model, options=options)
         return state if self.where.is_main else None
 
+    @contextlib.contextmanager
+    def gathered_model(self):
+        """The whole model as a plain Decoder on every rank (a collective), for generation: the
+        single engine's own model; under FSDP2 a copy from the gathered full state dict, so
+        that decoding runs no collective per token (every rank decodes alone)."""
+        if self.cfg.engine == "single":
+            yield getattr(self.model, "_orig_mod", self.model)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+        yield _plain_model(state, self.cfg, self.model.cfg)
+
     def extra_state(self) -> dict:
         return {"loss_scaler": self.scaler.state_dict()}
 
@@ -465,7 +478,7 @@ class DeepSpeedEngine:
 
     def __init__(self, model: Decoder, cfg: RunConfig, where: Dist, weights=None):
         deepspeed = _import_deepspeed(where)
-        self.where = where
+        self.cfg, self.where = cfg, where
         ds_config = deepspeed_config(cfg, where.world_size)
         self.stage = ds_config.get("zero_optimization", {}).get("stage", 0)
         model.set_recompute(cfg.train.activation_checkpointing)
@@ -571,11 +584,32 @@ class DeepSpeedEngine:
                         state[name] = param.data.detach().cpu().clone()
         return state if self.where.is_main else None
 
+    @contextlib.contextmanager
+    def gathered_model(self):
+        """The whole model as a plain Decoder on every rank (a collective), for generation: each
+        parameter gathered once (ZeRO-3) and copied, so that decoding runs no collective."""
+        import deepspeed
+
+        state = {}
+        for name, param in self.model.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):  # a no-op below stage 3
+                state[name] = param.data.detach().clone()
+        yield _plain_model(state, self.cfg, self.model.module.cfg)
+
     def extra_state(self) -> dict:
         return {}
 
     def load_extra_state(self, state: dict) -> None:
         pass
+
+
+def _plain_model(state: dict[str, torch.Tensor], cfg: RunConfig, model_cfg) -> Decoder:
+    """A Decoder (with the run's LoRA layout) holding the tensors of a full state dict."""
+    from training.startup import model_skeleton
+
+    model = model_skeleton(cfg, model_cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
 
 
 def _require_grad(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
@@ -611,8 +645,10 @@ def partition_zero3(model: nn.Module, ds_config: dict, where: Dist) -> nn.Module
         model.to_empty(device=where.device)
     holders = [m for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
     for module in sorted(holders, key=lambda m: -sum(p.numel() for p in m.parameters(recurse=False))):
-        if any(p.is_meta for p in module.parameters(recurse=False)):
-            module.to_empty(device=where.device, recurse=False)
+        # zero.Init(module=) converts the module's whole subtree (a LoRALinear's adapters too)
+        for sub in module.modules():
+            if any(p.is_meta for p in sub.parameters(recurse=False)):
+                sub.to_empty(device=where.device, recurse=False)
         # mem_efficient_linear=False: DeepSpeed would otherwise replace F.linear process-wide.
         deepspeed.zero.Init(module=module, config_dict_or_path=ds_config, mem_efficient_linear=False)
     return model

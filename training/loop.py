@@ -74,7 +74,7 @@ class TrainingError(RuntimeError):
 @dataclass
 class StepResult:
     loss: float
-    target_tokens: int
+    count: int
     """The step's global count: target tokens, or what the objective counts (pairs)."""
     grad_norm: float
     applied: bool
@@ -83,18 +83,42 @@ class StepResult:
 
 
 class Objective:
-    """What one stage trains on: the count a step's loss is averaged over and the summed loss
-    of a micro-batch. This one is pretraining's and SFT's: cross-entropy summed over the target
-    tokens (model/loss.py); training/preference.py has DPO's.
+    """What one stage trains on. This one is pretraining's and SFT's: cross-entropy summed over
+    the target tokens (model/loss.py); training/preference.py has DPO's, training/grpo.py GRPO's.
 
-    count(micro) is taken on the host from the numpy batch (no device sync); loss(engine,
-    batch, cfg, train) returns (loss_sum, stats), stats being 0-d sums whose step means go into
-    metrics.jsonl; prepare(engine, cfg, where, tokenizer) may precompute what the data needs
-    before the first step (DPO's reference log-probs) and returns the config to stream from.
+    The loop calls, in order:
+        tokenizer_dir(cfg)                  where the run's tokenizer is
+        prepare(engine, cfg, where, tok)    before the first step (DPO scores its reference
+                                            log-probs); returns the config to stream from
+        open_data(cfg, where, folder, tok, shuffle, epochs)   an iterator of micro-batches
+    and in each step (`train_step`):
+        rollout(engine, micro, cfg, where)  the step's micro-batches turned into what it trains
+                                            on (GRPO samples completions here), and figures
+                                            to sum over ranks
+        count(micro)                        what the step's loss is averaged over, on the host
+        loss(engine, batch, cfg, train)     (loss_sum, stats): stats are 0-d sums
+        metrics(sums, count)                the step's figures from the sums of all ranks
     """
 
     name = "lm"
     count_name = "target_tokens"
+    perplexity = True
+    """Whether the loss is a per-token cross-entropy (validation then reports perplexity)."""
+
+    def tokenizer_dir(self, cfg: RunConfig) -> Path:
+        return Path(cfg.data.train) / "tokenizer"
+
+    def prepare(self, engine, cfg: RunConfig, where: Dist, tokenizer: Tokenizer) -> RunConfig:
+        for key, folder in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+            if folder is not None and load_manifest(folder)["kind"] == "preference":
+                raise ConfigError(f"{key}={folder} holds preference pairs: train on them with launch/dpo.py")
+        return cfg
+
+    def open_data(self, cfg: RunConfig, where: Dist, folder: str, tokenizer: Tokenizer, shuffle=True, epochs=None):
+        return make_stream(cfg, where, folder, tokenizer, shuffle=shuffle, epochs=epochs)
+
+    def rollout(self, engine, micro: list[dict], cfg: RunConfig, where: Dist) -> tuple[list[dict], dict[str, float]]:
+        return micro, {}
 
     def count(self, micro: dict[str, np.ndarray]) -> int:
         return int((micro["labels"] != IGNORE_INDEX).sum())
@@ -103,11 +127,9 @@ class Objective:
         loss_sum, _ = engine.loss(batch, z_loss=cfg.train.z_loss if train else 0.0)  # validation: the plain loss
         return loss_sum, {}
 
-    def prepare(self, engine, cfg: RunConfig, where: Dist, tokenizer: Tokenizer) -> RunConfig:
-        for key, folder in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
-            if folder is not None and load_manifest(folder)["kind"] == "preference":
-                raise ConfigError(f"{key}={folder} holds preference pairs: train on them with launch/dpo.py")
-        return cfg
+    def metrics(self, sums: dict[str, float], count: int) -> dict[str, float]:
+        """Means over the step's global count."""
+        return {key: total / count for key, total in sums.items()}
 
 
 LANGUAGE_MODELING = Objective()
@@ -139,7 +161,7 @@ def train(
     asked, cfg = cfg.train.precision, resolve_precision(cfg, where.device)  # recorded as chosen
     # Each rank-local part that can fail ends in an agreement, so no rank waits for a failed one.
     with together("loading the tokenizer and the model"):
-        tokenizer = load_tokenizer(Path(cfg.data.train) / "tokenizer")
+        tokenizer = load_tokenizer(objective.tokenizer_dir(cfg))
         weights = start_weights(cfg, tokenizer)
     # A skeleton: each rank allocates and reads (or draws) only its own part in the engine.
     model_cfg, model = weights.cfg, model_skeleton(cfg, weights.cfg)
@@ -152,10 +174,10 @@ def train(
             model_hook(model)
     cfg = objective.prepare(engine, cfg, where, tokenizer)  # collectives on every rank
     with together("opening the data"):
-        stream = data if data is not None else make_stream(cfg, where, cfg.data.train, tokenizer)
+        stream = data if data is not None else objective.open_data(cfg, where, cfg.data.train, tokenizer)
         if cfg.data.val is not None:  # a bad validation split fails now, not after hours of training
-            make_stream(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1).close()
-    meta = _checkpoint_meta(cfg, engine, model_cfg, tokenizer, where)
+            objective.open_data(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1).close()
+    meta = _checkpoint_meta(cfg, engine, model_cfg, tokenizer, where, objective)
     state = _resume(cfg, engine, stream, where, meta, tokenizer)
     with together("writing config.yaml and metrics.jsonl"):
         report = Reporter(cfg.run_dir, where.rank, cfg.train.max_steps, start_step=state.step)
@@ -177,16 +199,7 @@ def train(
             result = train_step(engine, micro, cfg, where, lr, objective)
             state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
             seconds = time.perf_counter() - started
-            # fp16 overflows while the loss scale settles are expected; they do not count as bad
-            bad = not result.applied and result.target_tokens > 0
-            bad = bad and not (math.isfinite(result.loss) and engine.overflow_was_expected())
-            state.bad_in_a_row = state.bad_in_a_row + 1 if bad else 0
-            if not result.applied:
-                state.skipped_steps += 1
-                skipped.append(state.step)
-                report.print(
-                    f"step {state.step}: non-finite loss or gradient norm, or no targets; skipped on all ranks"
-                )
+            _count_skips(state, result, engine, skipped, report)
             losses.append(result.loss)
             record = {
                 "step": state.step,
@@ -194,7 +207,7 @@ def train(
                 "grad_norm": result.grad_norm,
                 "lr": lr,
                 "tokens": state.tokens,
-                objective.count_name: result.target_tokens,
+                objective.count_name: result.count,
                 **result.stats,
                 **throughput(tokens_per_step, seconds, flops_per_token, where.world_size, peak),
                 "peak_mem_bytes": peak_memory_bytes(where.device),
@@ -238,6 +251,18 @@ def train(
     }
 
 
+def _count_skips(state: TrainState, result: StepResult, engine, skipped: list[int], report: Reporter) -> None:
+    """Note a step that was not applied, and count non-finite ones in a row (fp16 overflows while
+    the loss scale settles are expected: they do not count as bad)."""
+    bad = not result.applied and result.count > 0
+    bad = bad and not (math.isfinite(result.loss) and engine.overflow_was_expected())
+    state.bad_in_a_row = state.bad_in_a_row + 1 if bad else 0
+    if not result.applied:
+        state.skipped_steps += 1
+        skipped.append(state.step)
+        report.print(f"step {state.step}: non-finite loss or gradient norm, or nothing to learn; skipped on all ranks")
+
+
 def _diverged(state: TrainState, run_dir: str) -> TrainingError:
     good = find_latest(run_dir)
     return TrainingError(
@@ -261,6 +286,7 @@ def train_step(
     The step is queued without waiting for the device: the loss, the gradient norm and whether
     the step was applied are read back together once its work is queued (one transfer)."""
     error = micro if isinstance(micro, Exception) else None
+    micro, rolled = (micro, {}) if error else objective.rollout(engine, micro, cfg, where)
     local_count = 0 if error else sum(objective.count(m) for m in micro)  # host: no sync
     micro = [] if error else [_to_device(m, where.device) for m in micro]  # copies queued before the reduction
     global_count, failures = all_reduce_sum([local_count, error is not None], where.device)
@@ -271,6 +297,7 @@ def train_step(
     scale = engine.grad_divisor / global_count
 
     sums = {"loss": torch.zeros((), dtype=torch.float64, device=where.device)}
+    sums.update({key: torch.tensor(value, dtype=torch.float64, device=where.device) for key, value in rolled.items()})
     for i, m in enumerate(micro):
         s, stats = objective.loss(engine, m, cfg)
         engine.backward(s * scale, last=i == len(micro) - 1)
@@ -280,7 +307,7 @@ def train_step(
     summed = torch.stack(list(sums.values()))
     all_reduce_sum_(summed)
     *totals, grad_norm, applied = torch.cat([summed, grad_norm.double()[None], applied.double()[None]]).tolist()
-    means = dict(zip(sums, (total / global_count for total in totals), strict=True))
+    means = objective.metrics(dict(zip(sums, totals, strict=True)), global_count)
     return StepResult(means.pop("loss"), int(global_count), grad_norm, bool(applied), means)
 
 
@@ -290,7 +317,7 @@ def evaluate(
 ) -> dict:
     """The objective's mean loss (and its figures) over the validation split (cfg.eval_batches
     per rank, or all); for language modeling also the perplexity."""
-    stream = make_stream(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1)
+    stream = objective.open_data(cfg, where, cfg.data.val, tokenizer, shuffle=False, epochs=1)
     engine.model.eval()
     sums, count, batches = {"loss": 0.0}, 0, iter(stream)
     for i in itertools.count():
@@ -307,10 +334,11 @@ def evaluate(
     engine.model.train()
     stream.close()
     *totals, n = all_reduce_sum([*(float(v) for v in sums.values()), count], where.device)
-    scores = {f"val_{key}": total / n if n else math.nan for key, total in zip(sums, totals, strict=True)}
-    if objective is LANGUAGE_MODELING:
+    means = objective.metrics(dict(zip(sums, totals, strict=True)), n) if n else dict.fromkeys(sums, math.nan)
+    scores = {f"val_{key}": value for key, value in means.items()}
+    if objective.perplexity:
         scores["val_ppl"] = math.exp(min(scores["val_loss"], 50.0)) if n else math.nan
-    return {**scores, "val_tokens" if objective is LANGUAGE_MODELING else f"val_{objective.count_name}": int(n)}
+    return {**scores, "val_tokens" if objective.perplexity else f"val_{objective.count_name}": int(n)}
 
 
 def _evaluate_if_due(engine, cfg, where, tokenizer, state, record: dict, report: Reporter, objective) -> bool:
@@ -390,14 +418,16 @@ def export_adapter(engine, cfg: RunConfig, out: Path, tokenizer: Tokenizer, wher
     return out
 
 
-def _checkpoint_meta(cfg: RunConfig, engine, model_cfg: ModelConfig, tokenizer: Tokenizer, where: Dist) -> dict:
+def _checkpoint_meta(
+    cfg: RunConfig, engine, model_cfg: ModelConfig, tokenizer: Tokenizer, where: Dist, objective
+) -> dict:
     """What a checkpoint records beside the counters: enough for launch/export_hf.py to read it."""
     lora = cfg.train.lora.rank > 0
     return {
         "engine": cfg.engine,
         "zero_stage": getattr(engine, "stage", None),
         "model": asdict(model_cfg),
-        "tokenizer_dir": str((Path(cfg.data.train) / "tokenizer").resolve()),
+        "tokenizer_dir": str(objective.tokenizer_dir(cfg).resolve()),
         "tokenizer_sha256": tokenizer.sha256,
         "train": _plain(asdict(cfg.train)),
         # A LoRA checkpoint holds the adapters only: the base is named, and checked on resume.

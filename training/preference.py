@@ -32,14 +32,11 @@ from data_pipeline.shards import ShardWriter, load_manifest, read_shard, write_m
 from data_pipeline.stream import manifest_fingerprint, sequence_layout
 from data_pipeline.tokenizer import Tokenizer
 from model.loss import IGNORE_INDEX, sequence_logprobs
-from training.checkpoint import find_latest
+from training.checkpoint import weights_sha256
 from training.config import ConfigError, RunConfig
-from training.engine import Dist, barrier, together
+from training.engine import Dist, broadcast_from_main, together
 from training.loop import Objective
 from training.objectives import preference_loss
-
-STATS = ("rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected")
-"""The per-step figures (means over the step's pairs) in metrics.jsonl."""
 
 
 class Preference(Objective):
@@ -47,12 +44,13 @@ class Preference(Objective):
 
     name = "dpo"
     count_name = "pairs"
+    perplexity = False
 
     def __init__(self, cfg: RunConfig):
         self.dpo = cfg.dpo
 
     def count(self, micro: dict[str, np.ndarray]) -> int:
-        chosen, rejected = _pair_counts(micro["labels"], micro["doc_ids"], np)
+        chosen, rejected = _pair_counts(np.asarray(micro["labels"]), np.asarray(micro["doc_ids"]))
         return int(((chosen > 0) & (rejected > 0)).sum())
 
     def loss(self, engine, batch: dict[str, torch.Tensor], cfg: RunConfig, train: bool = True) -> tuple:
@@ -65,10 +63,7 @@ class Preference(Objective):
         if self.dpo.loss != "simpo":
             if "ref_logps" not in batch:
                 raise DataError("the batch has no ref_logps: the preference set's reference was not computed")
-            ref = torch.zeros(n_seqs, dtype=torch.float64, device=labels.device)
-            ref.index_add_(
-                0, seq_ids.flatten(), torch.where(labels != IGNORE_INDEX, batch["ref_logps"], 0).flatten().double()
-            )
+            ref, _ = sequence_logprobs(batch["ref_logps"], labels, seq_ids, n_seqs)
             ref_chosen, ref_rejected = ref[0::2][pairs], ref[1::2][pairs]
         out = preference_loss(
             sums[0::2][pairs],
@@ -111,20 +106,26 @@ class Preference(Objective):
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **folders))
 
 
+def _row_width(T: int) -> int:
+    """Sequence indices per row: document ids are < T, and an even width keeps a pair's chosen
+    (2k) and rejected (2k + 1) in one row."""
+    return T + 1 + (T + 1) % 2
+
+
 def _sequence_ids(doc_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Each token's sequence index in the micro-batch (row r's document d is r·W + d, W even, so
-    a pair's chosen and rejected are 2k and 2k + 1), and the number of indices."""
+    """Each token's sequence index in the micro-batch (row r's document d is r·W + d), and the
+    number of indices."""
     rows, T = doc_ids.shape
-    width = T + 1 + (T + 1) % 2  # document ids are < T; even, so pairs never straddle rows
+    width = _row_width(T)
     return doc_ids + width * torch.arange(rows, device=doc_ids.device)[:, None], rows * width
 
 
-def _pair_counts(labels, doc_ids, xp) -> tuple:
-    """Target tokens of each pair's chosen and of its rejected sequence (numpy, on the host)."""
+def _pair_counts(labels: np.ndarray, doc_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Target tokens of each pair's chosen and of its rejected sequence, on the host."""
     rows, T = labels.shape
-    width = T + 1 + (T + 1) % 2
-    seq = doc_ids + width * xp.arange(rows)[:, None]
-    counts = xp.bincount(seq.flatten(), weights=(labels != IGNORE_INDEX).flatten(), minlength=rows * width)
+    width = _row_width(T)
+    seq = doc_ids + width * np.arange(rows)[:, None]
+    counts = np.bincount(seq.ravel(), weights=(labels != IGNORE_INDEX).ravel(), minlength=rows * width)
     return counts[0::2], counts[1::2]
 
 
@@ -133,72 +134,94 @@ def _pair_counts(labels, doc_ids, xp) -> tuple:
 
 def reference_set(engine, cfg: RunConfig, where: Dist, source: str, out: Path) -> str:
     """A preference set with the initial model's log-probs of every label (`ref_logps`): the
-    source itself if it has them, else `out`, computed now on every rank (collectives) or
-    reused from an earlier attempt of this run.
+    source itself if it has them, `out` if an earlier attempt of this run scored it for the same
+    data, weights, LoRA, precision and seq_len, else `out` scored now (collectives).
 
-    Each rank scores the shards i ≡ rank (mod world) and writes them under `out`, one shard per
-    source shard in the same order (so the stream's shuffle and packing are the source's);
-    rank 0 then writes the manifest. Every rank runs the same number of forwards (the packing
-    is planned from the manifest's lengths on every rank), as sharded engines need.
-
-    Raises:
-        ConfigError: the reference is missing on resume (it must come from the initial weights,
-            which a resumed run no longer has).
+    `prepare` runs before a resumed run loads its checkpoint, so the engine holds the initial
+    weights here either way. Each rank scores the shards i ≡ rank (mod world) and writes them
+    under `out`, one shard per source shard in the same order (so the stream's shuffle and
+    packing are the source's); rank 0 then writes the manifest. Reading and writing end in an
+    agreement (a rank that fails stops every rank); the forwards between them are collectives,
+    as many on every rank (planned from the manifest's lengths).
     """
     manifest = load_manifest(source)
     if manifest["extra"].get("reference"):
         return source
-    fingerprint = manifest_fingerprint(manifest)
-    if (out / "manifest.json").exists():
-        if load_manifest(out)["extra"]["reference"]["source_fingerprint"] == fingerprint:
-            return str(out)
-    if cfg.resume != "never" and find_latest(cfg.run_dir) is not None:
-        raise ConfigError(
-            f"{out} (the reference log-probs of {source}) is missing or was made from other data, and this run "
-            "resumes from a checkpoint whose weights are no longer the initial ones; use a new run_dir"
-        )
+    wanted = None
+    with together(f"checking the reference of {source}"):
+        if where.is_main:
+            wanted = _reference_record(cfg, source, manifest)
+            done = out / "manifest.json"
+            if done.exists() and load_manifest(out)["extra"].get("reference") == wanted:
+                wanted = None  # reuse
+    wanted = broadcast_from_main(wanted)
+    if wanted is None:
+        return str(out)
     building = out.with_name(out.name + ".building")
-    with together(f"scoring the reference of {source}"):
+    shards = manifest["shards"]
+    plans = [_pack(entry["lengths"], cfg.data.seq_len) for entry in shards]
+    mine = list(range(where.rank, len(shards), where.world_size))
+    samples = {}
+    with together(f"reading {source} to score its reference"):
         if where.is_main:
             shutil.rmtree(building, ignore_errors=True)
-    barrier()
-    with together(f"scoring the reference of {source}"):
-        entries = _score_shards(engine, cfg, where, Path(source), manifest, building)
+        for i in mine:
+            samples[i] = list(
+                read_shard(Path(source) / shards[i]["path"], expected_sha256=shards[i]["sha256"], on_error="raise")
+            )
+    _score_shards(engine, cfg, where, plans, samples)
+    with together(f"writing the reference of {source} to {building}"):
+        entries = []
+        for i in mine:
+            with ShardWriter(building, target_bytes=1 << 62, prefix=Path(shards[i]["path"]).stem) as writer:
+                for sample in samples[i]:
+                    writer.write(sample)
+            entries += [{**entry, "source_index": i} for entry in writer.shards]
+        building.mkdir(parents=True, exist_ok=True)  # also where this rank had no shard to write
         (building / f"entries.rank{where.rank}.json").write_text(json.dumps(entries))
     with together(f"writing the reference manifest {out}"):
         if where.is_main:
-            _write_reference_manifest(manifest, source, fingerprint, building, out, where.world_size)
-    barrier()
+            _write_reference_manifest(manifest, source, wanted, building, out, where.world_size)
     return str(out)
 
 
+def _reference_record(cfg: RunConfig, source: str, manifest: dict) -> dict:
+    """What a reference was scored from: reused only when all of it is the same."""
+    return {
+        "source": str(Path(source).resolve()),
+        "source_fingerprint": manifest_fingerprint(manifest),
+        "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else None,
+        "init_from_sha256": weights_sha256(cfg.init_from) if cfg.init_from else None,
+        "model": dataclasses.asdict(cfg.model) if cfg.init_from is None else None,
+        "seed": cfg.train.seed if cfg.init_from is None else None,
+        "lora": dataclasses.asdict(cfg.train.lora) if cfg.train.lora.rank else None,
+        "precision": cfg.train.precision,
+        "seq_len": cfg.data.seq_len,
+    }
+
+
 @torch.no_grad()
-def _score_shards(engine, cfg: RunConfig, where: Dist, source: Path, manifest: dict, out: Path) -> list[dict]:
-    """Score this rank's shards into `out`; returns their manifest entries (source order kept)."""
-    T, per_batch = cfg.data.seq_len, cfg.train.micro_batch
-    shards = manifest["shards"]
-    plans = [_pack(entry["lengths"], T) for entry in shards]
+def _score_shards(engine, cfg: RunConfig, where: Dist, plans: list[list[list[int]]], samples: dict) -> None:
+    """Fill each of this rank's samples' ref_logps, as many forwards on every rank."""
+    per_batch = cfg.train.micro_batch
     forwards = [
-        sum(-(-len(plans[i]) // per_batch) for i in range(r, len(shards), where.world_size))
+        sum(-(-len(plans[i]) // per_batch) for i in range(r, len(plans), where.world_size))
         for r in range(where.world_size)
     ]
     engine.model.eval()
-    entries, done = [], 0
-    for i in range(where.rank, len(shards), where.world_size):
-        samples = list(read_shard(source / shards[i]["path"], expected_sha256=shards[i]["sha256"], on_error="raise"))
-        for sample in samples:
-            sample.ref_logps = np.zeros(len(sample), np.float32)  # stays 0 if too long (the stream drops it)
-        for first in range(0, len(plans[i]), per_batch):
-            _score_rows(engine, [[samples[k] for k in row] for row in plans[i][first : first + per_batch]], T, where)
-            done += 1
-        with ShardWriter(out, target_bytes=1 << 62, prefix=Path(shards[i]["path"]).stem) as writer:
-            for sample in samples:
-                writer.write(sample)
-        entries += [{**entry, "source_index": i} for entry in writer.shards]
-    for _ in range(done, max(forwards)):  # the forwards other ranks still run (sharded engines gather)
-        _score_rows(engine, [], T, where, per_batch)
-    engine.model.train()
-    return entries
+    try:
+        done = 0
+        for i, shard in samples.items():
+            for sample in shard:
+                sample.ref_logps = np.zeros(len(sample), np.float32)  # stays 0 if too long: the stream drops it
+            for first in range(0, len(plans[i]), per_batch):
+                rows = [[shard[k] for k in row] for row in plans[i][first : first + per_batch]]
+                _score_rows(engine, rows, cfg.data.seq_len, where, per_batch)
+                done += 1
+        for _ in range(done, max(forwards)):  # the forwards other ranks still run (sharded engines gather)
+            _score_rows(engine, [], cfg.data.seq_len, where, per_batch)
+    finally:
+        engine.model.train()
 
 
 def _pack(lengths: list[int], T: int) -> list[list[int]]:
@@ -229,6 +252,8 @@ def _score_rows(engine, rows: list[list], T: int, where: Dist, pad_rows: int = 0
     for r, row in enumerate(rows):
         fill = docs = 0
         for sample in row:
+            if sample.segments is None or len(sample.segments) != 2:
+                raise DataError(f"a sample of a preference set holds {sample.segments or 1} sequence(s), not a pair")
             end = fill + len(sample)
             positions, sequence = sequence_layout(sample.segments or (len(sample),))
             batch["tokens"][r, fill:end], batch["labels"][r, fill:end] = sample.input_ids, sample.labels
@@ -242,7 +267,7 @@ def _score_rows(engine, rows: list[list], T: int, where: Dist, pad_rows: int = 0
         sample.ref_logps[:] = logps[r, fill : fill + len(sample)]
 
 
-def _write_reference_manifest(manifest: dict, source: str, fingerprint: str, building: Path, out: Path, world: int):
+def _write_reference_manifest(manifest: dict, source: str, record: dict, building: Path, out: Path, world: int):
     """Rank 0: the reference set's manifest (shards in the source's order), then `out` swapped in."""
     entries = []
     for rank in range(world):
@@ -254,10 +279,7 @@ def _write_reference_manifest(manifest: dict, source: str, fingerprint: str, bui
         dropped=Counter(manifest["dropped"]),
         modified=Counter(manifest["modified"]),
     )
-    extra = {
-        **manifest["extra"],
-        "reference": {"source": str(Path(source).resolve()), "source_fingerprint": fingerprint},
-    }
+    extra = {**manifest["extra"], "reference": record}
     write_manifest(
         building,
         kind="preference",

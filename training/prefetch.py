@@ -92,6 +92,8 @@ class StepPrefetcher:
             except queue.Full:
                 continue
 
-    def _host_tensors(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _host_tensors(self, batch):
+        if not isinstance(batch, dict):
+            return batch  # not arrays (an RL step's prompts): the objective's rollout makes its batches
         tensors = {key: torch.as_tensor(value) for key, value in batch.items()}  # numpy: shared, not copied
         return {key: t.pin_memory() for key, t in tensors.items()} if self.pin else tensors

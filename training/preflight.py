@@ -51,6 +51,31 @@ def preflight(cfg: RunConfig) -> None:
         deepspeed_config(cfg, world_size=None)
 
 
+def preflight_prompts(cfg: RunConfig) -> None:
+    """`preflight` for an RL run, whose data is a prompt set (JSON Lines) and whose tokenizer is
+    init_from's: the resume folder, init_from's model and tokenizer, every prompt row, and the
+    DeepSpeed JSON.
+
+    Raises:
+        ConfigError: the first problem, naming the key and the file (or file:line).
+    """
+    from data_pipeline.prompts import read_prompts
+
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).is_dir():
+        raise ConfigError(f"resume={cfg.resume}: no such folder; expected auto, never or a checkpoint folder")
+    if cfg.init_from is None:
+        raise ConfigError("RL starts from a trained model: set init_from=MODEL_DIR (an SFT export)")
+    try:
+        tokenizer = load_tokenizer(Path(cfg.init_from))
+        read_prompts(cfg.data.train)
+    except (DataError, OSError) as e:
+        raise ConfigError(f"init_from={cfg.init_from}, data.train={cfg.data.train}: {e}") from None
+    model, shape = _model(cfg, tokenizer.vocab_size)
+    check_model_fits(cfg, tokenizer, model, shape)
+    if cfg.deepspeed is not None:
+        deepspeed_config(cfg, world_size=None)
+
+
 def _manifest(key: str, folder: str) -> dict:
     if not (Path(folder) / MANIFEST_NAME).is_file():
         raise ConfigError(
