@@ -4,7 +4,9 @@ The quick start, end to end, on the embedded game-world corpus: generate the wor
 (data_pipeline/synthetic.py) → prepare shards and train the tokenizer (launch/prepare_data.py,
 a Ray Data job) → pretrain the tiny model as a Ray Train job with 2 workers (launch/pretrain.py)
 → fine-tune it on role-play chats under `deepspeed launch/sft.py --config zero3.json` (ZeRO-3,
-2 processes) → evaluate both exports (launch/evaluate.py) → write report.md, loss.png and
+2 processes) → online RL from the SFT export under `torchrun launch/grpo.py` (FSDP2, 2 processes,
+rewarded by the world's ground truth) → evaluate the three exports, GSB of RL against SFT
+(launch/evaluate.py) → write report.md, loss.png and
 eval.json → print a short dialogue with one character (launch/chat.py). Every stage runs the
 real entry point, as a user would type it; the commands are printed. Uses the GPUs when there
 are any. --quick runs the same path at a toy size (the CPU end-to-end test).
@@ -39,11 +41,14 @@ class Size(NamedTuple):
     pretrain_micro: int
     sft_steps: int
     sft_micro: int
+    rl_steps: int
+    rl_prompts: int
+    """Prompts per micro-batch of each of the two RL workers (× grpo.group_size completions)."""
 
 
 SIZES = {
-    "full": Size(16, 2000, 160, 1536, 0.25, pretrain_steps=150, pretrain_micro=8, sft_steps=200, sft_micro=4),
-    "quick": Size(4, 200, 12, 512, 0.02, pretrain_steps=4, pretrain_micro=1, sft_steps=4, sft_micro=1),
+    "full": Size(16, 2000, 160, 1536, 0.25, 150, 8, sft_steps=200, sft_micro=4, rl_steps=40, rl_prompts=4),
+    "quick": Size(4, 200, 12, 512, 0.02, 4, 1, sft_steps=4, sft_micro=1, rl_steps=2, rl_prompts=1),
 }
 
 
@@ -119,6 +124,31 @@ def main(argv: list[str] | None = None) -> int:
         ],
         env={"DS_ACCELERATOR": "cpu"} if not gpus else {},
     )
+    rl = out / "grpo"
+    _run(
+        "online RL (GRPO, torchrun, FSDP2)",
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(workers),
+            "--master-port",
+            str(free_port()),
+            "launch/grpo.py",
+            "--config",
+            "configs/fsdp.yaml",
+            "--config",
+            "configs/grpo/demo.yaml",
+            f"run_dir={rl}",
+            f"init_from={sft / 'hf'}",
+            f"data.train={paths['rl_prompts']}",
+            f"train.max_steps={size.rl_steps}",
+            f"train.checkpoint_every={size.rl_steps}",
+            f"train.precision={precision}",
+            f"grpo.prompts_per_batch={size.rl_prompts}",
+        ],
+    )
     limit = ["--limit", "8"] if args.quick else []
     _run(
         "evaluation",
@@ -127,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             "launch/evaluate.py",
             pretrain / "hf",
             sft / "hf",
+            rl / "hf",
+            "--baseline",
+            "2",  # GSB: RL against SFT
             "--corpus",
             corpus,
             "--out",
@@ -137,16 +170,19 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
 
-    dialogue = _dialogue(sft / "hf", paths)
+    dialogue = _dialogue(rl / "hf", paths)
     from launch.evaluate import table
     from training.report import write_report
 
     report = write_report(
-        out, {"pretraining": pretrain, "SFT": sft}, table(json.loads((out / "eval.json").read_text())), dialogue
+        out,
+        {"pretraining": pretrain, "SFT": sft, "RL (GRPO)": rl},
+        table(json.loads((out / "eval.json").read_text())),
+        dialogue,
     )
     print(
         f"\n{dialogue}\n\n[demo] done in {time.perf_counter() - started:.0f} s: {report}, {out / 'loss.png'}, "
-        f"{out / 'eval.json'}, exports in {pretrain / 'hf'} and {sft / 'hf'}"
+        f"{out / 'eval.json'}, exports in {pretrain / 'hf'}, {sft / 'hf'} and {rl / 'hf'}"
     )
     return 0
 

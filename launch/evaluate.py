@@ -5,7 +5,7 @@ Evaluate trained models (HF exports, or run directories with one): perplexity on
 text, ROUGE-L against reference answers, persona-fact accuracy (split a) and lore accuracy
 (split b) on a corpus written by data_pipeline/synthetic.py (DIR/eval/facts.jsonl,
 DIR/eval/lore.jsonl, DIR/heldout.jsonl), and, with two or more checkpoints, a good/same/bad
-comparison of the last one against the first by a judge (the built-in rules, or a model given
+comparison of the last one against the first (or the --baseline'th) by a judge (the built-in rules, or a model given
 as an HF folder). --items adds evaluation items or chats for ROUGE-L and voice consistency:
 item files, messages-format chats, or with --items-format any format prepare_data reads
 (RoleBench's test split: --items-format rolebench --profiles profiles.yaml). Prints a table
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--judge", default="rules", help="'rules' or an HF folder of a judge model (GSB)")
     parser.add_argument(
+        "--baseline", type=int, default=1, help="GSB compares the last MODEL against this one (1: the first)"
+    )
+    parser.add_argument(
         "--trust-checkpoint",
         action="store_true",
         help="the models and judge may be checkpoints or run directories of your own (a checkpoint is code)",
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.profiles and args.items_format != "rolebench":
         parser.error(f"--profiles is for --items-format rolebench, not {args.items_format}")
+    if not 1 <= args.baseline < max(len(args.checkpoints), 2):
+        parser.error(
+            f"--baseline {args.baseline}: give the number of a MODEL before the last (1..{len(args.checkpoints) - 1})"
+        )
     if args.adapter and len(args.checkpoints) > 1:
         parser.error("--adapter goes with one MODEL; to compare adapters, give their folders as MODELs")
     trust = args.trust_checkpoint
@@ -99,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(rows) > 1:
         items = [i for name in splits for i in splits[name]]
         flat = [[a for name in splits for a in ans[name]] for ans in answers]
-        verdicts = gsb_verdicts(items, flat[0], flat[-1], judge)
-        result["gsb"] = {"baseline": rows[0]["checkpoint"], "candidate": rows[-1]["checkpoint"], "judge": args.judge}
+        base = args.baseline - 1
+        verdicts = gsb_verdicts(items, flat[base], flat[-1], judge)
+        result["gsb"] = {"baseline": rows[base]["checkpoint"], "candidate": rows[-1]["checkpoint"], "judge": args.judge}
         result["gsb"] |= tally(verdicts)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -107,6 +107,7 @@ class GRPO(Objective):
                     (item.info["prompt_ids"], c, float(a)) for c, a in zip(completions, advantages, strict=True)
                 ]
             batches.append(_pack(sequences, cfg.data.seq_len, self.tokenizer.pad_id))
+            figures["step_tokens"] = figures.get("step_tokens", 0.0) + sum(len(p) + len(c) - 1 for p, c, _ in sequences)
         if self.g.beta:
             for batch in batches:
                 batch["ref_logps"] = self._reference(engine, batch, where)
@@ -179,7 +180,9 @@ class GRPO(Objective):
         out["reward_std"] = math.sqrt(max(sums.pop("reward_sq") / n - mean * mean, 0.0))
         out["equal_groups"] = sums.pop("equal_groups") / groups
         out["completion_len"] = sums["gen_tokens"] / n
-        out["gen_tokens_per_s"] = sums.pop("gen_tokens") / (sums.pop("gen_seconds") / sums.pop("ranks"))
+        out["step_tokens"] = sums.pop("step_tokens")  # trained on, all ranks: the loop's tokens/s
+        out["gen_s"] = sums.pop("gen_seconds") / sums.pop("ranks")  # a rank's mean time sampling
+        out["gen_tokens_per_s"] = sums.pop("gen_tokens") / out["gen_s"]  # all ranks' sampled tokens
         out.update({key: value / n for key, value in sums.items()})  # reward and each reward_<name>
         return out
 

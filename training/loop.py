@@ -197,7 +197,8 @@ def train(
             data_wait = time.perf_counter() - started
             lr = _lr(cfg, state.step + 1)
             result = train_step(engine, micro, cfg, where, lr, objective)
-            state.step, state.tokens = state.step + 1, state.tokens + tokens_per_step
+            step_tokens = int(result.stats.pop("step_tokens", tokens_per_step))  # an RL step's own count
+            state.step, state.tokens = state.step + 1, state.tokens + step_tokens
             seconds = time.perf_counter() - started
             _count_skips(state, result, engine, skipped, report)
             losses.append(result.loss)
@@ -209,7 +210,8 @@ def train(
                 "tokens": state.tokens,
                 objective.count_name: result.count,
                 **result.stats,
-                **throughput(tokens_per_step, seconds, flops_per_token, where.world_size, peak),
+                **throughput(step_tokens, seconds, flops_per_token, where.world_size, peak),
+                "step_s": seconds,
                 "peak_mem_bytes": peak_memory_bytes(where.device),
                 "data_wait_frac": data_wait / seconds,
                 "skipped": not result.applied,

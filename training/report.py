@@ -27,7 +27,12 @@ def plot_losses(runs: dict[str, Path], out: Path) -> Path:
         if val:
             ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
         ax.set(title=name, xlabel="step", ylabel="loss")
-        ax.legend()
+        ax.legend(loc="upper left")
+        if any("reward" in r for r in rows):  # RL: its loss hovers near 0; the reward tells
+            twin = ax.twinx()
+            twin.plot([r["step"] for r in rows], [r["reward"] for r in rows], "g-", label="reward")
+            twin.set_ylabel("mean reward")
+            twin.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -40,6 +45,9 @@ def speed(run_dir: Path) -> str:
     tail = rows[len(rows) // 2 :] or rows
     tokens = sum(r["tokens_per_s"] for r in tail) / len(tail)
     wait = sum(r["data_wait_frac"] for r in tail) / len(tail)
+    if "gen_tokens_per_s" in tail[0]:  # RL: what it sampled, and how fast
+        generated = sum(r["gen_tokens_per_s"] for r in tail) / len(tail)
+        return f"generation {generated:,.0f} tokens/s (all ranks), {rows[-1]['step']} steps"
     return f"{tokens:,.0f} tokens/s, data wait {wait:.1%}, {rows[-1]['tokens']:,} tokens in {rows[-1]['step']} steps"
 
 
