@@ -124,31 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         env={"DS_ACCELERATOR": "cpu"} if not gpus else {},
     )
-    rl = out / "grpo"
-    _run(
-        "online RL (GRPO, torchrun, FSDP2)",
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            str(workers),
-            "--master-port",
-            str(free_port()),
-            "launch/grpo.py",
-            "--config",
-            "configs/fsdp.yaml",
-            "--config",
-            "configs/grpo/demo.yaml",
-            f"run_dir={rl}",
-            f"init_from={sft / 'hf'}",
-            f"data.train={paths['rl_prompts']}",
-            f"train.max_steps={size.rl_steps}",
-            f"train.checkpoint_every={size.rl_steps}",
-            f"train.precision={precision}",
-            f"grpo.prompts_per_batch={size.rl_prompts}",
-        ],
-    )
+    rl = _grpo(out / "grpo", sft, paths, size, workers, precision)
     limit = ["--limit", "8"] if args.quick else []
     _run(
         "evaluation",
@@ -185,6 +161,37 @@ def main(argv: list[str] | None = None) -> int:
         f"{out / 'eval.json'}, exports in {pretrain / 'hf'}, {sft / 'hf'} and {rl / 'hf'}"
     )
     return 0
+
+
+def _grpo(rl: Path, sft: Path, paths: dict[str, Path], size: Size, workers: int, precision: str) -> Path:
+    """The RL stage: GRPO from the SFT export under torchrun (FSDP2); returns its run folder."""
+    from training.engine import free_port
+
+    _run(
+        "online RL (GRPO, torchrun, FSDP2)",
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(workers),
+            "--master-port",
+            str(free_port()),
+            "launch/grpo.py",
+            "--config",
+            "configs/fsdp.yaml",
+            "--config",
+            "configs/grpo/demo.yaml",
+            f"run_dir={rl}",
+            f"init_from={sft / 'hf'}",
+            f"data.train={paths['rl_prompts']}",
+            f"train.max_steps={size.rl_steps}",
+            f"train.checkpoint_every={size.rl_steps}",
+            f"train.precision={precision}",
+            f"grpo.prompts_per_batch={size.rl_prompts}",
+        ],
+    )
+    return rl
 
 
 def _prepare_shards(paths: dict[str, Path], data: Path, size: Size) -> None:

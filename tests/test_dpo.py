@@ -184,3 +184,14 @@ def test_each_objective_refuses_the_others_data(pairs, training_data, lora_base,
     cfg = make_cfg(tmp_path / "dpo", training_data["sft"], lora_base, max_steps=1, micro_batch=2)
     with pytest.raises(ConfigError, match=r"is a sft set; preference training needs pairs"):
         loop.train(cfg, objective=Preference(cfg))
+
+
+def test_lora_dpo_scores_against_its_base_and_writes_an_adapter(pairs, lora_base, tmp_path):
+    cfg = make_cfg(tmp_path / "run", pairs, lora_base, max_steps=3, micro_batch=2)
+    cfg.train.lora.rank, cfg.train.lora.alpha, cfg.train.lr = 4, 8.0, 1e-2
+    summary = loop.train(cfg, objective=Preference(cfg))
+    assert summary["losses"][0] == pytest.approx(math.log(2), abs=1e-4)  # adapters start at zero: the base
+    assert summary["losses"][-1] != pytest.approx(math.log(2), abs=1e-3)
+    assert (Path(summary["adapter"]) / "adapter_model.safetensors").is_file()
+    record = load_manifest(tmp_path / "run" / "reference" / "train")["extra"]["reference"]
+    assert record["lora"]["rank"] == 4 and record["init_from_sha256"]

@@ -140,6 +140,7 @@ class GRPO(Objective):
             total, values = total_reward(self.rewards, item.messages, text, info)
             for name, value in values.items():
                 figures[f"reward_{name}"] = figures.get(f"reward_{name}", 0.0) + value
+                figures[f"reward_{name}_sq"] = figures.get(f"reward_{name}_sq", 0.0) + value * value
             totals.append(total)
             figures["reward"] = figures.get("reward", 0.0) + total
             figures["reward_sq"] = figures.get("reward_sq", 0.0) + total * total
@@ -173,11 +174,13 @@ class GRPO(Objective):
 
     def metrics(self, sums: dict[str, float], count: int) -> dict[str, float]:
         """Token means (loss, KL, clip fraction) over the step's completion tokens; reward means
-        and std per completion; the share of groups whose rewards were all equal (no signal)."""
+        and stds per completion (the weighted total's and each function's); the share of groups
+        whose rewards were all equal (no signal)."""
         n, groups = sums.pop("completions"), sums.pop("groups")
         out = {key: sums.pop(key) / count for key in ("loss", "kl", "clip_frac") if key in sums}
-        mean = sums["reward"] / n
-        out["reward_std"] = math.sqrt(max(sums.pop("reward_sq") / n - mean * mean, 0.0))
+        for key in [k for k in sums if k.startswith("reward") and k.endswith("_sq")]:  # std per function
+            mean = sums[key[: -len("_sq")]] / n
+            out[key[: -len("_sq")] + "_std"] = math.sqrt(max(sums.pop(key) / n - mean * mean, 0.0))
         out["equal_groups"] = sums.pop("equal_groups") / groups
         out["completion_len"] = sums["gen_tokens"] / n
         out["step_tokens"] = sums.pop("step_tokens")  # trained on, all ranks: the loop's tokens/s

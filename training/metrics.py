@@ -193,6 +193,9 @@ class Reporter:
             postfix["loss"] = f"{record['loss']:.4f}"
         if record.get("tokens_per_s") is not None:
             postfix["tok/s"] = f"{record['tokens_per_s']:,.0f}"
+        for key, shown in (("reward_accuracy", "acc"), ("reward_margin", "margin"), ("reward", "reward")):
+            if record.get(key) is not None:  # preference and RL stages
+                postfix[shown] = f"{record[key]:.3f}"
         self._bar.set_postfix(postfix, refresh=False)
 
     def truncate_after(self, step: int) -> None:
