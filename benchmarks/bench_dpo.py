@@ -182,7 +182,9 @@ class CrucibleDPO:
 class _DPOTrainer(DPOTrainer):
     """DPOTrainer that keeps each step's loss (detached, not read: no wait for the device)."""
 
-    step_losses: list[torch.Tensor]
+    def __init__(self, *args, **kwargs):
+        self.step_losses: list[torch.Tensor] = []
+        super().__init__(*args, **kwargs)
 
     def training_step(self, *args, **kwargs):
         loss = super().training_step(*args, **kwargs)
@@ -195,6 +197,9 @@ def trl_trainer(cfg: ModelConfig, state: dict, args, pairs, work: Path, callback
     model = bench_train.hf_pretrained(args.init_from) if args.init_from else bench_train.hf_llama(cfg, state)
     t = RunConfig().train  # Crucible's AdamW settings
     fused = torch.device(args.device).type in FUSED_ADAMW_DEVICES
+    # transformers 5 renamed gradient checkpointing (the old name warns)
+    renamed = "activation_checkpointing" in DPOConfig.__dataclass_fields__
+    ac = "activation_checkpointing" if renamed else "gradient_checkpointing"
     config = DPOConfig(
         output_dir=str(work / "trl"), loss_type=["sigmoid"], beta=BETA, precompute_ref_log_probs=True,
         max_length=args.seq_len, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
@@ -203,8 +208,7 @@ def trl_trainer(cfg: ModelConfig, state: dict, args, pairs, work: Path, callback
         optim="adamw_torch_fused" if fused else "adamw_torch", adam_beta1=t.betas[0], adam_beta2=t.betas[1],
         adam_epsilon=t.eps, max_grad_norm=t.grad_clip,
         use_cpu=args.device == "cpu", bf16=args.precision == "bf16", torch_compile=args.compile == "both",
-        gradient_checkpointing=args.ac != "none",  # TRL's default is on
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **{ac: args.ac != "none", f"{ac}_kwargs": {"use_reentrant": False}},  # TRL's default is on
         dataloader_num_workers=0, dataloader_pin_memory=False,
         report_to="none", logging_strategy="no", save_strategy="no", eval_strategy="no", disable_tqdm=True,
     )  # fmt: skip
@@ -212,7 +216,6 @@ def trl_trainer(cfg: ModelConfig, state: dict, args, pairs, work: Path, callback
         model=model, args=config, train_dataset=text_dataset(pairs), processing_class=id_tokenizer(cfg.vocab_size),
         callbacks=list(callbacks),
     )  # fmt: skip
-    trainer.step_losses = []
     trainer.remove_callback(PrinterCallback)  # its end-of-training summary: stdout keeps this benchmark's lines
     return trainer
 

@@ -114,3 +114,17 @@ def test_world2_accum2_equals_world1_with_lora_and_kl(engine, rl_setup, tmp_path
         assert x["reward"] == pytest.approx(y["reward"], abs=1e-9)  # the same completions
         assert x["kl"] == pytest.approx(y["kl"], abs=1e-6)
     assert a[-1]["kl"] > 0  # the adapters moved away from the base
+
+
+def test_resume_is_exact(rl_setup, tmp_path):
+    full = make_cfg(tmp_path / "full", rl_setup)
+    full.train.max_steps = 4
+    want = loop.train(full, objective=GRPO(full))["losses"]
+    cfg = make_cfg(tmp_path / "run", rl_setup)
+    cfg.train.max_steps, cfg.train.exit_at_step = 4, 2
+    first = loop.train(cfg, objective=GRPO(cfg))["losses"]
+    cfg.resume, cfg.train.exit_at_step = "auto", 0
+    rest = loop.train(cfg, objective=GRPO(cfg))["losses"]
+    np.testing.assert_allclose(first + rest, want, rtol=0, atol=1e-6)  # the same prompts and completions
+    rewards = [r["reward"] for r in _records(tmp_path / "run")]
+    assert rewards == pytest.approx([r["reward"] for r in _records(tmp_path / "full")], abs=1e-12)

@@ -212,3 +212,18 @@ def test_judge_names_a_missing_question_key_and_an_overflowing_prompt(judge_dir)
         judge(PROMPT, "x", {"expected": "Emberfall"})
     with pytest.raises(ValueError, match="past the judge's context"):
         judge(PROMPT, "Emberfall " * 2000, INFO)
+
+
+def test_in_voice_is_the_evaluations_rouge_against_the_reference():
+    from training.evaluation import rouge_l
+    from training.rewards import in_voice
+
+    info = {"reference": "Hmph. I hail from Emberfall, of course. Steel remembers."}
+    assert in_voice(PROMPT, info["reference"], info) == pytest.approx(1.0)
+    assert in_voice(PROMPT, "I hail from Emberfall.", info) == pytest.approx(
+        rouge_l("I hail from Emberfall.", info["reference"])
+    )
+    assert 0 < in_voice(PROMPT, "I hail from Emberfall.", info) < 1
+    assert in_voice(PROMPT, "x", {"references": ["x", "y"]}) == pytest.approx(1.0)  # the best of several
+    with pytest.raises(ValueError, match="in_voice.*reference"):
+        in_voice(PROMPT, "x", {})

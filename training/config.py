@@ -155,7 +155,9 @@ class DPOSection:
     """SimPO's target margin between the chosen and rejected rewards."""
 
 
-GRPO_REWARDS = {"fact_stated": 1.0, "no_other_fact": 0.5, "closes_turn": 0.25, "length_penalty": 0.1}
+GRPO_REWARDS = {"fact_stated": 1.0, "no_other_fact": 0.5, "closes_turn": 0.25, "in_voice": 1.0}
+"""The synthetic world's: its facts, and its voice (without in_voice, fact rewards alone wore the
+demo's voice consistency down from 0.34 to 0.16-0.23; see benchmarks/RESULTS.md)."""
 
 
 @dataclass

@@ -14,6 +14,8 @@ Built in, over the synthetic world's ground truth (data_pipeline/synthetic.py rl
     no_other_fact   1 if none of info["conflicts"] (the field's other values in the world) appears
     closes_turn     1 if info["finished"], else 0
     length_penalty  -completion_tokens / max_new_tokens, in [-1, 0]
+    in_voice        ROUGE-L against the row's in-character reference answer(s), in [0, 1]: keeps
+                    the character's openers and phrasing while the fact rewards pull
     judge:FOLDER    p(yes) of a judge model (an HF folder) asked about the reply: JudgeReward
 
 "Appears" is the evaluation's own test (training/evaluation.py has_fact: case-insensitive, spaces
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from training.evaluation import has_fact
+from training.evaluation import best_rouge_l, has_fact
 
 Reward = Callable[[list[dict], str, dict], float]
 
@@ -118,11 +120,29 @@ def length_penalty(prompt: list[dict], completion: str, info: dict) -> float:
     return -tokens / budget
 
 
+def in_voice(prompt: list[dict], completion: str, info: dict) -> float:
+    """ROUGE-L of the completion against info["reference"] (or the best of info["references"]),
+    the evaluation's own measure (training/evaluation.py best_rouge_l), in [0, 1].
+
+    Args:
+        prompt: the messages answered (unused).
+        completion: the reply.
+        info: holds "reference" (an in-character answer) or "references".
+
+    Returns:
+        The ROUGE-L F-measure.
+    """
+    if "references" not in info:
+        _need(info, "reference", "in_voice")
+    return float(best_rouge_l(completion, info))
+
+
 BUILTINS: dict[str, Reward] = {
     "fact_stated": fact_stated,
     "no_other_fact": no_other_fact,
     "closes_turn": closes_turn,
     "length_penalty": length_penalty,
+    "in_voice": in_voice,
 }
 
 
