@@ -171,6 +171,7 @@ def test_resume_is_exact_and_reuses_the_reference(pairs, lora_base, tmp_path):
     first = loop.train(cfg, objective=Preference(cfg))["losses"]
     manifest = tmp_path / "run" / "reference" / "train" / "manifest.json"
     stamp = manifest.stat().st_mtime_ns
+    assert f"train: {pairs}" in (tmp_path / "run" / "config.yaml").read_text()  # the user's data, recorded
     cfg.resume, cfg.train.exit_at_step = "auto", 0
     rest = loop.train(cfg, objective=Preference(cfg))["losses"]
     np.testing.assert_allclose(first + rest, want, rtol=0, atol=1e-6)

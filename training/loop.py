@@ -172,7 +172,7 @@ def train(
     if model_hook is not None:
         with together("running the model hook"):
             model_hook(model)
-    cfg = objective.prepare(engine, cfg, where, tokenizer)  # collectives on every rank
+    given, cfg = cfg, objective.prepare(engine, cfg, where, tokenizer)  # collectives on every rank
     with together("opening the data"):
         stream = data if data is not None else objective.open_data(cfg, where, cfg.data.train, tokenizer)
         if cfg.data.val is not None:  # a bad validation split fails now, not after hours of training
@@ -182,7 +182,7 @@ def train(
     with together("writing config.yaml and metrics.jsonl"):
         report = Reporter(cfg.run_dir, where.rank, cfg.train.max_steps, start_step=state.step)
         if where.is_main:
-            save_resolved(cfg, Path(cfg.run_dir) / "config.yaml")
+            save_resolved(given, Path(cfg.run_dir) / "config.yaml")  # the user's data, not DPO's scored copy
             report.truncate_after(state.step)
     report.print(_announce(cfg, where, n_params, state, asked))
     tokens_per_step = cfg.batch_arithmetic(where.world_size)["tokens_per_step"]
