@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -94,24 +95,24 @@ class GRPO(Objective):
         started = time.perf_counter()
         with engine.gathered_model() as model:
             sampled = [[(item, self._sample(model, item, cfg)) for item in prompts] for prompts in micro]
-        figures = {"gen_seconds": time.perf_counter() - started, "ranks": 1.0}
+        figures = defaultdict(float, gen_seconds=time.perf_counter() - started, ranks=1.0)
         batches = []
         for prompts in sampled:
             sequences = []
             for item, completions in prompts:
                 rewards = self._score(item, completions, figures)
                 advantages = group_advantages(torch.tensor(rewards, dtype=torch.float64), len(rewards), self.g.adv_eps)
-                figures["equal_groups"] = figures.get("equal_groups", 0.0) + float(max(rewards) == min(rewards))
-                figures["groups"] = figures.get("groups", 0.0) + 1
+                figures["equal_groups"] += float(max(rewards) == min(rewards))
+                figures["groups"] += 1
                 sequences += [
                     (item.info["prompt_ids"], c, float(a)) for c, a in zip(completions, advantages, strict=True)
                 ]
             batches.append(_pack(sequences, cfg.data.seq_len, self.tokenizer.pad_id))
-            figures["step_tokens"] = figures.get("step_tokens", 0.0) + sum(len(p) + len(c) - 1 for p, c, _ in sequences)
+            figures["step_tokens"] += sum(len(p) + len(c) - 1 for p, c, _ in sequences)
         if self.g.beta:
             for batch in batches:
                 batch["ref_logps"] = self._reference(engine, batch, where)
-        return batches, figures
+        return batches, dict(figures)
 
     def _sample(self, model, item, cfg: RunConfig) -> list[list[int]]:
         digest = hashlib.sha256(f"{cfg.train.seed}/{item.epoch}/{item.index}".encode()).digest()
@@ -139,13 +140,13 @@ class GRPO(Objective):
             info["max_new_tokens"] = self.g.max_new_tokens
             total, values = total_reward(self.rewards, item.messages, text, info)
             for name, value in values.items():
-                figures[f"reward_{name}"] = figures.get(f"reward_{name}", 0.0) + value
-                figures[f"reward_{name}_sq"] = figures.get(f"reward_{name}_sq", 0.0) + value * value
+                figures[f"reward_{name}"] += value
+                figures[f"reward_{name}_sq"] += value * value
             totals.append(total)
-            figures["reward"] = figures.get("reward", 0.0) + total
-            figures["reward_sq"] = figures.get("reward_sq", 0.0) + total * total
-            figures["completions"] = figures.get("completions", 0.0) + 1
-            figures["gen_tokens"] = figures.get("gen_tokens", 0.0) + len(ids)
+            figures["reward"] += total
+            figures["reward_sq"] += total * total
+            figures["completions"] += 1
+            figures["gen_tokens"] += len(ids)
         return totals
 
     @torch.no_grad()

@@ -65,9 +65,10 @@ class Preference(Objective):
                 raise DataError("the batch has no ref_logps: the preference set's reference was not computed")
             ref, _ = sequence_logprobs(batch["ref_logps"], labels, seq_ids, n_seqs)
             ref_chosen, ref_rejected = ref[0::2][pairs], ref[1::2][pairs]
+        policy_chosen, policy_rejected = sums[0::2][pairs], sums[1::2][pairs]
         out = preference_loss(
-            sums[0::2][pairs],
-            sums[1::2][pairs],
+            policy_chosen,
+            policy_rejected,
             ref_chosen,
             ref_rejected,
             chosen[pairs],
@@ -83,8 +84,8 @@ class Preference(Objective):
             "rewards_rejected": r_rejected.sum(),
             "reward_accuracy": (r_chosen > r_rejected).double().sum(),
             "reward_margin": (r_chosen - r_rejected).sum(),
-            "logps_chosen": sums[0::2][pairs].detach().sum(),
-            "logps_rejected": sums[1::2][pairs].detach().sum(),
+            "logps_chosen": policy_chosen.detach().sum(),
+            "logps_rejected": policy_rejected.detach().sum(),
         }
         return out.losses.sum(), stats
 
